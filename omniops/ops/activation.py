@@ -1,0 +1,97 @@
+"""SiLU-and-mul (SwiGLU gate): ``silu(x[..., :d]) * x[..., d:]``.
+
+Public API: ``silu_and_mul(x, *, out=None)``. Custom ops: ``omni::silu_and_mul``, ``omni::silu_and_mul_out``.
+Kernels: ``ascendc/kernels/activation/silu_and_mul.h`` (cpu), ``omniops/triton/activation.py``;
+oracle ``omniops/reference/activation.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from omniops import _ext
+from omniops._backends import OpFamily
+from omniops._registry import call, omni_op
+from omniops._validation import FLOAT_DTYPES, check_same, check_shape, check_tensor, rows_view
+from omniops.reference import activation as ref
+
+
+def _reference_impl(out: Tensor, x: Tensor) -> None:
+    out.copy_(ref.silu_and_mul(x))
+
+
+def _cpu_impl(out: Tensor, x: Tensor) -> None:
+    _ext.cpp().silu_and_mul(out, x)
+
+
+def _triton_impl(out: Tensor, x: Tensor) -> None:
+    from omniops.triton.activation import silu_and_mul_forward
+
+    silu_and_mul_forward(out, x)
+
+
+SILU_AND_MUL = OpFamily("silu_and_mul", {"reference": _reference_impl, "cpu": _cpu_impl, "triton": _triton_impl})
+
+
+def _validate(x: Tensor) -> None:
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_dim=1)
+    if x.shape[-1] % 2:
+        raise ValueError(f"x: the last dimension must be even (gate and up halves), got shape {list(x.shape)}")
+
+
+def _out_shape(x: Tensor) -> list[int]:
+    return [*x.shape[:-1], x.shape[-1] // 2]
+
+
+def _run(out: Tensor, x: Tensor) -> None:
+    if out.numel() == 0:
+        return
+    impl = SILU_AND_MUL.select(x.device, x.dtype)
+    o2 = rows_view(out)
+    if o2 is None:
+        tmp = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+        _run(tmp, x)
+        out.copy_(tmp)
+        return
+    x2 = rows_view(x)
+    if x2 is None:
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    impl(o2, x2)
+
+
+def _fake(x: Tensor) -> Tensor:
+    _validate(x)
+    return x.new_empty(_out_shape(x))
+
+
+@omni_op("silu_and_mul", fake=_fake)
+def _silu_and_mul_op(x: Tensor) -> Tensor:
+    _validate(x)
+    out = x.new_empty(_out_shape(x))
+    _run(out, x)
+    return out
+
+
+def _fake_out(out: Tensor, x: Tensor) -> None:
+    _validate(x)
+    check_tensor("out", out)
+    check_same("out", out, "x", x)
+    check_shape("out", out, _out_shape(x), "x's shape with the last dimension halved")
+
+
+@omni_op("silu_and_mul_out", mutates_args=("out",), fake=_fake_out)
+def _silu_and_mul_out_op(out: Tensor, x: Tensor) -> None:
+    _fake_out(out, x)
+    _run(out, x)
+
+
+def silu_and_mul(x: Tensor, *, out: Tensor | None = None) -> Tensor:
+    """``silu(x[..., :d]) * x[..., d:]`` for ``x [..., 2d]`` (fp32 math, one rounding). Returns ``[..., d]``.
+
+    ``out``: optional preallocated ``[..., d]`` output (must not overlap x).
+    """
+    if out is None:
+        return call(_silu_and_mul_op, x)
+    call(_silu_and_mul_out_op, out, x)
+    return out

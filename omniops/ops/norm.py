@@ -1,0 +1,188 @@
+"""RMSNorm and fused residual-add + RMSNorm.
+
+Public API: ``rms_norm`` (functional, optional ``out=``) and ``rms_norm_`` (in place, vLLM's
+``fused_add_rms_norm`` semantics). Custom ops: ``omni::rms_norm``, ``omni::fused_add_rms_norm``,
+``omni::rms_norm_out``, ``omni::rms_norm_``, ``omni::fused_add_rms_norm_``.
+Kernels: ``ascendc/kernels/norm/rms_norm.h`` (cpu), ``omniops/triton/norm.py``; oracle ``omniops/reference/norm.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from omniops import _ext
+from omniops._backends import OpFamily
+from omniops._registry import call, omni_op
+from omniops._validation import FLOAT_DTYPES, check_same, check_shape, check_tensor, rows_view
+from omniops.reference import norm as ref
+
+
+# ---- backends: the "out" form, on [rows, hidden] views -------------------------------------------------------
+def _reference_impl(out: Tensor, x: Tensor, weight: Tensor, eps: float, residual: Tensor | None,
+                    residual_out: Tensor | None) -> None:
+    if residual is None:
+        out.copy_(ref.rms_norm(x, weight, eps))
+    else:
+        y, s = ref.rms_norm(x, weight, eps, residual)
+        residual_out.copy_(s)
+        out.copy_(y)
+
+
+def _cpu_impl(out: Tensor, x: Tensor, weight: Tensor, eps: float, residual: Tensor | None,
+              residual_out: Tensor | None) -> None:
+    _ext.cpp().rms_norm(out, x, weight, eps, residual, residual_out)
+
+
+def _triton_impl(out: Tensor, x: Tensor, weight: Tensor, eps: float, residual: Tensor | None,
+                 residual_out: Tensor | None) -> None:
+    from omniops.triton.norm import rms_norm_forward
+
+    rms_norm_forward(out, x, weight, eps, residual, residual_out)
+
+
+RMS_NORM = OpFamily("rms_norm", {"reference": _reference_impl, "cpu": _cpu_impl, "triton": _triton_impl})
+
+
+# ---- validation (metadata only: runs on fake tensors too) ---------------------------------------------------
+def _validate(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> None:
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_dim=1)
+    check_tensor("weight", weight, dim=1)
+    check_same("weight", weight, "x", x)
+    hidden = x.shape[-1]
+    check_shape("weight", weight, (hidden,), "the last dimension of x")
+    if hidden == 0 and x.numel() == 0 and math.prod(x.shape[:-1]) > 0:
+        raise ValueError("x: the hidden (last) dimension must be > 0")
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
+    if residual is not None:
+        check_tensor("residual", residual)
+        check_same("residual", residual, "x", x)
+        check_shape("residual", residual, tuple(x.shape), "as x")
+
+
+def _rows(t: Tensor) -> Tensor:
+    v = rows_view(t)
+    return v if v is not None else t.reshape(-1, t.shape[-1]).contiguous()
+
+
+def _run(out: Tensor, x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None,
+         residual_out: Tensor | None = None) -> None:
+    """Run the selected backend writing into ``out`` (and ``residual_out``), which may alias x/residual."""
+    if x.numel() == 0:
+        return
+    impl = RMS_NORM.select(x.device, x.dtype)
+    o2, ro2 = rows_view(out), (rows_view(residual_out) if residual_out is not None else None)
+    if o2 is None or (residual_out is not None and ro2 is None):
+        # Output layout the kernels cannot write (e.g. a transposed view): compute, then copy.
+        tmp = torch.empty_like(x, memory_format=torch.contiguous_format)
+        tmp_r = torch.empty_like(tmp) if residual_out is not None else None
+        _run(tmp, x, weight, eps, residual, tmp_r)
+        if tmp_r is not None:
+            residual_out.copy_(tmp_r)
+        out.copy_(tmp)
+        return
+    impl(o2, _rows(x), weight.contiguous(), float(eps), _rows(residual) if residual is not None else None, ro2)
+
+
+# ---- custom ops -----------------------------------------------------------------------------------------------
+def _fake_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    _validate(x, weight, eps)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@omni_op("rms_norm", fake=_fake_rms_norm)
+def _rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    _validate(x, weight, eps)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _run(out, x, weight, eps)
+    return out
+
+
+def _fake_fused_add(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    _validate(x, weight, eps, residual)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+@omni_op("fused_add_rms_norm", fake=_fake_fused_add)
+def _fused_add_op(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    _validate(x, weight, eps, residual)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    new_res = torch.empty_like(out)
+    _run(out, x, weight, eps, residual, new_res)
+    return out, new_res
+
+
+def _check_out(out: Tensor, x: Tensor) -> None:
+    check_tensor("out", out)
+    check_same("out", out, "x", x)
+    check_shape("out", out, tuple(x.shape), "as x")
+
+
+def _fake_rms_norm_out(out: Tensor, x: Tensor, weight: Tensor, eps: float) -> None:
+    _validate(x, weight, eps)
+    _check_out(out, x)
+
+
+@omni_op("rms_norm_out", mutates_args=("out",), fake=_fake_rms_norm_out)
+def _rms_norm_out_op(out: Tensor, x: Tensor, weight: Tensor, eps: float) -> None:
+    _fake_rms_norm_out(out, x, weight, eps)
+    _run(out, x, weight, eps)
+
+
+def _fake_rms_norm_inplace(x: Tensor, weight: Tensor, eps: float) -> None:
+    _validate(x, weight, eps)
+
+
+@omni_op("rms_norm_", mutates_args=("x",), fake=_fake_rms_norm_inplace)
+def _rms_norm_inplace_op(x: Tensor, weight: Tensor, eps: float) -> None:
+    _validate(x, weight, eps)
+    _run(x, x, weight, eps)
+
+
+def _fake_fused_add_inplace(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> None:
+    _validate(x, weight, eps, residual)
+
+
+@omni_op("fused_add_rms_norm_", mutates_args=("x", "residual"), fake=_fake_fused_add_inplace)
+def _fused_add_inplace_op(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> None:
+    _validate(x, weight, eps, residual)
+    _run(x, x, weight, eps, residual, residual)
+
+
+# ---- public API ---------------------------------------------------------------------------------------------
+def rms_norm(
+    x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Tensor | None = None, *, out: Tensor | None = None
+) -> Tensor | tuple[Tensor, Tensor]:
+    """RMSNorm over the last dimension, fp32 statistics: ``weight * T(x / rms(x))``.
+
+    Args:
+        x: ``[..., hidden]`` float32/float16/bfloat16, any leading shape, any strides.
+        weight: ``[hidden]``, same dtype and device as x.
+        eps: added to the mean square.
+        residual: optional ``[..., hidden]``; then ``s = x + residual`` (in x's dtype) is normalised and
+            ``(normed, s)`` is returned — the fused add + norm of pre-norm decoder layers.
+        out: optional preallocated output for the normed tensor (no residual only).
+    """
+    if residual is None:
+        if out is None:
+            return call(_rms_norm_op, x, weight, eps)
+        call(_rms_norm_out_op, out, x, weight, eps)
+        return out
+    if out is not None:
+        raise ValueError("out: not supported together with residual; use rms_norm_(x, weight, eps, residual)")
+    return call(_fused_add_op, x, residual, weight, eps)
+
+
+def rms_norm_(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Tensor | None = None) -> Tensor:
+    """In-place RMSNorm: ``x <- rms_norm(x)``; with ``residual``: ``residual <- x + residual`` and
+    ``x <- rms_norm(x + residual)`` (vLLM's ``fused_add_rms_norm``). Returns x. Saves the allocation and
+    the page faults of fresh outputs; at large sizes this is the fastest form."""
+    if residual is None:
+        call(_rms_norm_inplace_op, x, weight, eps)
+    else:
+        call(_fused_add_inplace_op, x, residual, weight, eps)
+    return x
