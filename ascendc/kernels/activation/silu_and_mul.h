@@ -4,6 +4,7 @@
 #include <type_traits>
 
 #include "host/kernel_operator.h"
+#include "omni/ops/activation.h"
 
 namespace omni_kernels {
 inline namespace OMNI_ISA_NS {

@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "host/kernel_operator.h"
+#include "omni/ops/norm.h"
 
 namespace omni_kernels {
 inline namespace OMNI_ISA_NS {

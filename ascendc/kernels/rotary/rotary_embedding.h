@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "host/kernel_operator.h"
+#include "omni/ops/rotary.h"
 
 namespace omni_kernels {
 inline namespace OMNI_ISA_NS {
