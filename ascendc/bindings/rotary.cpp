@@ -33,6 +33,8 @@ void Rotary(const at::Tensor& positions, const at::Tensor& q, const at::Tensor& 
   if (k_out.sizes() != k.sizes()) ValueError("k_out: expected shape " + Shape(k) + ", got " + Shape(k_out));
   if (rotary_dim <= 0 || rotary_dim > hs || rotary_dim % 2 != 0)
     ValueError("rotary_dim: expected an even value in [2, head_size=" + std::to_string(hs) + "], got " + std::to_string(rotary_dim));
+  // One head (in, out and fp32 copies) plus the cos/sin row must fit the kernel's 192 KiB local buffer.
+  if (hs > 8192) ValueError("q: head_size " + std::to_string(hs) + " exceeds the cpu kernel's limit of 8192");
   if (cos_sin_cache.dim() != 2 || cos_sin_cache.size(1) != rotary_dim)
     ValueError("cos_sin_cache: expected [max_position, rotary_dim=" + std::to_string(rotary_dim) + "], got shape " + Shape(cos_sin_cache));
   if (!cos_sin_cache.is_contiguous()) ValueError("cos_sin_cache: must be contiguous");

@@ -23,7 +23,7 @@ class KernelRmsNorm {
   static constexpr bool kF32 = std::is_same_v<T, float>;
 
   // UB bytes per chunk element: x and residual queues (T), fp32 work, fp32 weight, output queue (T).
-  static constexpr uint32_t kBytesPerElem = 3 * sizeof(T) + (kF32 ? 4 : 12);
+  static constexpr uint32_t kBytesPerElem = 3 * sizeof(T) + (kF32 ? 8 : 12);
   static int64_t ChunkFor(int64_t hidden) {
     int64_t max_chunk = (kUBSize - 4096) / kBytesPerElem / 64 * 64;
     return hidden <= max_chunk ? hidden : max_chunk;
