@@ -13,6 +13,8 @@ oracle ``omniops/reference/rotary.py``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -62,10 +64,14 @@ def _heads_view(name: str, t: Tensor, lead: int, head_size: int) -> tuple[Tensor
             f"{name}: expected [*positions.shape, heads*head_size] or [*positions.shape, heads, head_size] "
             f"with positions of {lead} dim(s), got shape {list(t.shape)}"
         )
-    try:
-        return t.view(-1, heads, head_size), True
-    except RuntimeError:
-        return t.reshape(-1, heads, head_size).contiguous(), False
+    tokens = math.prod(t.shape[:lead])
+    # Kernels need a unit stride inside a head.
+    if head_size == 1 or t.stride(-1) == 1:
+        try:
+            return t.view(tokens, heads, head_size), True
+        except RuntimeError:
+            pass
+    return t.reshape(tokens, heads, head_size).contiguous(), False
 
 
 def _validate(positions: Tensor, q: Tensor, k: Tensor | None, cos_sin_cache: Tensor, head_size: int,

@@ -24,13 +24,15 @@ def rotary_embedding(
     is_neox: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q ``[T, Hq*head_size]`` or ``[T, Hq, head_size]`` (k likewise); returns new tensors of the same shapes."""
+    tokens, lead = positions.numel(), positions.dim()
     cs = cos_sin_cache.float()[positions.reshape(-1).long()]  # [T, rotary_dim]
     cos, sin = cs.chunk(2, dim=-1)
     cos, sin = cos[:, None, :], sin[:, None, :]
 
     def apply(t: torch.Tensor) -> torch.Tensor:
         shape = t.shape
-        th = t.reshape(shape[0], -1, head_size).float()
+        heads = shape[-1] // head_size if t.dim() == lead + 1 else shape[-2]
+        th = t.reshape(tokens, heads, head_size).float()
         rot = rotate(th[..., :rotary_dim], cos, sin, is_neox)
         return torch.cat((rot, th[..., rotary_dim:]), dim=-1).to(t.dtype).reshape(shape)
 
