@@ -182,7 +182,6 @@ def rebalance_phy2log(
     if num_groups % num_nodes:  # global policy: one node, one group
         num_groups = num_nodes = 1
     group_size = num_experts // num_groups
-    groups_per_node = num_groups // num_nodes
     experts_per_node = num_experts // num_nodes
     slots_per_node = num_replicas // num_nodes
     gpus_per_node = num_gpus // num_nodes
