@@ -22,6 +22,8 @@ from omniops.placement._common import ArrayLike, build_log2phy, check_int, check
 
 # Cap on improving swaps per packing; each lowers the heaviest pack, few are needed past the greedy start.
 _MAX_SWAP_ROUNDS = 256
+# Exact improving operations after packing (see rebalance_phy2log, step 4).
+_POLISH_MOVES = 16
 # Stop improving a pack set once its max is this close (relative) to the lower bound.
 _NEAR_BOUND = 1e-5
 
@@ -210,9 +212,19 @@ def rebalance_phy2log(
     target = np.repeat(node_bound.max(1), num_nodes)
     members = balanced_pack(copy_w, gpus_per_node, target).reshape(rows, slots_per_node)
     local = np.take_along_axis(copy_expert, members, axis=1)
-    if node_experts is None:
-        return local
-    return np.take_along_axis(node_experts, local, axis=1).reshape(num_layers, num_replicas)
+    p2l = local if node_experts is None else np.take_along_axis(node_experts, local, axis=1).reshape(
+        num_layers, num_replicas
+    )
+    # 4. Polish: the greedy replication minimises the largest per-copy load, but which copies exist also decides
+    # how well they pack (e.g. 9 big copies on 8 GPUs). A few exact retargets/swaps that strictly cut the max
+    # GPU load fix such cases; they never make a layer worse.
+    if _POLISH_MOVES and num_replicas // num_gpus > 1:
+        from omniops.placement.incremental import incremental_rebalance  # circular at import time
+
+        p2l = incremental_rebalance(
+            weight, p2l, num_gpus, _POLISH_MOVES, num_groups=num_groups, num_nodes=num_nodes
+        ).numpy()
+    return p2l
 
 
 def rebalance_experts(

@@ -89,8 +89,9 @@ def test_degenerate_loads(num_replicas, num_groups, num_nodes, num_gpus, kind):
     out = rebalance_experts(w, num_replicas, num_groups, num_nodes, num_gpus)
     check_placement(w, *out, num_experts, num_replicas, num_groups, num_nodes, num_gpus)
     if kind == "one" and num_groups % num_nodes:
-        # global mode: every redundant slot goes to the hot expert
-        assert (out[2][:, 5] == num_replicas - num_experts + 1).all()
+        # global mode: no worse than all redundant slots on the hot expert, spread as evenly as slots allow
+        copies = num_replicas - num_experts + 1
+        assert gpu_loads(w, out[0], num_gpus).max() <= 1000.0 * -(-copies // num_gpus) / copies + 1e-9
     if kind == "uniform" and num_replicas == num_experts:
         assert placement_imbalance(w, out[0], num_gpus) == pytest.approx(1.0)
 
@@ -106,11 +107,12 @@ def test_hot_expert_gets_copies_spread_over_gpus():
     w = np.ones((1, 8))
     w[0, 3] = 40.0
     phy2log, _, logcnt = rebalance_experts(w, 16, 1, 1, 4)
-    assert logcnt[0, 3] == 9
     gpus = {int(s) // 4 for s in np.flatnonzero(phy2log[0].numpy() == 3)}
     assert gpus == {0, 1, 2, 3}
-    # 9 copies over 4 GPUs: the best packing puts 3, 2, 2, 2 copies and one cold expert with the 3
-    assert gpu_loads(w, phy2log, 4).max() == pytest.approx(3 * 40 / 9 + 1)
+    # Greedy replication alone gives 9 copies (3, 2, 2, 2 per GPU: max 40/3 + 1 = 14.3); 8 copies, two per
+    # GPU, plus one cold expert doubled reach the optimum 12 (total 47 over 4 GPUs of 4 slots).
+    assert logcnt[0, 3] == 8
+    assert gpu_loads(w, phy2log, 4).max() == pytest.approx(12.0)
 
 
 @pytest.mark.parametrize(
