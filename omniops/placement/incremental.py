@@ -1,0 +1,343 @@
+"""Incremental (live) re-placement: a few slot changes per layer instead of a fresh plan.
+
+A fresh plan reshuffles most slots (every changed slot is an expert's weights copied over the network). Here the
+placement in service is edited greedily, one operation at a time, always the one that lowers the layer's
+maximum GPU load most per slot changed:
+
+* retarget (1 slot): a copy of an expert that has >= 2 copies becomes a copy of another expert: a hot expert
+  on the busiest GPU gains a replica somewhere cooler, or a slot on the busiest GPU is handed to a cold expert;
+* swap (2 slots): a copy on the busiest GPU trades places with a lighter copy on another GPU.
+
+Both are evaluated exactly (every GPU's new load). No operation removes an expert's last copy, so every expert
+keeps a copy after every operation. With ``num_groups``/``num_nodes`` (hierarchical placements) copies never
+leave their group's node. Layers are one vectorised axis; the loop is over operations.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from omniops.placement._common import ArrayLike, check_int, check_phy2log, check_weight, logical_counts
+from omniops.placement.rebalance import replicate
+
+_SWAP_GPUS = 8  # swap partners: copies on this many of the lightest GPUs
+_RETARGET_SLOTS = 8  # candidate donor slots (copies of multi-copy experts on the coolest GPUs)
+_COLD_EXPERTS = 4  # candidate cold experts to take over a multi-copy slot on the busiest GPU
+
+
+def _expert_nodes(p2l: np.ndarray, num_experts: int, num_groups: int, num_nodes: int, num_gpus: int) -> np.ndarray:
+    """[L, E] node of each expert's group, checking that every group sits on one node."""
+    num_layers, num_slots = p2l.shape
+    if num_experts % num_groups:
+        raise ValueError(f"num_groups: {num_experts} experts do not split into {num_groups} equal groups")
+    slot_node = np.arange(num_slots) // (num_slots // num_nodes)
+    group = p2l // (num_experts // num_groups)
+    lo = np.full((num_layers, num_groups), num_nodes)
+    hi = np.full((num_layers, num_groups), -1)
+    rows = np.broadcast_to(np.arange(num_layers)[:, None], p2l.shape)
+    np.minimum.at(lo, (rows, group), np.broadcast_to(slot_node, p2l.shape))
+    np.maximum.at(hi, (rows, group), np.broadcast_to(slot_node, p2l.shape))
+    bad = np.argwhere(lo != hi)
+    if len(bad):
+        layer, g = bad[0]
+        raise ValueError(f"phy2log: group {g} of layer {layer} spans several nodes; not a hierarchical placement")
+    return np.repeat(lo, num_experts // num_groups, axis=1)
+
+
+def incremental_rebalance(
+    weight: ArrayLike,
+    phy2log: ArrayLike,
+    num_gpus: int,
+    max_moves: int,
+    *,
+    num_groups: int = 1,
+    num_nodes: int = 1,
+) -> torch.Tensor:
+    """Improve the placement in service with at most ``max_moves`` changed slots per layer.
+
+    Args:
+        weight: [L, E] recent load per logical expert (e.g. ``LoadRecorder.weight()``).
+        phy2log: [L, R] placement in service; every expert must have a slot; slot ``j`` on GPU ``j // (R/G)``.
+        num_gpus: GPUs G (R must be a multiple).
+        max_moves: slots per layer whose logical expert may change (each is one expert's weights copied).
+        num_groups, num_nodes: when ``num_nodes > 1`` and ``num_groups % num_nodes == 0`` the placement is
+            hierarchical (each group's copies on one node) and stays so.
+
+    Returns:
+        phy2log [L, R] int64; the layer's max GPU load never increases, and every expert keeps >= 1 copy.
+    """
+    w = check_weight(weight)
+    num_layers, num_experts = w.shape
+    p2l = check_phy2log(phy2log, num_layers, num_experts).copy()
+    num_gpus = check_int("num_gpus", num_gpus, minimum=1)
+    max_moves = check_int("max_moves", max_moves, minimum=0)
+    num_groups = check_int("num_groups", num_groups, minimum=1)
+    num_nodes = check_int("num_nodes", num_nodes, minimum=1)
+    num_slots = p2l.shape[1]
+    if num_slots % num_gpus:
+        raise ValueError(f"num_gpus: {num_slots} slots do not split evenly over {num_gpus} GPUs")
+    if num_gpus % num_nodes:
+        raise ValueError(f"num_gpus: {num_gpus} is not a multiple of num_nodes={num_nodes}")
+    per = num_slots // num_gpus
+    hier = num_nodes > 1 and num_groups % num_nodes == 0
+    gpu_node = np.arange(num_gpus) // (num_gpus // num_nodes)
+    exp_node = _expert_nodes(p2l, num_experts, num_groups, num_nodes, num_gpus) if hier else None
+    slot_gpu = np.arange(num_slots) // per
+    if max_moves == 0:
+        return torch.from_numpy(p2l)
+
+    cnt = logical_counts(p2l, num_experts)
+    hosts = _Hosts(p2l, num_experts, per)
+    budget = np.full(num_layers, max_moves)
+    ar = np.arange(num_layers)
+
+    # Phase A: move copies from experts that hold more than a fresh replication would give them to the
+    # hottest experts short of copies, while the layer's max GPU load does not rise.
+    cstar = _target_counts(w, num_slots, exp_node, num_nodes)
+    active = ar
+    for _ in range(max_moves):
+        if active.size == 0:
+            break
+        aa = np.arange(active.size)
+        wl, cl, pl = w[active], cnt[active], p2l[active]
+        pc = wl / cl
+        short = cl < cstar[active]
+        a = np.argmax(np.where(short, pc, -np.inf), axis=1)
+        spare = np.take_along_axis(cl > cstar[active], pl, axis=1)  # slots of experts with too many copies
+        if exp_node is not None:
+            spare &= gpu_node[slot_gpu][None, :] == exp_node[active, a][:, None]
+        sl = np.take_along_axis(pc, pl, axis=1)
+        gl = sl.reshape(active.size, num_gpus, per).sum(-1)
+        score = np.where(spare, gl[:, slot_gpu] - sl, np.inf)  # load left on the slot's GPU
+        t = np.argmin(score, axis=1)
+        new = _retarget_loads(wl, cl, pl, gl, hosts, active, a, t, per)
+        ok = short.any(1) & np.isfinite(score[aa, t]) & (new.max(1) <= gl.max(1) * (1 + 1e-12))
+        rows, a, t = active[ok], a[ok], t[ok]
+        _apply_retarget(p2l, cnt, hosts, rows, t, a)
+        budget[rows] -= 1
+        active = rows[budget[rows] > 0]
+
+    # Phase B: exact greedy on swaps and retargets, each strictly cutting the max GPU load.
+    active = ar[budget > 0]
+    for _ in range(max_moves):
+        if active.size == 0:
+            break
+        kind, s, t, a = _best_operation(
+            w[active], p2l[active], cnt[active], hosts, active, budget[active], per, slot_gpu, gpu_node,
+            None if exp_node is None else exp_node[active],
+        )
+        ok = kind > 0
+        rows = active[ok]
+        kind, s, t, a = kind[ok], s[ok], t[ok], a[ok]
+        sw = kind == 2
+        r_sw, s_sw, t_sw = rows[sw], s[sw], t[sw]
+        e_s, e_t = p2l[r_sw, s_sw], p2l[r_sw, t_sw]
+        _apply_retarget(p2l, cnt, hosts, r_sw, s_sw, e_t)
+        _apply_retarget(p2l, cnt, hosts, r_sw, t_sw, e_s)
+        rt = kind == 1
+        _apply_retarget(p2l, cnt, hosts, rows[rt], t[rt], a[rt])
+        budget[rows] -= kind
+        active = rows[budget[rows] > 0]
+    return torch.from_numpy(p2l)
+
+
+class _Hosts:
+    """Copies of each expert on each GPU, [L, E, G], kept current as slots change.
+
+    With one slot per GPU this is just ``phy2log == expert`` and no table is kept (it would be E*G per layer).
+    """
+
+    def __init__(self, p2l: np.ndarray, num_experts: int, per: int) -> None:
+        self.per = per
+        self.table = None
+        if per > 1:
+            num_layers, num_slots = p2l.shape
+            g = num_slots // per
+            flat = ((np.arange(num_layers)[:, None] * num_experts + p2l) * g + np.arange(num_slots) // per).ravel()
+            self.table = np.bincount(flat, minlength=num_layers * num_experts * g).reshape(num_layers, num_experts, g)
+
+    def of(self, p2l_rows: np.ndarray, rows: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        """[A, X] expert ids for layers `rows` -> [A, X, G]."""
+        if self.table is None:
+            return (p2l_rows[:, None, :] == experts[:, :, None]).astype(np.float64)
+        return self.table[rows[:, None], experts]
+
+    def move(self, rows: np.ndarray, t: np.ndarray, old: np.ndarray, new: np.ndarray) -> None:
+        if self.table is not None:
+            np.subtract.at(self.table, (rows, old, t // self.per), 1)
+            np.add.at(self.table, (rows, new, t // self.per), 1)
+
+
+def _apply_retarget(
+    p2l: np.ndarray, cnt: np.ndarray, hosts: _Hosts, rows: np.ndarray, t: np.ndarray, a: np.ndarray
+) -> None:
+    """Slot t of each row in `rows` becomes a copy of expert a (updates counts and host table)."""
+    if rows.size == 0:
+        return
+    c = p2l[rows, t]
+    hosts.move(rows, t, c, a)
+    np.subtract.at(cnt, (rows, c), 1)
+    np.add.at(cnt, (rows, a), 1)
+    p2l[rows, t] = a
+
+
+def _retarget_loads(
+    w: np.ndarray, cnt: np.ndarray, p2l: np.ndarray, gl: np.ndarray, hosts: _Hosts, rows: np.ndarray,
+    a: np.ndarray, t: np.ndarray, per: int,
+) -> np.ndarray:
+    """[A, G] GPU loads after slot t becomes a copy of a (one candidate per row)."""
+    ar = np.arange(p2l.shape[0])
+    c = p2l[ar, t]
+    wa, ca, wc, cc = w[ar, a], cnt[ar, a], w[ar, c], cnt[ar, c]
+    pa_new, pc_new = wa / (ca + 1), wc / np.maximum(cc - 1, 1)
+    h = hosts.of(p2l, rows, np.stack([a, c], axis=1))
+    new = gl + h[:, 0] * (pa_new - wa / ca)[:, None] + h[:, 1] * (pc_new - wc / cc)[:, None]
+    new[ar, t // per] += pa_new - pc_new
+    return new
+
+
+def _target_counts(w: np.ndarray, num_slots: int, exp_node: np.ndarray | None, num_nodes: int) -> np.ndarray:
+    """[L, E] copies a fresh replication would give (per node when hierarchical)."""
+    if exp_node is None:
+        return replicate(w, num_slots)
+    num_layers, num_experts = w.shape
+    per_node = num_slots // num_nodes
+    out = np.zeros((num_layers, num_experts), dtype=np.int64)
+    ar = np.arange(num_layers)
+    for n in range(num_nodes):
+        on = exp_node == n
+        cnt = on.astype(np.int64)
+        pc = np.where(on, w, -np.inf)
+        extra = per_node - cnt.sum(1)
+        for i in range(int(extra.max(initial=0))):
+            need = ar[extra > i]
+            e = np.argmax(pc[need], axis=1)
+            cnt[need, e] += 1
+            pc[need, e] = w[need, e] / cnt[need, e]
+        out += cnt
+    return out
+
+
+def _best_operation(
+    w: np.ndarray,
+    p2l: np.ndarray,
+    cnt: np.ndarray,
+    hosts: _Hosts,
+    rows: np.ndarray,
+    budget: np.ndarray,
+    per: int,
+    slot_gpu: np.ndarray,
+    gpu_node: np.ndarray,
+    exp_node: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per layer: (kind 0 none / 1 retarget / 2 swap, slot s on the busiest GPU, slot t, new expert for t)."""
+    n_layers, num_slots = p2l.shape
+    num_gpus = num_slots // per
+    ar = np.arange(n_layers)
+    pc = w / cnt  # load per copy
+    sl = np.take_along_axis(pc, p2l, axis=1)  # [A, R] slot loads
+    gl = sl.reshape(n_layers, num_gpus, per).sum(-1)  # [A, G]
+    order = np.argsort(-gl, axis=1)
+    gstar = order[:, 0]
+    lmax = gl[ar, gstar]
+    tol = 1e-9 * np.maximum(lmax, 1e-300)
+    star_slots = gstar[:, None] * per + np.arange(per)  # [A, S]
+    node_ok = (
+        np.ones((n_layers, num_gpus), dtype=bool) if exp_node is None else gpu_node[None, :] == gpu_node[gstar][:, None]
+    )  # GPUs whose node may receive the busiest GPU's experts
+
+    # --- swaps: exact, only the two GPUs change; partners on the lightest allowed GPUs (largest feasible cuts)
+    kg = min(_SWAP_GPUS, num_gpus - 1)
+    if kg > 0:
+        second_idx = order[:, 1]
+        second = gl[ar, second_idx]
+        third = gl[ar, order[:, 2]] if num_gpus > 2 else np.full(n_layers, -np.inf)
+        allowed = node_ok.copy()
+        allowed[ar, gstar] = False
+        light_score = np.where(allowed, gl, np.inf)
+        light = np.argpartition(light_score, kg - 1, axis=1)[:, :kg] if kg < num_gpus else np.argsort(light_score, 1)
+        light_ok = np.take_along_axis(light_score, light, axis=1) < np.inf
+        t_gpu = np.repeat(light, per, axis=1)  # [A, kg*S]
+        cand = (light[:, :, None] * per + np.arange(per)).reshape(n_layers, -1)
+        rest = np.where(t_gpu == second_idx[:, None], third[:, None], second[:, None])  # max excl. g* and h
+        delta = sl[ar[:, None], star_slots][:, :, None] - np.take_along_axis(sl, cand, axis=1)[:, None, :]
+        new_max = np.maximum(np.maximum(rest[:, None, :], lmax[:, None, None] - delta),
+                             gl[ar[:, None], t_gpu][:, None, :] + delta)
+        valid = (delta > tol[:, None, None]) & np.repeat(light_ok, per, axis=1)[:, None, :]
+        valid &= (budget >= 2)[:, None, None]
+        new_max = np.where(valid, new_max, np.inf).reshape(n_layers, -1)
+        best_sw = np.argmin(new_max, axis=1)
+        gain_sw = lmax - new_max[ar, best_sw]
+        sw_s = star_slots[ar, best_sw // cand.shape[1]]
+        sw_t = cand[ar, best_sw % cand.shape[1]]
+    else:
+        gain_sw = np.full(n_layers, -np.inf)
+        sw_s = sw_t = np.zeros(n_layers, dtype=np.int64)
+
+    # --- retargets: a slot t holding a multi-copy expert c becomes a copy of expert a
+    multi = np.take_along_axis(cnt, p2l, axis=1) >= 2  # [A, R] slots that may be given away
+    t_node_ok = np.take_along_axis(node_ok, np.broadcast_to(slot_gpu, (n_layers, num_slots)), axis=1)
+    # (1) a = an expert on the busiest GPU, t = a donor slot on a cool GPU of the same node
+    # donor quality: load left on its GPU plus the rise of the donor expert's other copies
+    bump = np.take_along_axis(w / np.maximum(cnt - 1, 1) - pc, p2l, axis=1)
+    room = gl[:, slot_gpu] - sl + bump
+    k = min(_RETARGET_SLOTS, num_slots)
+    donor_score = np.where(multi & t_node_ok, room, np.inf)
+    t1 = np.argpartition(donor_score, k - 1, axis=1)[:, :k] if k < num_slots else np.argsort(donor_score, axis=1)
+    t1_ok = np.take_along_axis(donor_score, t1, axis=1) < np.inf
+    a1 = p2l[ar[:, None], star_slots]  # [A, S]
+    g1, v1 = _retarget_gain(w, p2l, cnt, hosts, rows, gl, a1[:, :, None], t1[:, None, :], per)
+    v1 &= t1_ok[:, None, :]
+    # (2) t = a multi-copy slot on the busiest GPU, a = one of the coldest experts (per copy after the move)
+    after = w / (cnt + 1)
+    if exp_node is not None:
+        after = np.where(exp_node == gpu_node[gstar][:, None], after, np.inf)
+    kc = min(_COLD_EXPERTS, w.shape[1])
+    a2 = np.argpartition(after, kc - 1, axis=1)[:, :kc]
+    a2_ok = np.take_along_axis(after, a2, axis=1) < np.inf
+    g2, v2 = _retarget_gain(w, p2l, cnt, hosts, rows, gl, a2[:, :, None], star_slots[:, None, :], per)
+    v2 &= a2_ok[:, :, None] & multi[ar[:, None], star_slots][:, None, :]
+
+    gains = np.concatenate([np.where(v1, g1, -np.inf).reshape(n_layers, -1),
+                            np.where(v2, g2, -np.inf).reshape(n_layers, -1)], axis=1)
+    best_rt = np.argmax(gains, axis=1)
+    gain_rt = gains[ar, best_rt]
+    n1 = a1.shape[1] * t1.shape[1]
+    in1 = best_rt < n1
+    i1a, i1t = np.divmod(np.minimum(best_rt, n1 - 1), t1.shape[1])
+    i2a, i2t = np.divmod(np.maximum(best_rt - n1, 0), per)
+    rt_t = np.where(in1, t1[ar, i1t], star_slots[ar, i2t])
+    rt_a = np.where(in1, a1[ar, i1a], a2[ar, i2a])
+
+    # Gain per changed slot decides; a swap costs two.
+    use_sw = gain_sw / 2 > gain_rt
+    gain = np.where(use_sw, gain_sw, gain_rt)
+    kind = np.where(gain > tol, np.where(use_sw, 2, 1), 0)
+    s = np.where(use_sw, sw_s, 0)
+    t = np.where(use_sw, sw_t, rt_t)
+    return kind, s, t, rt_a
+
+
+def _retarget_gain(
+    w: np.ndarray, p2l: np.ndarray, cnt: np.ndarray, hosts: _Hosts, rows: np.ndarray, gl: np.ndarray,
+    a: np.ndarray, t: np.ndarray, per: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact max-load cut of making slot t a copy of expert a; a [A, X, 1], t [A, 1, Y] -> gain, valid [A, X, Y]."""
+    n_layers, num_slots = p2l.shape
+    num_gpus = num_slots // per
+    ar = np.arange(n_layers)[:, None, None]
+    c = p2l[ar, t]  # [A, 1, Y] expert given away
+    wa, ca = w[ar, a], cnt[ar, a]
+    wc, cc = w[ar, c], cnt[ar, c]
+    d_a = wa / (ca + 1) - wa / ca  # per-copy change of a (<= 0)
+    d_c = wc / np.maximum(cc - 1, 1) - wc / cc  # per-copy change of c (>= 0)
+    host_a = hosts.of(p2l, rows, a[:, :, 0])  # [A, X, G]
+    host_c = hosts.of(p2l, rows, c[:, 0, :])  # [A, Y, G]
+    new = (gl[:, None, None, :] + host_a[:, :, None, :] * d_a[..., None] + host_c[:, None, :, :] * d_c[..., None])
+    # slot t itself: its copy of c (now counted at c's new per-copy load) becomes a copy of a
+    delta_t = wa / (ca + 1) - (wc / np.maximum(cc - 1, 1))
+    new += np.where((t // per)[..., None] == np.arange(num_gpus), delta_t[..., None], 0.0)
+    gain = gl.max(1)[:, None, None] - new.max(-1)
+    valid = (a != c) & (cc >= 2)
+    return gain, np.broadcast_to(valid, gain.shape).copy()
