@@ -117,9 +117,21 @@ class OpFamily:
     name: str
     impls: dict[str, Impl]
     supports: dict[str, Supports] = field(default_factory=dict)
+    # (request, device type, dtype, TRITON_INTERPRET) -> impl, for selections that do not depend on args
+    _cache: dict[tuple, Impl] = field(default_factory=dict, repr=False)
 
     def select(self, device: torch.device, dtype: torch.dtype, *args: object) -> Impl:
         req = requested()
+        key = (req, device.type, dtype, os.environ.get("TRITON_INTERPRET"))
+        impl = self._cache.get(key)
+        if impl is not None:
+            return impl
+        impl = self._select(req, device, dtype, args)
+        if not self.supports:
+            self._cache[key] = impl
+        return impl
+
+    def _select(self, req: tuple[str, bool] | None, device: torch.device, dtype: torch.dtype, args: tuple) -> Impl:
         if req is not None:
             backend, fallback = req
             reason = self._reason(backend, device, dtype, args)

@@ -63,6 +63,8 @@ def rows_view(t: torch.Tensor) -> torch.Tensor | None:
     """``t`` as a [rows, last] view with unit inner stride (no copy), or None if its layout does not allow it."""
     if t.dim() == 0:
         return None
+    if t.is_contiguous():  # the common case, without the stride walk below
+        return t.view(-1, t.shape[-1]) if t.numel() else t.reshape(-1, t.shape[-1])
     last = t.shape[-1]
     if t.dim() == 1:
         return t.unsqueeze(0) if (last <= 1 or t.stride(-1) == 1) else None

@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "host/kernel_operator.h"
+#include "host/simd.h"
 #include "omni/ops/norm.h"
 
 namespace omni_kernels {
@@ -22,8 +23,8 @@ class KernelRmsNorm {
  public:
   static constexpr bool kF32 = std::is_same_v<T, float>;
 
-  // UB bytes per chunk element: x and residual queues (T), fp32 work, fp32 weight, output queue (T).
-  static constexpr uint32_t kBytesPerElem = 3 * sizeof(T) + (kF32 ? 8 : 12);
+  // UB bytes per chunk element: x, residual and output queues (T), fp32 work and fp32 weight.
+  static constexpr uint32_t kBytesPerElem = 3 * sizeof(T) + 8;
   static int64_t ChunkFor(int64_t hidden) {
     int64_t max_chunk = (kUBSize - 4096) / kBytesPerElem / 64 * 64;
     return hidden <= max_chunk ? hidden : max_chunk;
@@ -40,9 +41,7 @@ class KernelRmsNorm {
     pipe_.InitBuffer(in_res_, 1, c * sizeof(T));
     pipe_.InitBuffer(out_, 1, c * sizeof(T));
     pipe_.InitBuffer(work_, c * sizeof(float));
-    if (!kF32) pipe_.InitBuffer(work2_, c * sizeof(float));
     pipe_.InitBuffer(weight_, c * sizeof(float));
-    pipe_.InitBuffer(scalar_, 64);
     xg_.SetGlobalBuffer((__gm__ T*)a.x);
     wg_.SetGlobalBuffer((__gm__ T*)a.weight, a.hidden);
     og_.SetGlobalBuffer((__gm__ T*)a.out);
@@ -88,78 +87,88 @@ class KernelRmsNorm {
 
   // CopyIn + Compute of pass 1: leaves the (rounded) fp32 row chunk in work_ and returns its sum of squares.
   float SumChunk(int64_t r, int64_t c0, int32_t n) {
-    LocalTensor<T> xt = in_x_.AllocTensor<T>();
-    DataCopy(xt, xg_[r * a_.x_stride + c0], n);
-    in_x_.EnQue(xt);
-    xt = in_x_.DeQue<T>();
+    LocalTensor<T> xt = CopyIn(in_x_, xg_[r * a_.x_stride + c0], n);
     LocalTensor<float> xf = work_.Get<float>();
+    float sumsq;
     if (a_.residual) {
-      LocalTensor<T> rt = in_res_.AllocTensor<T>();
-      DataCopy(rt, rg_[r * a_.residual_stride + c0], n);
-      in_res_.EnQue(rt);
-      rt = in_res_.DeQue<T>();
-      if constexpr (kF32) {
-        Add(xf, xt, rt, n);
-        DataCopy(rog_[r * a_.residual_out_stride + c0], xf, n);
-      } else {
-        LocalTensor<T> st = out_.AllocTensor<T>();
-        LocalTensor<float> rf = work2_.Get<float>();
-        Cast(xf, xt, RoundMode::CAST_NONE, n);
-        Cast(rf, rt, RoundMode::CAST_NONE, n);
-        Add(xf, xf, rf, n);
-        Cast(st, xf, RoundMode::CAST_RINT, n);  // the residual stream is kept in T, as in HF
-        Cast(xf, st, RoundMode::CAST_NONE, n);
-        out_.EnQue(st);
-        st = out_.DeQue<T>();
-        DataCopy(rog_[r * a_.residual_out_stride + c0], st, n);
-        out_.FreeTensor(st);
-      }
-      in_res_.FreeTensor(rt);
+      LocalTensor<T> rt = CopyIn(in_res_, rg_[r * a_.residual_stride + c0], n);
+      GlobalTensor<T> dst = rog_[r * a_.residual_out_stride + c0];
+      LocalTensor<T> st = AllocOut(out_, dst, n);
+      sumsq = AddRoundSquareSum<true>(xf, st, xt, rt, n);
+      CopyOut(out_, dst, st, n);
+      Release(in_res_, rt);
     } else {
-      if constexpr (kF32) {
-        DataCopy(xf, xt, n);
-      } else {
-        Cast(xf, xt, RoundMode::CAST_NONE, n);
-      }
+      sumsq = AddRoundSquareSum<false>(xf, xt, xt, xt, n);
     }
-    in_x_.FreeTensor(xt);
-    LocalTensor<float> sq = kF32 ? out_.AllocTensor<float>() : work2_.Get<float>();
-    LocalTensor<float> s = scalar_.Get<float>();
-    Mul(sq, xf, xf, n);
-    ReduceSum(s, sq, sq, n);
-    return s.GetValue(0);
+    Release(in_x_, xt);
+    return sumsq;
+  }
+
+  // Cast + Add + Cast + Mul + ReduceSum of the NPU as one pass of the host's 8-lane vector unit:
+  // s = T(x [+ r]) goes to st (the residual stream, kept in T as in HF), float(s) to xf; returns sum(xf^2).
+  template <bool kResidual>
+  static float AddRoundSquareSum(const LocalTensor<float>& xf_t, const LocalTensor<T>& st_t, const LocalTensor<T>& x_t,
+                                 const LocalTensor<T>& r_t, int32_t n) {
+    using namespace simd;
+    float* OMNI_RESTRICT xf = xf_t.GetPhyAddr();
+    T* st = st_t.GetPhyAddr();  // may be the residual itself (in place)
+    const T* x = x_t.GetPhyAddr();
+    const T* rr = r_t.GetPhyAddr();
+    V8 acc0 = Set1(0.0f), acc1 = Set1(0.0f);
+    auto step = [&](int32_t i, V8& acc) {
+      V8 v = Load(x + i);
+      if constexpr (kResidual) {
+        v = Add(v, Load(rr + i));
+        Store(st + i, v);
+        v = Round(v, st);
+      }
+      Store(xf + i, v);
+      acc = Fma(v, v, acc);
+    };
+    int32_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      step(i, acc0);
+      step(i + 8, acc1);
+    }
+    if (i + 8 <= n) {
+      step(i, acc0);
+      i += 8;
+    }
+    float total = Sum(Add(acc0, acc1));
+    for (; i < n; ++i) {
+      float f = ToFloat(x[i]);
+      if constexpr (kResidual) {
+        const T v = FromFloat<T>(f + ToFloat(rr[i]));
+        st[i] = v;
+        f = ToFloat(v);
+      }
+      xf[i] = f;
+      total += f * f;
+    }
+    return total;
   }
 
   // Pass 2 for rows longer than one chunk: bring the (rounded) input chunk back into work_.
   void ReloadChunk(int64_t r, int64_t c0, int32_t n) {
-    LocalTensor<T> xt = in_x_.AllocTensor<T>();
-    if (a_.residual) {
-      DataCopy(xt, rog_[r * a_.residual_out_stride + c0], n);
-    } else {
-      DataCopy(xt, xg_[r * a_.x_stride + c0], n);
-    }
+    LocalTensor<T> xt = a_.residual ? CopyIn(in_x_, rog_[r * a_.residual_out_stride + c0], n)
+                                    : CopyIn(in_x_, xg_[r * a_.x_stride + c0], n);
     Cast(work_.Get<float>(), xt, RoundMode::CAST_NONE, n);
-    in_x_.FreeTensor(xt);
+    Release(in_x_, xt);
   }
 
   void NormChunk(int64_t r, int64_t c0, int32_t n, float rstd) {
-    LocalTensor<float> xf = work_.Get<float>();
-    LocalTensor<float> wf = weight_.Get<float>();
-    LocalTensor<T> ot = out_.AllocTensor<T>();
-    Muls(xf, xf, rstd, n);
-    if constexpr (kF32) {
-      Mul(ot, xf, wf, n);
-    } else {
-      LocalTensor<T> yt = in_res_.AllocTensor<T>();
-      Cast(yt, xf, RoundMode::CAST_RINT, n);  // T(x * rstd), as HF casts before the weight multiply
-      Cast(xf, yt, RoundMode::CAST_NONE, n);
-      Mul(xf, xf, wf, n);
-      Cast(ot, xf, RoundMode::CAST_RINT, n);
-    }
-    out_.EnQue(ot);
-    ot = out_.DeQue<T>();
-    DataCopy(og_[r * a_.out_stride + c0], ot, n);
-    out_.FreeTensor(ot);
+    GlobalTensor<T> dst = og_[r * a_.out_stride + c0];
+    LocalTensor<T> ot = AllocOut(out_, dst, n);
+    // Fused Muls + Cast + Cast + Mul + Cast: T(T(x * rstd) * w), HF's double rounding (a no-op for fp32).
+    const float* OMNI_RESTRICT xf = work_.Get<float>().GetPhyAddr();
+    const float* OMNI_RESTRICT wf = weight_.Get<float>().GetPhyAddr();
+    T* o = ot.GetPhyAddr();
+    const simd::V8 rs = simd::Set1(rstd);
+    int32_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      simd::Store(o + i, simd::Mul(simd::Round(simd::Mul(simd::Load(xf + i), rs), o), simd::Load(wf + i)));
+    for (; i < n; ++i) o[i] = FromFloat<T>(ToFloat(FromFloat<T>(xf[i] * rstd)) * wf[i]);
+    CopyOut(out_, dst, ot, n);
   }
 
   const OmniRmsNormArgs& a_;
@@ -167,7 +176,7 @@ class KernelRmsNorm {
   TPipe pipe_;
   TQue<TPosition::VECIN, 1> in_x_, in_res_;
   TQue<TPosition::VECOUT, 1> out_;
-  TBuf<TPosition::VECCALC> work_, work2_, weight_, scalar_;
+  TBuf<TPosition::VECCALC> work_, weight_;
   GlobalTensor<T> xg_, wg_, og_, rg_, rog_;
 };
 

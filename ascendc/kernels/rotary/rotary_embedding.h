@@ -55,22 +55,15 @@ class KernelRotary {
   }
 
   void RotateHead(const GlobalTensor<T>& src, const GlobalTensor<T>& dst) {
-    const int32_t hs = static_cast<int32_t>(a_.head_size);
-    const int32_t n = a_.copy_tail ? hs : static_cast<int32_t>(a_.rotary_dim);
-    LocalTensor<T> xt = in_.AllocTensor<T>();
-    DataCopy(xt, src, n);
-    in_.EnQue(xt);
-    xt = in_.DeQue<T>();
+    const int32_t n = a_.copy_tail ? static_cast<int32_t>(a_.head_size) : static_cast<int32_t>(a_.rotary_dim);
+    LocalTensor<T> xt = CopyIn(in_, src, n);
     LocalTensor<float> xf = xf_.Get<float>();
     Cast(xf, xt, RoundMode::CAST_NONE, n);
+    Release(in_, xt);
     Rotate(xf);
-    LocalTensor<T> ot = out_.AllocTensor<T>();
+    LocalTensor<T> ot = AllocOut(out_, dst, n);
     Cast(ot, xf, RoundMode::CAST_RINT, n);
-    in_.FreeTensor(xt);
-    out_.EnQue(ot);
-    ot = out_.DeQue<T>();
-    DataCopy(dst, ot, n);
-    out_.FreeTensor(ot);
+    CopyOut(out_, dst, ot, n);
   }
 
   // In-UB rotation of the first rotary_dim dims of one head (fp32).
