@@ -61,6 +61,8 @@ def is_fake(t: torch.Tensor) -> bool:
 
 def rows_view(t: torch.Tensor) -> torch.Tensor | None:
     """``t`` as a [rows, last] view with unit inner stride (no copy), or None if its layout does not allow it."""
+    if t.dim() == 2 and (t.stride(1) == 1 or t.shape[1] <= 1):
+        return t
     if t.dim() == 0:
         return None
     if t.is_contiguous():  # the common case, without the stride walk below
