@@ -44,7 +44,6 @@ peers: install
 
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check . || true
 
 clean:
 	rm -rf build *.egg-info omniops/_C*.so omniops/libomni_kernels_*.so $(VENV)/.built
