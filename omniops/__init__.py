@@ -9,6 +9,7 @@ from __future__ import annotations
 from omniops._backends import BACKENDS, BackendError, use_backend
 from omniops._cpu import cpu_info
 from omniops.ops.activation import silu_and_mul
+from omniops.ops.moe import MoEDispatch, fused_moe, grouped_gemm, moe_combine, moe_dispatch, moe_route
 from omniops.ops.norm import rms_norm, rms_norm_
 from omniops.ops.rotary import rotary_embedding, rotary_embedding_
 
@@ -17,7 +18,13 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendError",
+    "MoEDispatch",
     "cpu_info",
+    "fused_moe",
+    "grouped_gemm",
+    "moe_combine",
+    "moe_dispatch",
+    "moe_route",
     "rms_norm",
     "rms_norm_",
     "rotary_embedding",

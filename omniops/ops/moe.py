@@ -1,0 +1,448 @@
+"""Mixture-of-Experts: routing, dispatch, grouped expert GEMM, combine, and the fused block.
+
+Public API: ``moe_route``, ``moe_dispatch``, ``grouped_gemm``, ``moe_combine``, ``fused_moe``.
+Custom ops: ``omni::moe_route``, ``omni::moe_dispatch``, ``omni::grouped_gemm``, ``omni::moe_combine``,
+``omni::fused_moe``. Kernels: ``ascendc/kernels/moe/`` (cpu), ``omniops/triton/moe.py``; oracle
+``omniops/reference/moe.py`` (its docstring states the numerics every backend follows).
+
+Layouts follow vLLM / HF checkpoints: ``w13 [E, 2*I, H]`` (gate rows then up rows, i.e. ``cat(w1, w3)``),
+``w2 [E, H, I]``, both row-major ``[N, K]`` so a dot over K is contiguous. Routing returns fp32 weights and
+int32 ids ``[T, k]``; ids may also be int64 everywhere they are consumed.
+
+Quantized experts (W8A8 int8 per-channel, fp8 128x128 blocks) will enter ``fused_moe`` / ``grouped_gemm``
+as keyword arguments (a ``quant_config`` plus per-weight scales) that select another weight format in the
+same kernels: the C ABI already carries the weights' dtype separately from the activations'.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from omniops import _ext
+from omniops._backends import OpFamily
+from omniops._registry import call, omni_op
+from omniops._validation import FLOAT_DTYPES, check_same, check_shape, check_tensor, is_fake, rows_view
+from omniops.reference import moe as ref
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+ACTIVATIONS = ("silu",)
+SCORINGS = ("softmax", "sigmoid")
+
+
+class MoEDispatch(NamedTuple):
+    """Result of ``moe_dispatch``: pairs (token, slot) grouped by expert, stable in pair order t*k + j.
+
+    ``x_sorted [M, H]``: the hidden rows in expert order (padding rows are 0); ``sorted_token_ids int32 [M]``:
+    the token of every row (-1 on padding); ``expert_offsets int64 [E+1]``: expert e owns rows
+    ``[offsets[e], offsets[e+1])``; ``expert_counts int32 [E]``: tokens per expert (unpadded; what a load
+    balancer records); ``inverse_index int32 [T, k]``: the row of pair (t, j).
+    """
+
+    x_sorted: Tensor
+    sorted_token_ids: Tensor
+    expert_offsets: Tensor
+    expert_counts: Tensor
+    inverse_index: Tensor
+
+
+def _rows(t: Tensor) -> Tensor:
+    v = rows_view(t)
+    return v if v is not None else t.contiguous()
+
+
+def _i32(t: Tensor) -> Tensor:
+    return t.to(torch.int32).contiguous()
+
+
+# =====================================================================================================
+# moe_route
+# =====================================================================================================
+def _route_reference(w_out: Tensor, ids_out: Tensor, logits: Tensor, top_k: int, scoring: str, renormalize: bool,
+                     num_groups: int, topk_groups: int, bias: Tensor | None, scaling: float) -> None:
+    w, ids = ref.moe_route(logits, top_k, scoring=scoring, renormalize=renormalize,
+                           num_groups=num_groups or None, topk_groups=topk_groups or None,
+                           correction_bias=bias, routed_scaling=scaling)
+    w_out.copy_(w)
+    ids_out.copy_(ids)
+
+
+def _route_cpu(w_out: Tensor, ids_out: Tensor, logits: Tensor, top_k: int, scoring: str, renormalize: bool,
+               num_groups: int, topk_groups: int, bias: Tensor | None, scaling: float) -> None:
+    _ext.cpp().moe_route(w_out, ids_out, logits, top_k, scoring, renormalize, num_groups, topk_groups,
+                         None if bias is None else bias.float().contiguous(), scaling)
+
+
+def _route_triton(w_out: Tensor, ids_out: Tensor, logits: Tensor, top_k: int, scoring: str, renormalize: bool,
+                  num_groups: int, topk_groups: int, bias: Tensor | None, scaling: float) -> None:
+    from omniops.triton.moe import moe_route_forward
+
+    moe_route_forward(w_out, ids_out, logits, top_k, scoring, renormalize, num_groups, topk_groups,
+                      None if bias is None else bias.float().contiguous(), scaling)
+
+
+MOE_ROUTE = OpFamily("moe_route", {"reference": _route_reference, "cpu": _route_cpu, "triton": _route_triton})
+
+
+def _validate_route(logits: Tensor, top_k: int, scoring: str, renormalize: bool, num_groups: int,
+                    topk_groups: int, bias: Tensor | None, scaling: float) -> None:
+    check_tensor("router_logits", logits, dtypes=FLOAT_DTYPES, dim=2)
+    E = logits.shape[1]
+    if E < 1:
+        raise ValueError(f"router_logits: expected at least one expert column, got shape {list(logits.shape)}")
+    if E > 16384:
+        raise ValueError(f"router_logits: at most 16384 experts are supported, got {E}")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= E:
+        raise ValueError(f"top_k: expected an int in [1, {E}] (the number of experts), got {top_k!r}")
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring: expected one of {SCORINGS}, got {scoring!r}")
+    if num_groups:
+        if not isinstance(num_groups, int) or num_groups < 1 or E % num_groups:
+            raise ValueError(
+                f"num_groups: expected a positive divisor of the number of experts {E}, got {num_groups!r}")
+        if not isinstance(topk_groups, int) or not 1 <= topk_groups <= num_groups:
+            raise ValueError(f"topk_groups: expected an int in [1, num_groups={num_groups}], got {topk_groups!r}")
+        if top_k > topk_groups * (E // num_groups):
+            raise ValueError(f"top_k: {top_k} exceeds the {topk_groups * (E // num_groups)} experts left in "
+                             f"topk_groups={topk_groups} groups of {E // num_groups}")
+    elif topk_groups:
+        raise ValueError("topk_groups: given without num_groups")
+    if bias is not None:
+        check_tensor("correction_bias", bias, dtypes=FLOAT_DTYPES, dim=1)
+        check_same("correction_bias", bias, "router_logits", logits, dtype=False)
+        check_shape("correction_bias", bias, (E,), "one per expert")
+    if not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise ValueError(f"routed_scaling: expected a finite number, got {scaling!r}")
+
+
+def _fake_route(logits: Tensor, top_k: int, scoring: str, renormalize: bool, num_groups: int, topk_groups: int,
+                correction_bias: Tensor | None, routed_scaling: float) -> tuple[Tensor, Tensor]:
+    _validate_route(logits, top_k, scoring, renormalize, num_groups, topk_groups, correction_bias, routed_scaling)
+    T = logits.shape[0]
+    return (logits.new_empty(T, top_k, dtype=torch.float32), logits.new_empty(T, top_k, dtype=torch.int32))
+
+
+@omni_op("moe_route", fake=_fake_route)
+def _moe_route_op(logits: Tensor, top_k: int, scoring: str, renormalize: bool, num_groups: int, topk_groups: int,
+                  correction_bias: Tensor | None, routed_scaling: float) -> tuple[Tensor, Tensor]:
+    w, ids = _fake_route(logits, top_k, scoring, renormalize, num_groups, topk_groups, correction_bias,
+                         routed_scaling)
+    if logits.shape[0]:
+        MOE_ROUTE.select(logits.device, logits.dtype)(
+            w, ids, _rows(logits), top_k, scoring, renormalize, num_groups, topk_groups, correction_bias,
+            float(routed_scaling))
+    return w, ids
+
+
+def moe_route(
+    router_logits: Tensor,
+    top_k: int,
+    *,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    num_groups: int | None = None,
+    topk_groups: int | None = None,
+    correction_bias: Tensor | None = None,
+    routed_scaling: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Pick ``top_k`` experts per token. Returns ``(topk_weights fp32 [T, k], topk_ids int32 [T, k])``,
+    sorted by descending selection score.
+
+    * Mixtral / Qwen3-MoE: ``scoring="softmax"``, ``renormalize=True`` (Qwen3's ``norm_topk_prob``).
+    * DeepSeek-V3: ``scoring="sigmoid"``, ``correction_bias=e_score_correction_bias`` (added for the choice
+      only), ``num_groups=n_group``, ``topk_groups=topk_group`` (a group scores the sum of its two best
+      biased scores; without a bias its best, as DeepSeek-V2), ``renormalize=norm_topk_prob``,
+      ``routed_scaling=routed_scaling_factor``. Weights come from the unbiased scores.
+    """
+    return call(_moe_route_op, router_logits, top_k, scoring, renormalize, num_groups or 0, topk_groups or 0,
+                correction_bias, float(routed_scaling))
+
+
+# =====================================================================================================
+# moe_dispatch
+# =====================================================================================================
+def _dispatch_reference(xs: Tensor, tok: Tensor, offs: Tensor, counts: Tensor, inv: Tensor, hidden: Tensor,
+                        ids: Tensor, num_experts: int, block_size: int) -> None:
+    r = ref.moe_dispatch(hidden, ids, num_experts, None if block_size == 1 else block_size)
+    for dst, src in zip((xs, tok, offs, counts, inv), r, strict=True):
+        dst.copy_(src)
+
+
+def _dispatch_cpu(xs: Tensor, tok: Tensor, offs: Tensor, counts: Tensor, inv: Tensor, hidden: Tensor,
+                  ids: Tensor, num_experts: int, block_size: int) -> None:
+    _ext.cpp().moe_dispatch(xs, tok, offs, counts, inv, hidden, ids, num_experts, block_size)
+
+
+def _dispatch_triton(xs: Tensor, tok: Tensor, offs: Tensor, counts: Tensor, inv: Tensor, hidden: Tensor,
+                     ids: Tensor, num_experts: int, block_size: int) -> None:
+    from omniops.triton.moe import moe_dispatch_forward
+
+    moe_dispatch_forward(xs, tok, offs, counts, inv, hidden, ids, num_experts, block_size)
+
+
+MOE_DISPATCH = OpFamily("moe_dispatch",
+                        {"reference": _dispatch_reference, "cpu": _dispatch_cpu, "triton": _dispatch_triton})
+
+
+def _check_ids(name: str, ids: Tensor, hi: int, lo: int = 0) -> None:
+    """Values of an index tensor in [lo, hi) (skipped on fake tensors)."""
+    if is_fake(ids) or ids.numel() == 0:
+        return
+    mn, mx = int(ids.min()), int(ids.max())
+    if mn < lo or mx >= hi:
+        raise ValueError(f"{name}: values must lie in [{lo}, {hi}), got min {mn}, max {mx}")
+
+
+def _validate_dispatch(hidden: Tensor, topk_ids: Tensor, num_experts: int, block_size: int) -> None:
+    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, dim=2)
+    check_tensor("topk_ids", topk_ids, dtypes=INDEX_DTYPES, dim=2)
+    check_same("topk_ids", topk_ids, "hidden", hidden, dtype=False)
+    if topk_ids.shape[0] != hidden.shape[0]:
+        raise ValueError(f"topk_ids: expected {hidden.shape[0]} rows (tokens of hidden), got {list(topk_ids.shape)}")
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts: expected a positive int, got {num_experts!r}")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size: expected a positive int or None, got {block_size!r}")
+
+
+def _fake_dispatch(hidden: Tensor, topk_ids: Tensor, num_experts: int, block_size: int
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _validate_dispatch(hidden, topk_ids, num_experts, block_size)
+    T, k = topk_ids.shape
+    M = T * k + num_experts * (block_size - 1)
+    return (hidden.new_empty(M, hidden.shape[1]), hidden.new_empty(M, dtype=torch.int32),
+            hidden.new_empty(num_experts + 1, dtype=torch.int64), hidden.new_empty(num_experts, dtype=torch.int32),
+            hidden.new_empty(T, k, dtype=torch.int32))
+
+
+@omni_op("moe_dispatch", fake=_fake_dispatch)
+def _moe_dispatch_op(hidden: Tensor, topk_ids: Tensor, num_experts: int, block_size: int
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    outs = _fake_dispatch(hidden, topk_ids, num_experts, block_size)
+    _check_ids("topk_ids", topk_ids, num_experts)
+    MOE_DISPATCH.select(hidden.device, hidden.dtype)(*outs, _rows(hidden), _i32(topk_ids), num_experts, block_size)
+    return outs
+
+
+def moe_dispatch(hidden: Tensor, topk_ids: Tensor, num_experts: int, *, block_size: int | None = None) -> MoEDispatch:
+    """Group the T*k (token, slot) pairs by expert (a stable counting sort) and gather their hidden rows.
+
+    ``hidden [T, H]``, ``topk_ids [T, k]`` in ``[0, num_experts)``. With ``block_size`` every expert's segment
+    is padded to a multiple of it (for tiled GEMMs) and M = T*k + E*(block_size-1) rows are returned, the tail
+    past ``expert_offsets[E]`` being padding too. See ``MoEDispatch`` for the fields.
+    """
+    return MoEDispatch(*call(_moe_dispatch_op, hidden, topk_ids, num_experts, 1 if block_size is None else block_size))
+
+
+# =====================================================================================================
+# grouped_gemm
+# =====================================================================================================
+def _gemm_reference(out: Tensor, x: Tensor, w: Tensor, offsets: Tensor) -> None:
+    out.copy_(ref.grouped_gemm(x, w, offsets))
+
+
+def _gemm_cpu(out: Tensor, x: Tensor, w: Tensor, offsets: Tensor) -> None:
+    _ext.cpp().grouped_gemm(out, x, w, offsets)
+
+
+def _gemm_triton(out: Tensor, x: Tensor, w: Tensor, offsets: Tensor) -> None:
+    from omniops.triton.moe import grouped_gemm_forward
+
+    grouped_gemm_forward(out, x, w, offsets)
+
+
+GROUPED_GEMM = OpFamily("grouped_gemm", {"reference": _gemm_reference, "cpu": _gemm_cpu, "triton": _gemm_triton})
+
+
+def _validate_gemm(x: Tensor, w: Tensor, offsets: Tensor) -> None:
+    check_tensor("x_sorted", x, dtypes=FLOAT_DTYPES, dim=2)
+    check_tensor("w", w, dim=3)
+    check_same("w", w, "x_sorted", x)
+    if w.shape[2] != x.shape[1]:
+        raise ValueError(f"w: expected shape [experts, N, {x.shape[1]}] (K = x_sorted's columns), got {list(w.shape)}")
+    if w.shape[0] < 1:
+        raise ValueError("w: expected at least one expert")
+    check_tensor("expert_offsets", offsets, dtypes=INDEX_DTYPES, dim=1)
+    check_same("expert_offsets", offsets, "x_sorted", x, dtype=False)
+    check_shape("expert_offsets", offsets, (w.shape[0] + 1,), "experts + 1")
+    if not is_fake(offsets):
+        o = offsets.long()
+        if int(o[0]) < 0 or int(o[-1]) > x.shape[0] or bool((o[1:] < o[:-1]).any()):
+            raise ValueError(f"expert_offsets: must be non-decreasing within [0, {x.shape[0]}] (rows of x_sorted)")
+
+
+def _fake_gemm(x_sorted: Tensor, w: Tensor, expert_offsets: Tensor) -> Tensor:
+    _validate_gemm(x_sorted, w, expert_offsets)
+    return x_sorted.new_empty(x_sorted.shape[0], w.shape[1])
+
+
+@omni_op("grouped_gemm", fake=_fake_gemm)
+def _grouped_gemm_op(x_sorted: Tensor, w: Tensor, expert_offsets: Tensor) -> Tensor:
+    out = _fake_gemm(x_sorted, w, expert_offsets)
+    if out.numel():
+        GROUPED_GEMM.select(x_sorted.device, x_sorted.dtype)(out, _rows(x_sorted), w.contiguous(),
+                                                             expert_offsets.to(torch.int64).contiguous())
+    return out
+
+
+def grouped_gemm(x_sorted: Tensor, w: Tensor, expert_offsets: Tensor) -> Tensor:
+    """``out[r] = x_sorted[r] @ w[e].T`` for the rows ``[offsets[e], offsets[e+1])`` of each expert e; rows of
+    no expert are 0. ``x_sorted [M, K]``, ``w [E, N, K]``, ``expert_offsets [E+1]`` (int32/int64). fp32
+    accumulation, one rounding."""
+    return call(_grouped_gemm_op, x_sorted, w, expert_offsets)
+
+
+# =====================================================================================================
+# moe_combine
+# =====================================================================================================
+def _combine_reference(out: Tensor, y: Tensor, w: Tensor, inv: Tensor) -> None:
+    out.copy_(ref.moe_combine(y, w, inv))
+
+
+def _combine_cpu(out: Tensor, y: Tensor, w: Tensor, inv: Tensor) -> None:
+    _ext.cpp().moe_combine(out, y, w, inv)
+
+
+def _combine_triton(out: Tensor, y: Tensor, w: Tensor, inv: Tensor) -> None:
+    from omniops.triton.moe import moe_combine_forward
+
+    moe_combine_forward(out, y, w, inv)
+
+
+MOE_COMBINE = OpFamily("moe_combine",
+                       {"reference": _combine_reference, "cpu": _combine_cpu, "triton": _combine_triton})
+
+
+def _validate_combine(y: Tensor, w: Tensor, inv: Tensor) -> None:
+    check_tensor("expert_out", y, dtypes=FLOAT_DTYPES, dim=2)
+    check_tensor("topk_weights", w, dtypes=FLOAT_DTYPES, dim=2)
+    check_tensor("inverse_index", inv, dtypes=INDEX_DTYPES, dim=2)
+    check_same("topk_weights", w, "expert_out", y, dtype=False)
+    check_same("inverse_index", inv, "expert_out", y, dtype=False)
+    check_shape("topk_weights", w, tuple(inv.shape), "as inverse_index")
+    _check_ids("inverse_index", inv, y.shape[0], lo=-1)
+
+
+def _fake_combine(expert_out: Tensor, topk_weights: Tensor, inverse_index: Tensor) -> Tensor:
+    _validate_combine(expert_out, topk_weights, inverse_index)
+    return expert_out.new_empty(inverse_index.shape[0], expert_out.shape[1])
+
+
+@omni_op("moe_combine", fake=_fake_combine)
+def _moe_combine_op(expert_out: Tensor, topk_weights: Tensor, inverse_index: Tensor) -> Tensor:
+    out = _fake_combine(expert_out, topk_weights, inverse_index)
+    if out.numel():
+        MOE_COMBINE.select(expert_out.device, expert_out.dtype)(
+            out, _rows(expert_out), topk_weights.float().contiguous(), _i32(inverse_index))
+    return out
+
+
+def moe_combine(expert_out: Tensor, topk_weights: Tensor, inverse_index: Tensor) -> Tensor:
+    """``out[t] = sum_j topk_weights[t, j] * expert_out[inverse_index[t, j]]`` (fp32 sum, one rounding to
+    expert_out's dtype); an index of -1 contributes nothing (an expert on another rank)."""
+    return call(_moe_combine_op, expert_out, topk_weights, inverse_index)
+
+
+# =====================================================================================================
+# fused_moe
+# =====================================================================================================
+def _fused_reference(out: Tensor, hidden: Tensor, w13: Tensor, w2: Tensor, weights: Tensor, ids: Tensor,
+                     activation: str, expert_map: Tensor | None) -> None:
+    out.copy_(ref.fused_moe(hidden, w13, w2, weights, ids, activation, expert_map))
+
+
+def _fused_cpu(out: Tensor, hidden: Tensor, w13: Tensor, w2: Tensor, weights: Tensor, ids: Tensor,
+               activation: str, expert_map: Tensor | None) -> None:
+    _ext.cpp().fused_moe(out, hidden, w13, w2, weights, ids, activation, expert_map)
+
+
+def _fused_triton(out: Tensor, hidden: Tensor, w13: Tensor, w2: Tensor, weights: Tensor, ids: Tensor,
+                  activation: str, expert_map: Tensor | None) -> None:
+    from omniops.triton.moe import fused_moe_forward
+
+    fused_moe_forward(out, hidden, w13, w2, weights, ids, activation, expert_map)
+
+
+FUSED_MOE = OpFamily("fused_moe", {"reference": _fused_reference, "cpu": _fused_cpu, "triton": _fused_triton})
+
+
+def _validate_fused(hidden: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor,
+                    activation: str, expert_map: Tensor | None) -> None:
+    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, dim=2)
+    T, H = hidden.shape
+    if H < 1:
+        raise ValueError(f"hidden: the hidden size must be >= 1, got shape {list(hidden.shape)}")
+    check_tensor("w13", w13, dim=3)
+    check_same("w13", w13, "hidden", hidden)
+    if w13.shape[1] < 2 or w13.shape[1] % 2 or w13.shape[2] != H:
+        raise ValueError(f"w13: expected shape [experts, 2*intermediate, {H}] (gate and up rows; H from hidden), "
+                         f"got {list(w13.shape)}")
+    E, inter = w13.shape[0], w13.shape[1] // 2
+    if E < 1:
+        raise ValueError("w13: expected at least one expert")
+    check_tensor("w2", w2, dim=3)
+    check_same("w2", w2, "hidden", hidden)
+    check_shape("w2", w2, (E, H, inter), "[experts, hidden, intermediate] from w13 and hidden")
+    check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, dim=2)
+    check_tensor("topk_ids", topk_ids, dtypes=INDEX_DTYPES, dim=2)
+    check_same("topk_weights", topk_weights, "hidden", hidden, dtype=False)
+    check_same("topk_ids", topk_ids, "hidden", hidden, dtype=False)
+    if topk_ids.shape[0] != T or topk_ids.shape[1] < 1:
+        raise ValueError(f"topk_ids: expected shape [{T}, top_k >= 1] (tokens of hidden), got {list(topk_ids.shape)}")
+    check_shape("topk_weights", topk_weights, tuple(topk_ids.shape), "as topk_ids")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    n_global = E
+    if expert_map is not None:
+        check_tensor("expert_map", expert_map, dtypes=INDEX_DTYPES, dim=1)
+        check_same("expert_map", expert_map, "hidden", hidden, dtype=False)
+        if expert_map.shape[0] < 1:
+            raise ValueError("expert_map: expected one entry per global expert, got an empty tensor")
+        n_global = expert_map.shape[0]
+        _check_ids("expert_map", expert_map, E, lo=-1)
+    _check_ids("topk_ids", topk_ids, n_global)
+
+
+def _fake_fused(hidden: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor, activation: str,
+                expert_map: Tensor | None) -> Tensor:
+    _validate_fused(hidden, w13, w2, topk_weights, topk_ids, activation, expert_map)
+    return torch.empty_like(hidden, memory_format=torch.contiguous_format)
+
+
+@omni_op("fused_moe", fake=_fake_fused)
+def _fused_moe_op(hidden: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor, activation: str,
+                  expert_map: Tensor | None) -> Tensor:
+    out = _fake_fused(hidden, w13, w2, topk_weights, topk_ids, activation, expert_map)
+    if hidden.shape[0]:
+        FUSED_MOE.select(hidden.device, hidden.dtype)(
+            out, _rows(hidden), w13.contiguous(), w2.contiguous(), topk_weights.float().contiguous(),
+            _i32(topk_ids), activation, None if expert_map is None else _i32(expert_map))
+    return out
+
+
+def fused_moe(
+    hidden: Tensor,
+    w13: Tensor,
+    w2: Tensor,
+    topk_weights: Tensor,
+    topk_ids: Tensor,
+    *,
+    activation: str = "silu",
+    expert_map: Tensor | None = None,
+) -> Tensor:
+    """The MoE block: ``out[t] = sum_j topk_weights[t, j] * W2[e] @ (silu(G[e] x_t) * (U[e] x_t))`` with
+    ``e = expert_map[topk_ids[t, j]]``.
+
+    Args:
+        hidden: ``[T, H]`` float32/float16/bfloat16 (any row stride); T = 0 gives an empty result.
+        w13: ``[E, 2*I, H]`` gate rows then up rows, same dtype as hidden. w2: ``[E, H, I]``.
+        topk_weights: ``[T, k]`` any float dtype (used in fp32). topk_ids: ``[T, k]`` int32/int64.
+        activation: ``"silu"`` (SwiGLU).
+        expert_map: optional ``[E_global]`` int32/int64 mapping global expert ids (the values of topk_ids) to
+            local ones in ``[0, E)``, or -1 for experts on other ranks, which then contribute 0.
+    Never materialises a dense ``[T, E, ...]`` tensor; each hit expert's weights are read once per 48 tokens.
+    """
+    return call(_fused_moe_op, hidden, w13, w2, topk_weights, topk_ids, activation, expert_map)
