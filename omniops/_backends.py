@@ -27,6 +27,17 @@ class BackendError(RuntimeError):
     """A backend was asked for a call it cannot serve."""
 
 
+# os.environ.get costs ~1 us (it encodes the key); the mapping behind it is kept in sync by os.environ itself.
+_ENV_DATA = getattr(os.environ, "_data", None)
+
+
+def _env(name: str) -> str | None:
+    if _ENV_DATA is None:  # pragma: no cover - non-CPython
+        return os.environ.get(name)
+    v = _ENV_DATA.get(name.encode())
+    return v.decode() if v is not None else None
+
+
 _REQUEST: contextvars.ContextVar[tuple[str, bool] | None] = contextvars.ContextVar("omni_backend", default=None)
 
 
@@ -49,7 +60,7 @@ def requested() -> tuple[str, bool] | None:
     req = _REQUEST.get()
     if req is not None:
         return req
-    env = os.environ.get("OMNI_BACKEND")
+    env = _env("OMNI_BACKEND")
     if env:
         if env not in BACKENDS:
             raise ValueError(f"OMNI_BACKEND: expected one of {BACKENDS}, got {env!r}")
@@ -67,7 +78,7 @@ def triton_import_error() -> str | None:
 
 
 def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _env("TRITON_INTERPRET") == "1"
 
 
 def _generic_reason(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -122,7 +133,7 @@ class OpFamily:
 
     def select(self, device: torch.device, dtype: torch.dtype, *args: object) -> Impl:
         req = requested()
-        key = (req, device.type, dtype, os.environ.get("TRITON_INTERPRET"))
+        key = (req, device.type, dtype, _env("TRITON_INTERPRET"))
         impl = self._cache.get(key)
         if impl is not None:
             return impl

@@ -22,16 +22,16 @@ def check_tensor(
     dim: int | Sequence[int] | None = None,
     min_dim: int | None = None,
 ) -> torch.Tensor:
+    # Called on every op call: the success path does no allocation; messages are built only on failure.
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if dtypes is not None:
-        dtypes = tuple(dtypes)
-        if t.dtype not in dtypes:
-            names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-            raise TypeError(f"{name}: expected dtype in ({names}), got {str(t.dtype).removeprefix('torch.')}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name}: expected dtype in ({names}), got {str(t.dtype).removeprefix('torch.')}")
     if dim is not None:
-        dims = (dim,) if isinstance(dim, int) else tuple(dim)
-        if t.dim() not in dims:
+        ndim = t.dim()
+        if ndim != dim if isinstance(dim, int) else ndim not in dim:
+            dims = (dim,) if isinstance(dim, int) else tuple(dim)
             raise ValueError(f"{name}: expected a {' or '.join(map(str, dims))}-D tensor, got shape {list(t.shape)}")
     if min_dim is not None and t.dim() < min_dim:
         raise ValueError(f"{name}: expected at least {min_dim} dimension(s), got shape {list(t.shape)}")
