@@ -10,7 +10,16 @@ from omniops._backends import BACKENDS, BackendError, use_backend
 from omniops._cpu import cpu_info
 from omniops.ops.activation import silu_and_mul
 from omniops.ops.norm import rms_norm, rms_norm_
+from omniops.ops.quant_gemm import fp8_block_gemm, w4a16_gemm, w8a8_gemm
 from omniops.ops.rotary import rotary_embedding, rotary_embedding_
+from omniops.quant import (
+    QuantLinear,
+    dequantize_weight,
+    quantize_activation_fp8_group,
+    quantize_activation_per_token_int8,
+    quantize_model,
+    quantize_weight,
+)
 
 __version__ = "0.1.0"
 
@@ -18,10 +27,19 @@ __all__ = [
     "BACKENDS",
     "BackendError",
     "cpu_info",
+    "dequantize_weight",
+    "fp8_block_gemm",
+    "QuantLinear",
+    "quantize_activation_fp8_group",
+    "quantize_activation_per_token_int8",
+    "quantize_model",
+    "quantize_weight",
     "rms_norm",
     "rms_norm_",
     "rotary_embedding",
     "rotary_embedding_",
     "silu_and_mul",
     "use_backend",
+    "w4a16_gemm",
+    "w8a8_gemm",
 ]
