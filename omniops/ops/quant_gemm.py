@@ -88,14 +88,6 @@ def _fp8_triton(out: Tensor, x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale:
     fp8_block_gemm_forward(out, x_q, x_scale, w_q, w_scale, bias)
 
 
-def _triton_int_dot_reason(out: Tensor, *args: object) -> str | None:
-    from omniops._backends import triton_interpreted
-
-    if out.device.type == "cpu" and triton_interpreted():
-        return "tl.dot on int8 is not exact in the Triton interpreter (it runs the dot in floating point)"
-    return None
-
-
 W8A8 = OpFamily("w8a8_gemm", {"reference": _w8a8_reference, "cpu": _w8a8_cpu, "triton": _w8a8_triton})
 W4A16 = OpFamily("w4a16_gemm", {"reference": _w4a16_reference, "cpu": _w4a16_cpu, "triton": _w4a16_triton})
 FP8_BLOCK_GEMM = OpFamily("fp8_block_gemm", {"reference": _fp8_reference, "cpu": _fp8_cpu, "triton": _fp8_triton})
