@@ -26,52 +26,87 @@ namespace cube {
 #define OMNI_QGEMM_I8_PATH "scalar"
 #endif
 
-#if defined(__AVX2__)
-OMNI_INLINE int32_t HSum256(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
-#endif
 
-// r[i][j] = sum_k a[i*lda + k] * w[j*ldw + k] for k < K (overwrites r).
+// Sums the L lanes of the stored accumulators: t[2i + j] holds (row i, weight row j).
+template <int MR, int NR, int L>
+OMNI_INLINE void ReduceLanes(const int32_t (&t)[MR * 2][16], int32_t (&r)[MR][NR]) {
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      int32_t s = 0;
+      for (int l = 0; l < L; ++l) s += t[2 * i + j][l];
+      r[i][j] = s;
+    }
+}
+
+// r[i][j] = sum_k a[i*lda + k] * w[j*ldw + k] for k < K (overwrites r). MR <= 4, NR <= 2.
+// Codegen notes (GCC 12): the accumulators are named variables and are stored to memory after the loop before
+// the horizontal sums. An array of vectors, or shuffles on the accumulators right after the loop, make GCC add
+// a register copy per accumulator per iteration (8 extra uops on 18).
+#define OMNI_I8_ROWS(ROW)                 \
+  ROW(0, c00, c01)                        \
+  if constexpr (MR > 1) ROW(1, c10, c11)  \
+  if constexpr (MR > 2) ROW(2, c20, c21)  \
+  if constexpr (MR > 3) ROW(3, c30, c31)
 template <int MR, int NR>
 OMNI_INLINE void DotI8(const int16_t* a, int64_t lda, const int8_t* w, int64_t ldw, int64_t K, int32_t (&r)[MR][NR]) {
+  static_assert(MR >= 1 && MR <= 4 && NR >= 1 && NR <= 2, "cube tile");
   int64_t k = 0;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   {
-    __m512i c[MR][NR];
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) c[i][j] = _mm512_setzero_si512();
+    __m512i c00 = _mm512_setzero_si512(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+            c31 = c00;
     for (; k + 32 <= K; k += 32) {
-      __m512i b[NR];
-      for (int j = 0; j < NR; ++j)
-        b[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * ldw + k)));
-      for (int i = 0; i < MR; ++i) {
-        const __m512i av = _mm512_loadu_si512(reinterpret_cast<const void*>(a + i * lda + k));
-        for (int j = 0; j < NR; ++j) c[i][j] = _mm512_dpwssd_epi32(c[i][j], av, b[j]);
-      }
+      const __m512i b0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)));
+      __m512i b1 = b0;
+      if constexpr (NR > 1) b1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + ldw + k)));
+#define OMNI_ROW(i, ca, cb)                                                                  \
+  {                                                                                          \
+    const __m512i av = _mm512_loadu_si512(reinterpret_cast<const void*>(a + (i) * lda + k)); \
+    ca = _mm512_dpwssd_epi32(ca, av, b0);                                                    \
+    if constexpr (NR > 1) cb = _mm512_dpwssd_epi32(cb, av, b1);                              \
+  }
+      OMNI_I8_ROWS(OMNI_ROW)
+#undef OMNI_ROW
     }
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) r[i][j] = _mm512_reduce_add_epi32(c[i][j]);
+    alignas(64) int32_t t[MR * 2][16];
+#define OMNI_ROW(i, ca, cb)                                                          \
+  {                                                                                  \
+    _mm512_store_si512(reinterpret_cast<void*>(t[2 * (i)]), ca);                     \
+    if constexpr (NR > 1) _mm512_store_si512(reinterpret_cast<void*>(t[2 * (i) + 1]), cb); \
+  }
+    OMNI_I8_ROWS(OMNI_ROW)
+#undef OMNI_ROW
+    ReduceLanes<MR, NR, 16>(t, r);
   }
 #elif defined(__AVX2__)
   {
-    __m256i c[MR][NR];
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) c[i][j] = _mm256_setzero_si256();
-    for (; k + 16 <= K; k += 16) {
-      __m256i b[NR];
-      for (int j = 0; j < NR; ++j)
-        b[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * ldw + k)));
-      for (int i = 0; i < MR; ++i) {
-        const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i * lda + k));
-        for (int j = 0; j < NR; ++j) c[i][j] = _mm256_add_epi32(c[i][j], _mm256_madd_epi16(av, b[j]));
-      }
+    __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+            c31 = c00;
+    const int64_t kv = K & ~int64_t{15};
+    for (int64_t kk = 0; kk < kv; kk += 16) {
+      const int64_t k = kk;  // NOLINT: shadows the tail's k on purpose (a fresh induction variable)
+      const __m256i b0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k)));
+      __m256i b1 = b0;
+      if constexpr (NR > 1) b1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + ldw + k)));
+#define OMNI_ROW(i, ca, cb)                                                                       \
+  {                                                                                               \
+    const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + (i) * lda + k));   \
+    ca = _mm256_add_epi32(ca, _mm256_madd_epi16(av, b0));                                         \
+    if constexpr (NR > 1) cb = _mm256_add_epi32(cb, _mm256_madd_epi16(av, b1));                   \
+  }
+      OMNI_I8_ROWS(OMNI_ROW)
+#undef OMNI_ROW
     }
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) r[i][j] = HSum256(c[i][j]);
+    alignas(64) int32_t t[MR * 2][16];
+#define OMNI_ROW(i, ca, cb)                                                                   \
+  {                                                                                           \
+    _mm256_store_si256(reinterpret_cast<__m256i*>(t[2 * (i)]), ca);                           \
+    if constexpr (NR > 1) _mm256_store_si256(reinterpret_cast<__m256i*>(t[2 * (i) + 1]), cb); \
+  }
+    OMNI_I8_ROWS(OMNI_ROW)
+#undef OMNI_ROW
+    ReduceLanes<MR, NR, 8>(t, r);
+    k = kv;
   }
 #else
   for (int i = 0; i < MR; ++i)
@@ -88,6 +123,7 @@ OMNI_INLINE void DotI8(const int16_t* a, int64_t lda, const int8_t* w, int64_t l
       }
   }
 }
+#undef OMNI_I8_ROWS
 
 // 8 floats as one value: inlined everywhere, so the generic library's "AVX vector return" ABI note is moot.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -98,7 +134,7 @@ OMNI_INLINE v8f LoadV8(const float* p) {
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-OMNI_INLINE float HSumF(v8f v) {
+OMNI_INLINE float HSumF(const v8f& v) {
   // Fixed pairwise order: the result does not depend on the ISA's vector width.
   float a = (v[0] + v[4]) + (v[2] + v[6]);
   float b = (v[1] + v[5]) + (v[3] + v[7]);
@@ -127,6 +163,42 @@ OMNI_INLINE void DotF32(const float* x, int64_t lda, const float* w, int64_t ldw
       for (int64_t kk = k; kk < K; ++kk) s += x[i * lda + kk] * w[j * ldw + kk];
       acc[i * ldc + j] += s;
     }
+}
+
+// ---- weight decoders (vector extensions: one code path for every ISA library) ----------------------------
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint8_t v8b __attribute__((vector_size(8)));
+typedef uint8_t v16b __attribute__((vector_size(16)));
+typedef float v16f __attribute__((vector_size(64)));
+
+// 8 float8_e4m3fn bytes -> fp32, exact, by bit arithmetic (a 256-entry table needs a gather per element,
+// which AVX2 machines run at ~1 element per cycle): normal e4m3 (e > 0) is fp32 with the exponent re-biased by
+// 127 - 7 = 120 and the 3 mantissa bits moved to the top; subnormals (e == 0) are m * 2^-9; 0x7F/0xFF are NaN.
+OMNI_INLINE v8f E4m3x8(const uint8_t* p) {
+  v8b b8;
+  std::memcpy(&b8, p, sizeof(b8));
+  const v8u b = __builtin_convertvector(b8, v8u);
+  const v8u mag = b & 0x7Fu;
+  const v8u normal = (mag << 20) + (120u << 23);
+  const v8f sub = __builtin_convertvector((v8i)(b & 7u), v8f) * (1.0f / 512.0f);
+  const v8u is_sub = (v8u)(mag < 8u);
+  const v8u is_nan = (v8u)(mag == 0x7Fu);
+  v8u bits = (((v8u)sub & is_sub) | (normal & ~is_sub)) | ((b & 0x80u) << 24);
+  bits = (bits & ~is_nan) | (0x7FC00000u & is_nan);
+  return (v8f)bits;
+}
+
+// 16 packed int4 bytes (32 codes, low nibble = even k) -> fp32 (code - z) * s in the kernels' permuted K order:
+// dst[j] = k 2j (low nibbles), dst[16 + j] = k 2j+1 (high nibbles). x is widened in the same order, so the
+// dot product is unchanged and the decode needs no interleaving shuffles.
+OMNI_INLINE void Int4x32(const uint8_t* p, float z, float s, float* dst) {
+  v16b b;
+  std::memcpy(&b, p, sizeof(b));
+  const v16f lo = (__builtin_convertvector(b & 15, v16f) - z) * s;
+  const v16f hi = (__builtin_convertvector(b >> 4, v16f) - z) * s;
+  std::memcpy(dst, &lo, sizeof(lo));
+  std::memcpy(dst + 16, &hi, sizeof(hi));
 }
 
 }  // namespace cube

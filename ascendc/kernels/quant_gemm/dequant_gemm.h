@@ -22,7 +22,8 @@ using namespace AscendC;
 namespace dq {
 constexpr int64_t kNT = 16, kKC = 512, kMC = 256, kMR = 4, kNR = 2;
 
-// float8_e4m3fn -> fp32 for all 256 bit patterns (exact; 0x7F/0xFF are NaN, there is no inf).
+// float8_e4m3fn -> fp32 for all 256 bit patterns (exact; 0x7F/0xFF are NaN, there is no inf). Used for the
+// K tails; full runs of 8 use cube::E4m3x8 (same values, no gathers).
 inline const float* Fp8Lut() {
   static const struct Lut {
     float v[256];
@@ -50,27 +51,28 @@ struct Int4Format {
   int64_t K() const { return a.K; }
   int64_t M() const { return a.M; }
   int64_t N() const { return a.N; }
+  // x row -> fp32 in the permuted K order of cube::Int4x32 (per 32: even k, then odd k). K % 32 == 0.
   template <typename T>
   void WidenRow(int64_t m, float* dst) const {
     const T* src = static_cast<const T*>(a.x) + m * a.x_stride;
-    for (int64_t k = 0; k < a.K; ++k) dst[k] = ToFloat(src[k]);
+    for (int64_t k0 = 0; k0 < a.K; k0 += 32)
+      for (int64_t j = 0; j < 16; ++j) {
+        dst[k0 + j] = ToFloat(src[k0 + 2 * j]);
+        dst[k0 + 16 + j] = ToFloat(src[k0 + 2 * j + 1]);
+      }
   }
-  // dst[r * ldd + (k - k0)] = w[n0 + r, k] for k in [k0, k0 + kc); k0 and kc are multiples of group_size.
+  // dst[r * ldd + (k - k0)] = w[n0 + r, k] (permuted within each 32) for k in [k0, k0 + kc); k0, kc are
+  // multiples of group_size (itself a multiple of 32).
   void DequantTile(int64_t n0, int64_t nr, int64_t k0, int64_t kc, float* dst, int64_t ldd) const {
     const int64_t G = a.group_size, ng = a.K / G;
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t n = n0 + r;
       const uint8_t* wp = a.w + n * (a.K / 2);
-      float* d = dst + r * ldd;
+      float* d = dst + r * ldd - k0;
       for (int64_t g = k0 / G; g < (k0 + kc) / G; ++g) {
         const float s = a.scales[n * ng + g];
-        const int32_t z = a.zeros ? a.zeros[n * ng + g] : 8;
-        const uint8_t* b = wp + g * G / 2;
-        float* dg = d + (g * G - k0);
-        for (int64_t j = 0; j < G / 2; ++j) {
-          dg[2 * j] = static_cast<float>(static_cast<int32_t>(b[j] & 15) - z) * s;
-          dg[2 * j + 1] = static_cast<float>(static_cast<int32_t>(b[j] >> 4) - z) * s;
-        }
+        const float z = a.zeros ? static_cast<float>(a.zeros[n * ng + g]) : 8.0f;
+        for (int64_t k = g * G; k < (g + 1) * G; k += 32) cube::Int4x32(wp + k / 2, z, s, d + k);
       }
     }
   }
@@ -87,7 +89,12 @@ struct Fp8Format {
     const uint8_t* src = a.x + m * a.x_stride;
     const int64_t kb = CeilDiv(a.K, 128);
     const float* xs = a.x_scale + m * kb;
-    for (int64_t k = 0; k < a.K; ++k) dst[k] = lut[src[k]] * xs[k >> 7];
+    int64_t k = 0;
+    for (; k + 8 <= a.K; k += 8) {
+      const cube::v8f v = cube::E4m3x8(src + k) * xs[k >> 7];  // 8 | 128: one scale per 8
+      std::memcpy(dst + k, &v, sizeof(v));
+    }
+    for (; k < a.K; ++k) dst[k] = lut[src[k]] * xs[k >> 7];
   }
   void DequantTile(int64_t n0, int64_t nr, int64_t k0, int64_t kc, float* dst, int64_t ldd) const {
     const float* lut = Fp8Lut();
@@ -97,7 +104,12 @@ struct Fp8Format {
       const uint8_t* wp = a.w + n * a.w_stride;
       const float* ws = a.w_scale + (n >> 7) * kb;
       float* d = dst + r * ldd - k0;
-      for (int64_t k = k0; k < k0 + kc; ++k) d[k] = lut[wp[k]] * ws[k >> 7];
+      int64_t k = k0;
+      for (; k + 8 <= k0 + kc; k += 8) {
+        const cube::v8f v = cube::E4m3x8(wp + k) * ws[k >> 7];
+        std::memcpy(d + k, &v, sizeof(v));
+      }
+      for (; k < k0 + kc; ++k) d[k] = lut[wp[k]] * ws[k >> 7];
     }
   }
 };
