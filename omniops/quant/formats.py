@@ -13,8 +13,8 @@ Three schemes, each an explicit dataclass holding exactly what the GEMM kernels 
     ``q[n, 2j + 1]`` in its HIGH nibble, each an unsigned code 0..15. ``scales`` float32 ``[N, K // G]`` and
     ``zeros`` uint8 ``[N, K // G]`` (codes 0..15) or None; ``w[n, k] = (q[n, k] - z) * scales[n, k // G]``
     with ``z = zeros[n, k // G]`` (asymmetric: ``scale = (max - min) / 15``) or ``z = 8`` (symmetric: codes
-    are offset-binary, values -8..7, ``scale = amax / 7.5``; the half step beyond 7 is clamped). G (``group_size``) is 32, 64 or
-    128 and must divide K. Activations stay floating point.
+    are offset-binary, values -8..7, ``scale = amax / 7.5``; the half step beyond 7 is clamped).
+    G (``group_size``) is 32, 64 or 128 and must divide K. Activations stay floating point.
 
 ``fp8_block`` (:class:`Fp8BlockWeight`, DeepSeek-V3's checkpoint layout)
     ``qweight`` float8_e4m3fn ``[N, K]`` and ``scale`` float32 ``[ceil(N/128), ceil(K/128)]`` (DeepSeek's

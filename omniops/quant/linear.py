@@ -10,7 +10,6 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Iterable
 
-import torch
 from torch import Tensor, nn
 
 from omniops.ops import quant_gemm as _qg  # module import: omniops.ops.quant_gemm imports this package

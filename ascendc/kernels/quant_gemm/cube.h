@@ -165,40 +165,74 @@ OMNI_INLINE void DotF32(const float* x, int64_t lda, const float* w, int64_t ldw
     }
 }
 
-// ---- weight decoders (vector extensions: one code path for every ISA library) ----------------------------
-typedef uint32_t v8u __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef uint8_t v8b __attribute__((vector_size(8)));
-typedef uint8_t v16b __attribute__((vector_size(16)));
-typedef float v16f __attribute__((vector_size(64)));
+// ---- weight decoders -------------------------------------------------------------------------------------
+// (GCC 12 scalarises __builtin_convertvector from uint8 vectors, so the vector paths use AVX2 intrinsics; the
+// generic library runs the scalar loops.)
 
-// 8 float8_e4m3fn bytes -> fp32, exact, by bit arithmetic (a 256-entry table needs a gather per element,
-// which AVX2 machines run at ~1 element per cycle): normal e4m3 (e > 0) is fp32 with the exponent re-biased by
-// 127 - 7 = 120 and the 3 mantissa bits moved to the top; subnormals (e == 0) are m * 2^-9; 0x7F/0xFF are NaN.
-OMNI_INLINE v8f E4m3x8(const uint8_t* p) {
-  v8b b8;
-  std::memcpy(&b8, p, sizeof(b8));
-  const v8u b = __builtin_convertvector(b8, v8u);
-  const v8u mag = b & 0x7Fu;
-  const v8u normal = (mag << 20) + (120u << 23);
-  const v8f sub = __builtin_convertvector((v8i)(b & 7u), v8f) * (1.0f / 512.0f);
-  const v8u is_sub = (v8u)(mag < 8u);
-  const v8u is_nan = (v8u)(mag == 0x7Fu);
-  v8u bits = (((v8u)sub & is_sub) | (normal & ~is_sub)) | ((b & 0x80u) << 24);
-  bits = (bits & ~is_nan) | (0x7FC00000u & is_nan);
-  return (v8f)bits;
+// float8_e4m3fn -> fp32 for all 256 bit patterns (exact; 0x7F/0xFF are NaN, there is no inf): the K tails and
+// the generic library.
+inline const float* Fp8Lut() {
+  static const struct Lut {
+    float v[256];
+    Lut() {
+      for (int b = 0; b < 256; ++b) {
+        const int e = (b >> 3) & 15, m = b & 7;
+        float f;
+        if (e == 15 && m == 7) {
+          f = __builtin_nanf("");
+        } else if (e == 0) {
+          f = std::ldexp(static_cast<float>(m), -9);  // subnormal: m/8 * 2^-6
+        } else {
+          f = std::ldexp(1.0f + static_cast<float>(m) / 8.0f, e - 7);
+        }
+        v[b] = (b & 0x80) ? -f : f;
+      }
+    }
+  } lut;
+  return lut.v;
+}
+
+// dst[k] = e4m3(p[k]) * s for k < 16, exact. AVX2: the e4m3 bits shifted into a binary16 (fp16 has one more
+// exponent bit and bias 15 = 7 + 8, and its subnormals line up with e4m3's) give value * 2^-8 for every finite
+// code, subnormals included; F16C widens to fp32 and the 2^8 folds into the scale. 0x7F/0xFF become NaN as in
+// the table. Generic library: the table.
+OMNI_INLINE void E4m3x16(const uint8_t* p, float s, float* dst) {
+#if defined(__AVX2__) && defined(__F16C__)
+  const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i mag = _mm256_and_si256(b, _mm256_set1_epi16(0x7F));
+  __m256i h = _mm256_or_si256(_mm256_slli_epi16(mag, 7), _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8));
+  h = _mm256_blendv_epi8(h, _mm256_set1_epi16(0x7E00), _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7F)));
+  const __m256 sv = _mm256_set1_ps(s * 256.0f);
+  _mm256_storeu_ps(dst, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), sv));
+  _mm256_storeu_ps(dst + 8, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), sv));
+#else
+  const float* lut = Fp8Lut();
+  for (int k = 0; k < 16; ++k) dst[k] = lut[p[k]] * s;
+#endif
 }
 
 // 16 packed int4 bytes (32 codes, low nibble = even k) -> fp32 (code - z) * s in the kernels' permuted K order:
 // dst[j] = k 2j (low nibbles), dst[16 + j] = k 2j+1 (high nibbles). x is widened in the same order, so the
 // dot product is unchanged and the decode needs no interleaving shuffles.
 OMNI_INLINE void Int4x32(const uint8_t* p, float z, float s, float* dst) {
-  v16b b;
-  std::memcpy(&b, p, sizeof(b));
-  const v16f lo = (__builtin_convertvector(b & 15, v16f) - z) * s;
-  const v16f hi = (__builtin_convertvector(b >> 4, v16f) - z) * s;
-  std::memcpy(dst, &lo, sizeof(lo));
-  std::memcpy(dst + 16, &hi, sizeof(hi));
+#if defined(__AVX2__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i m4 = _mm_set1_epi8(15);
+  const __m128i lo = _mm_and_si128(b, m4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
+  const __m256 zv = _mm256_set1_ps(z), sv = _mm256_set1_ps(s);
+  auto put = [&](__m128i v8, float* d) {
+    _mm256_storeu_ps(d, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v8)), zv), sv));
+  };
+  put(lo, dst);
+  put(_mm_srli_si128(lo, 8), dst + 8);
+  put(hi, dst + 16);
+  put(_mm_srli_si128(hi, 8), dst + 24);
+#else
+  for (int j = 0; j < 16; ++j) {
+    dst[j] = (static_cast<float>(p[j] & 15) - z) * s;
+    dst[16 + j] = (static_cast<float>(p[j] >> 4) - z) * s;
+  }
+#endif
 }
 
 }  // namespace cube

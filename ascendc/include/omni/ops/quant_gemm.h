@@ -19,7 +19,6 @@ typedef struct {
   const float* w_scale;    // [N]
   const void* bias;        // [N] in out_dtype, or NULL
   void* out;               // [M, N], row stride out_stride
-  int16_t* work;           // [M, K] int16 scratch (x widened once)
   int64_t x_stride, w_stride, out_stride;
   int64_t M, N, K;         // K <= 131071: int32 accumulation is exact
   int32_t out_dtype;       // OmniDType or OMNI_QGEMM_OUT_I32
