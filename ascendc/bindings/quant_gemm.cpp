@@ -2,6 +2,9 @@
 // ascendc/kernels/quant_gemm/. Every entry point re-checks dtypes, shapes and strides (it is reachable
 // directly through omniops._C), so no input can make a kernel read or write outside the tensors.
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <tuple>
 
 #include "bindings/common.h"
 #include "omni/ops/quant_gemm.h"
@@ -192,7 +195,25 @@ void Fp8BlockGemm(at::Tensor out, const at::Tensor& x, const at::Tensor& x_scale
   Table()->fp8_block_gemm(&a, &rt);
 }
 
+// (x_q [M, K] int8, x_scale [M, 1] fp32) = per-token symmetric int8 quantization of x [M, K].
+std::tuple<at::Tensor, at::Tensor> QuantizePerTokenInt8(const at::Tensor& x) {
+  CheckCpu(x, "x");
+  const int32_t dt = FloatDType(x, "x");
+  if (x.dim() != 2) ValueError("x: expected a 2-D tensor [M, K], got shape " + Shape(x));
+  const int64_t M = x.size(0), K = x.size(1);
+  CheckMatrix(x, "x", M, K, false);
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor s = at::zeros({M, 1}, x.options().dtype(at::kFloat));
+  if (M == 0 || K == 0) return {q, s};
+  OmniQuantI8Args a{x.data_ptr(), static_cast<int8_t*>(q.data_ptr()), s.data_ptr<float>(), x.stride(0), M, K, dt};
+  OmniRuntime rt = Runtime();
+  Table()->quantize_per_token_int8(&a, &rt);
+  return {q, s};
+}
+
 void Register(py::module_& m) {
+  m.def("quantize_per_token_int8", &QuantizePerTokenInt8, py::arg("x"),
+        "(x_q int8 [M, K], x_scale fp32 [M, 1]): symmetric per-token int8, scale = amax / 127");
   m.def("w8a8_gemm", &W8A8Gemm, py::arg("out"), py::arg("x_q"), py::arg("x_scale"), py::arg("w_q"),
         py::arg("w_scale"), py::arg("bias") = py::none(),
         "out[M,N] = (x_q[M,K] int8 @ w_q[N,K].T int8) * x_scale[M] * w_scale[N] + bias; int32 out: raw sums");

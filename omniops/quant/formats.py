@@ -34,6 +34,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from omniops import _ext
+from omniops._registry import eager_direct
+
 SCHEMES = ("int8_channel", "int4_group", "fp8_block")
 INT4_GROUP_SIZES = (32, 64, 128)
 FP8_BLOCK = 128
@@ -116,9 +119,18 @@ def quantize_int8_channel(w: Tensor) -> Int8ChannelWeight:
 
 def quantize_activation_per_token_int8(x: Tensor) -> tuple[Tensor, Tensor]:
     """Dynamic symmetric per-token quantization: ``x_q`` int8 [..., K], ``x_scale`` float32 [..., 1] with
-    ``x ~= x_q * x_scale`` and ``x_scale = amax(|x|, -1) / 127`` (0 for an all-zero row)."""
+    ``x ~= x_q * x_scale`` and ``x_scale = amax(|x|, -1) / 127`` (0 for an all-zero row).
+
+    Eager CPU float32/16/bf16 tensors take one fused C++ pass (``omniops._C.quantize_per_token_int8``, same
+    arithmetic); otherwise (GPU, tracing, other dtypes) the torch ops below run.
+    """
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1:
         raise TypeError("x: expected a floating-point tensor with at least 1 dimension")
+    C = _ext.cpp()
+    if (C is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and x.shape[-1] > 0 and eager_direct((x,))):
+        q, s = C.quantize_per_token_int8(x.reshape(-1, x.shape[-1]))
+        return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
     xf = x.float()
     scale = xf.abs().amax(dim=-1, keepdim=True) / 127.0 if x.shape[-1] > 0 else xf.new_zeros(*x.shape[:-1], 1)
     q = torch.round(xf / _safe(scale)).clamp_(-127, 127).to(torch.int8)

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from omniops import _ext
 from omniops.quant import formats as F
 
 N_ST = st.integers(1, 140)
@@ -109,3 +110,31 @@ def test_zero_rows_and_groups_never_nan() -> None:
 def test_bad_input(call, exc, match) -> None:
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.skipif(_ext.cpp() is None, reason="omniops._C not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@given(m=st.integers(0, 40), k=st.integers(1, 700), zero_row=st.booleans())
+def test_fused_int8_quantizer_matches_torch_ops(dtype, m, k, zero_row) -> None:
+    """The one-pass C++ quantizer (eager CPU) equals the torch-op formulation it replaces."""
+    x = (torch.randn(m, k) * 5).to(dtype)
+    if zero_row and m:
+        x[0] = 0
+    q, s = F.quantize_activation_per_token_int8(x)  # C++ path
+    xf = x.float()
+    s_ref = xf.abs().amax(dim=-1, keepdim=True) / 127.0 if m else torch.zeros(0, 1)
+    q_ref = torch.round(xf / F._safe(s_ref)).clamp(-127, 127).to(torch.int8)
+    assert q.shape == x.shape and s.shape == (m, 1)
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
+    assert torch.equal(q, q_ref)
+
+
+@pytest.mark.skipif(_ext.cpp() is None, reason="omniops._C not built")
+def test_fused_int8_quantizer_rejects_bad_input() -> None:
+    C = _ext.cpp()
+    with pytest.raises(TypeError, match="x: expected float32"):
+        C.quantize_per_token_int8(torch.ones(2, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="x: expected a 2-D"):
+        C.quantize_per_token_int8(torch.ones(3))
+    with pytest.raises(ValueError, match="x"):
+        C.quantize_per_token_int8(torch.ones(4, 3).t())

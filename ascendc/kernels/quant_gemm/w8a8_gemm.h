@@ -149,5 +149,42 @@ inline void w8a8_gemm(const OmniW8A8Args* a, const OmniRuntime* rt) {
   }
 }
 
+// Dynamic per-token int8 quantization in one pass over each row (amax, then codes); the same arithmetic as
+// omniops.quant.formats.quantize_activation_per_token_int8 (fp32 amax / 127, x / scale rounded half to even).
+template <typename T>
+void QuantI8Launch(const OmniQuantI8Args* a, const OmniRuntime* rt) {
+  auto body = [a]() {
+    int64_t b, e;
+    BlockRange(a->M, GetBlockIdx(), GetBlockNum(), &b, &e);
+    for (int64_t m = b; m < e; ++m) {
+      const T* src = static_cast<const T*>(a->x) + m * a->x_stride;
+      int8_t* q = a->out + m * a->K;
+      float amax = 0.0f;
+      for (int64_t k = 0; k < a->K; ++k) {
+        const float v = __builtin_fabsf(ToFloat(src[k]));
+        amax = v > amax ? v : amax;
+      }
+      const float s = amax / 127.0f;
+      const float d = s == 0.0f ? 1.0f : s;
+      for (int64_t k = 0; k < a->K; ++k) {
+        float v = __builtin_nearbyintf(ToFloat(src[k]) / d);
+        v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
+        q[k] = static_cast<int8_t>(v);
+      }
+      a->scale[m] = s;
+    }
+  };
+  LaunchBlocks(BlocksFor(a->M, a->K * static_cast<int64_t>(sizeof(T) + 1), rt), rt, body);
+}
+
+inline void quantize_per_token_int8(const OmniQuantI8Args* a, const OmniRuntime* rt) {
+  if (a->M <= 0 || a->K <= 0) return;
+  switch (a->dtype) {
+    case OMNI_F32: return QuantI8Launch<float>(a, rt);
+    case OMNI_F16: return QuantI8Launch<half>(a, rt);
+    case OMNI_BF16: return QuantI8Launch<bfloat16_t>(a, rt);
+  }
+}
+
 }  // namespace OMNI_ISA_NS
 }  // namespace omni_kernels

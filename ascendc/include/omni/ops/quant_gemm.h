@@ -51,9 +51,18 @@ typedef struct {
 } OmniFp8BlockArgs;
 
 typedef struct {
+  const void* x;           // [M, K] in dtype, row stride x_stride
+  int8_t* out;             // [M, K] contiguous: round_half_even(x / scale) clamped to -127..127
+  float* scale;            // [M]: amax(|x[m]|) / 127 (0 for an all-zero row, whose codes are 0)
+  int64_t x_stride, M, K;
+  int32_t dtype;           // OmniDType
+} OmniQuantI8Args;
+
+typedef struct {
   void (*w8a8_gemm)(const OmniW8A8Args*, const OmniRuntime*);
   void (*w4a16_gemm)(const OmniW4A16Args*, const OmniRuntime*);
   void (*fp8_block_gemm)(const OmniFp8BlockArgs*, const OmniRuntime*);
+  void (*quantize_per_token_int8)(const OmniQuantI8Args*, const OmniRuntime*);
   const char* int8_path;   // which int8 inner loop this library uses: "avx512-vnni", "avx2", "scalar"
 } OmniQuantGemmKernels;
 OMNI_EXPORT const OmniQuantGemmKernels* omni_quant_gemm_kernels(void);
