@@ -11,24 +11,42 @@ from omniops._cpu import cpu_info
 from omniops.ops.activation import silu_and_mul
 from omniops.ops.moe import MoEDispatch, fused_moe, grouped_gemm, moe_combine, moe_dispatch, moe_route
 from omniops.ops.norm import rms_norm, rms_norm_
+from omniops.ops.quant_gemm import fp8_block_gemm, w4a16_gemm, w8a8_gemm
 from omniops.ops.rotary import rotary_embedding, rotary_embedding_
+from omniops.quant import (
+    QuantLinear,
+    dequantize_weight,
+    quantize_activation_fp8_group,
+    quantize_activation_per_token_int8,
+    quantize_model,
+    quantize_weight,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS",
     "BackendError",
-    "MoEDispatch",
+    "BACKENDS",
     "cpu_info",
+    "dequantize_weight",
+    "fp8_block_gemm",
     "fused_moe",
     "grouped_gemm",
     "moe_combine",
     "moe_dispatch",
     "moe_route",
+    "MoEDispatch",
+    "quantize_activation_fp8_group",
+    "quantize_activation_per_token_int8",
+    "quantize_model",
+    "quantize_weight",
+    "QuantLinear",
     "rms_norm",
     "rms_norm_",
     "rotary_embedding",
     "rotary_embedding_",
     "silu_and_mul",
     "use_backend",
+    "w4a16_gemm",
+    "w8a8_gemm",
 ]

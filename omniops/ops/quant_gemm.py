@@ -1,0 +1,298 @@
+"""Quantized GEMMs: W8A8 int8 (per-channel x per-token), W4A16 int4 (group-wise), FP8 block-scaled (DeepSeek-V3).
+
+Public API: ``w8a8_gemm``, ``w4a16_gemm``, ``fp8_block_gemm`` (``out = x @ dequant(w).T + bias``, weights in
+nn.Linear layout [N, K]; layouts documented in ``omniops/quant/formats.py``). Custom ops: ``omni::w8a8_gemm``,
+``omni::w4a16_gemm``, ``omni::fp8_block_gemm``.
+Kernels: ``ascendc/kernels/quant_gemm/`` (cpu), ``omniops/triton/quant_gemm.py``; oracle
+``omniops/reference/quant_gemm.py``.
+
+Epilogue (every backend): ``y = float(acc) * x_scale[m] * w_scale[n] + bias[n]`` in fp32, rounded once to the
+output dtype. ``w8a8_gemm(..., out_dtype=torch.int32)`` returns the raw int32 accumulators (exact; scales are
+validated but not applied; no bias) - the debug path the exactness tests use.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from omniops import _ext
+from omniops._backends import OpFamily
+from omniops._registry import call, omni_op
+from omniops._validation import FLOAT_DTYPES, check_same, check_shape, check_tensor, rows_view
+from omniops.quant.formats import FP8_BLOCK, INT4_GROUP_SIZES, INT8_MAX_K
+from omniops.reference import quant_gemm as ref
+
+W8A8_OUT_DTYPES = (*FLOAT_DTYPES, torch.int32)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """[..., K] -> [rows, K] with unit inner stride (a view when the layout allows)."""
+    v = rows_view(t)
+    return v if v is not None else t.reshape(-1, t.shape[-1]).contiguous()
+
+
+def _c2(t: Tensor) -> Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+# ---- backends: out form on 2-D views --------------------------------------------------------------------
+def _w8a8_reference(out: Tensor, x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor,
+                    bias: Tensor | None) -> None:
+    out.copy_(ref.w8a8_gemm(x_q, x_scale, w_q, w_scale, bias, out.dtype))
+
+
+def _w8a8_cpu(out: Tensor, x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
+    _ext.cpp().w8a8_gemm(out, x_q, x_scale, w_q, w_scale, bias)
+
+
+def _w8a8_triton(out: Tensor, x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor,
+                 bias: Tensor | None) -> None:
+    from omniops.triton.quant_gemm import w8a8_gemm_forward
+
+    w8a8_gemm_forward(out, x_q, x_scale, w_q, w_scale, bias)
+
+
+def _w4a16_reference(out: Tensor, x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
+                     bias: Tensor | None) -> None:
+    out.copy_(ref.w4a16_gemm(x, w, scales, zeros, group_size, bias))
+
+
+def _w4a16_cpu(out: Tensor, x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
+               bias: Tensor | None) -> None:
+    _ext.cpp().w4a16_gemm(out, x, w, scales, zeros, group_size, bias)
+
+
+def _w4a16_triton(out: Tensor, x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
+                  bias: Tensor | None) -> None:
+    from omniops.triton.quant_gemm import w4a16_gemm_forward
+
+    w4a16_gemm_forward(out, x, w, scales, zeros, group_size, bias)
+
+
+def _fp8_reference(out: Tensor, x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor,
+                   bias: Tensor | None) -> None:
+    out.copy_(ref.fp8_block_gemm(x_q, x_scale, w_q, w_scale, bias, out.dtype))
+
+
+def _fp8_cpu(out: Tensor, x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
+    _ext.cpp().fp8_block_gemm(out, x_q, x_scale, w_q, w_scale, bias)
+
+
+def _fp8_triton(out: Tensor, x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor,
+                bias: Tensor | None) -> None:
+    from omniops.triton.quant_gemm import fp8_block_gemm_forward
+
+    fp8_block_gemm_forward(out, x_q, x_scale, w_q, w_scale, bias)
+
+
+W8A8 = OpFamily("w8a8_gemm", {"reference": _w8a8_reference, "cpu": _w8a8_cpu, "triton": _w8a8_triton})
+W4A16 = OpFamily("w4a16_gemm", {"reference": _w4a16_reference, "cpu": _w4a16_cpu, "triton": _w4a16_triton})
+FP8_BLOCK_GEMM = OpFamily("fp8_block_gemm", {"reference": _fp8_reference, "cpu": _fp8_cpu, "triton": _fp8_triton})
+
+
+# ---- validation (metadata only) ---------------------------------------------------------------------------
+def _check_bias(bias: Tensor | None, n: int, dtype: torch.dtype, ref_t: Tensor) -> None:
+    if bias is None:
+        return
+    check_tensor("bias", bias, dim=1)
+    check_same("bias", bias, "w", ref_t, dtype=False)
+    if bias.dtype != dtype:
+        raise TypeError(f"bias: expected dtype {str(dtype).removeprefix('torch.')} (the output dtype), "
+                        f"got {str(bias.dtype).removeprefix('torch.')}")
+    check_shape("bias", bias, (n,), "N")
+
+
+def _check_w(name: str, w: Tensor, dtype: torch.dtype, x: Tensor, k: int, what: str) -> int:
+    check_tensor(name, w, dtypes=(dtype,), dim=2)
+    check_same(name, w, "x", x, dtype=False)
+    if w.shape[1] != k:
+        raise ValueError(f"{name}: expected shape [N, {k}] ({what}), got {list(w.shape)}")
+    return w.shape[0]
+
+
+def _validate_w8a8(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
+                   out_dtype: torch.dtype) -> None:
+    check_tensor("x_q", x_q, dtypes=(torch.int8,), min_dim=1)
+    k = x_q.shape[-1]
+    if k > INT8_MAX_K:
+        raise ValueError(f"x_q: K={k} exceeds {INT8_MAX_K}, beyond which int32 accumulation can overflow")
+    n = _check_w("w_q", w_q, torch.int8, x_q, k, "K of x_q")
+    check_tensor("x_scale", x_scale, dtypes=(torch.float32,))
+    check_same("x_scale", x_scale, "x_q", x_q, dtype=False)
+    lead = tuple(x_q.shape[:-1])
+    if tuple(x_scale.shape) not in (lead, (*lead, 1)):
+        raise ValueError(f"x_scale: expected shape {list(lead) + [1]} (one scale per token), got {list(x_scale.shape)}")
+    check_tensor("w_scale", w_scale, dtypes=(torch.float32,))
+    check_same("w_scale", w_scale, "w_q", w_q, dtype=False)
+    if tuple(w_scale.shape) not in ((n,), (n, 1)):
+        raise ValueError(f"w_scale: expected shape [{n}] (one scale per output channel), got {list(w_scale.shape)}")
+    if out_dtype not in W8A8_OUT_DTYPES:
+        raise TypeError(f"out_dtype: expected float32, float16, bfloat16 or int32, got {out_dtype}")
+    if out_dtype == torch.int32 and bias is not None:
+        raise ValueError("bias: not supported with out_dtype=torch.int32 (the raw accumulators)")
+    _check_bias(bias, n, out_dtype, w_q)
+
+
+def _validate_w4a16(x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
+                    bias: Tensor | None) -> None:
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_dim=1)
+    k = x.shape[-1]
+    if not isinstance(group_size, int) or group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"group_size: expected one of {INT4_GROUP_SIZES}, got {group_size!r}")
+    if k % group_size:
+        raise ValueError(f"x: K={k} must be a multiple of group_size={group_size}")
+    check_tensor("w_packed", w_packed, dtypes=(torch.uint8,), dim=2)
+    check_same("w_packed", w_packed, "x", x, dtype=False)
+    if w_packed.shape[1] != k // 2:
+        raise ValueError(f"w_packed: expected shape [N, {k // 2}] (two int4 values per byte, K={k}), "
+                         f"got {list(w_packed.shape)}")
+    n = w_packed.shape[0]
+    check_tensor("scales", scales, dtypes=(torch.float32,), dim=2)
+    check_same("scales", scales, "x", x, dtype=False)
+    check_shape("scales", scales, (n, k // group_size), "[N, K // group_size]")
+    if zeros is not None:
+        check_tensor("zeros", zeros, dtypes=(torch.uint8,), dim=2)
+        check_same("zeros", zeros, "x", x, dtype=False)
+        check_shape("zeros", zeros, (n, k // group_size), "[N, K // group_size]")
+    _check_bias(bias, n, x.dtype, w_packed)
+
+
+def _validate_fp8(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
+                  out_dtype: torch.dtype) -> None:
+    check_tensor("x_q", x_q, dtypes=(torch.float8_e4m3fn,), min_dim=1)
+    k = x_q.shape[-1]
+    n = _check_w("w_q", w_q, torch.float8_e4m3fn, x_q, k, "K of x_q")
+    kb = math.ceil(k / FP8_BLOCK)
+    check_tensor("x_scale", x_scale, dtypes=(torch.float32,))
+    check_same("x_scale", x_scale, "x_q", x_q, dtype=False)
+    check_shape("x_scale", x_scale, (*x_q.shape[:-1], kb), "[..., ceil(K/128)]: per token per 128 of K")
+    check_tensor("w_scale", w_scale, dtypes=(torch.float32,), dim=2)
+    check_same("w_scale", w_scale, "w_q", w_q, dtype=False)
+    check_shape("w_scale", w_scale, (math.ceil(n / FP8_BLOCK), kb), "[ceil(N/128), ceil(K/128)]")
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype: expected float32, float16 or bfloat16, got {out_dtype}")
+    _check_bias(bias, n, out_dtype, w_q)
+
+
+def _out(x: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    return torch.empty(*x.shape[:-1], n, dtype=dtype, device=x.device)
+
+
+def _finish_empty(out: Tensor, bias: Tensor | None) -> Tensor:
+    """K == 0: the sum is empty."""
+    out.zero_()
+    if bias is not None:
+        out += bias
+    return out
+
+
+# ---- custom ops -------------------------------------------------------------------------------------------
+def _fake_w8a8(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
+               out_dtype: torch.dtype) -> Tensor:
+    _validate_w8a8(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    return _out(x_q, w_q.shape[0], out_dtype)
+
+
+@omni_op("w8a8_gemm", fake=_fake_w8a8)
+def _w8a8_op(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
+             out_dtype: torch.dtype) -> Tensor:
+    _validate_w8a8(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    out = _out(x_q, w_q.shape[0], out_dtype)
+    if out.numel() == 0:
+        return out
+    if x_q.shape[-1] == 0:
+        return _finish_empty(out, bias)
+    sel_dtype = torch.float32 if out_dtype == torch.int32 else out_dtype
+    impl = W8A8.select(x_q.device, sel_dtype, out)
+    impl(out.view(-1, out.shape[-1]), _rows(x_q), _c2(x_scale.reshape(-1)), _c2(w_q), _c2(w_scale.reshape(-1)),
+         None if bias is None else _c2(bias))
+    return out
+
+
+def _fake_w4a16(x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
+                bias: Tensor | None) -> Tensor:
+    _validate_w4a16(x, w_packed, scales, zeros, group_size, bias)
+    return _out(x, w_packed.shape[0], x.dtype)
+
+
+@omni_op("w4a16_gemm", fake=_fake_w4a16)
+def _w4a16_op(x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
+              bias: Tensor | None) -> Tensor:
+    _validate_w4a16(x, w_packed, scales, zeros, group_size, bias)
+    out = _out(x, w_packed.shape[0], x.dtype)
+    if out.numel() == 0:
+        return out
+    if x.shape[-1] == 0:
+        return _finish_empty(out, bias)
+    impl = W4A16.select(x.device, x.dtype, out)
+    impl(out.view(-1, out.shape[-1]), _rows(x), _c2(w_packed), _c2(scales), None if zeros is None else _c2(zeros),
+         group_size, None if bias is None else _c2(bias))
+    return out
+
+
+def _fake_fp8(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
+              out_dtype: torch.dtype) -> Tensor:
+    _validate_fp8(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    return _out(x_q, w_q.shape[0], out_dtype)
+
+
+@omni_op("fp8_block_gemm", fake=_fake_fp8)
+def _fp8_op(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
+            out_dtype: torch.dtype) -> Tensor:
+    _validate_fp8(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    out = _out(x_q, w_q.shape[0], out_dtype)
+    if out.numel() == 0:
+        return out
+    if x_q.shape[-1] == 0:
+        return _finish_empty(out, bias)
+    impl = FP8_BLOCK_GEMM.select(x_q.device, out_dtype, out)
+    impl(out.view(-1, out.shape[-1]), _rows(x_q), _c2(x_scale.reshape(-1, x_scale.shape[-1])), _c2(w_q),
+         _c2(w_scale), None if bias is None else _c2(bias))
+    return out
+
+
+# ---- public API -------------------------------------------------------------------------------------------
+def w8a8_gemm(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None,
+              out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """``(x_q @ w_q.T) * x_scale * w_scale.T + bias`` with exact int32 accumulation.
+
+    Args:
+        x_q: int8 ``[..., K]`` (K <= 131071), e.g. from ``quantize_activation_per_token_int8``.
+        x_scale: float32 ``[..., 1]`` or ``[...]``, one scale per token.
+        w_q: int8 ``[N, K]``; w_scale: float32 ``[N]`` or ``[N, 1]`` (``Int8ChannelWeight``).
+        bias: optional ``[N]`` in ``out_dtype``.
+        out_dtype: float32 / float16 / bfloat16, or int32 for the raw accumulators (no scaling, no bias).
+    Returns ``[..., N]``.
+    """
+    return call(_w8a8_op, x_q, x_scale, w_q, w_scale, bias, out_dtype)
+
+
+def w4a16_gemm(x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
+               bias: Tensor | None = None) -> Tensor:
+    """``x @ dequant(w).T + bias`` with int4 group-quantized weights and floating-point activations.
+
+    Args:
+        x: float32/float16/bfloat16 ``[..., K]``; K a multiple of ``group_size`` (32, 64 or 128).
+        w_packed: uint8 ``[N, K // 2]``, low nibble = even k (see ``omniops.quant.formats``).
+        scales: float32 ``[N, K // group_size]``; zeros: uint8 codes ``[N, K // group_size]`` or None (symmetric,
+            zero point 8).
+        bias: optional ``[N]`` in x's dtype.
+    Returns ``[..., N]`` in x's dtype (fp32 accumulation).
+    """
+    return call(_w4a16_op, x, w_packed, scales, zeros, group_size, bias)
+
+
+def fp8_block_gemm(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None,
+                   out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """DeepSeek-V3 block-scaled FP8 GEMM: ``dequant(x) @ dequant(w).T + bias``, fp32 accumulation.
+
+    Args:
+        x_q: float8_e4m3fn ``[..., K]``; x_scale: float32 ``[..., ceil(K/128)]`` (``quantize_activation_fp8_group``).
+        w_q: float8_e4m3fn ``[N, K]``; w_scale: float32 ``[ceil(N/128), ceil(K/128)]`` (``weight_scale_inv``).
+        bias: optional ``[N]`` in ``out_dtype``.
+    Returns ``[..., N]`` in ``out_dtype``.
+    """
+    return call(_fp8_op, x_q, x_scale, w_q, w_scale, bias, out_dtype)
