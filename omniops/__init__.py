@@ -9,6 +9,7 @@ from __future__ import annotations
 from omniops._backends import BACKENDS, BackendError, use_backend
 from omniops._cpu import cpu_info
 from omniops.ops.activation import silu_and_mul
+from omniops.ops.attention import gqa_decode, gqa_prefill, mla_cache, mla_decode, reshape_and_cache
 from omniops.ops.norm import rms_norm, rms_norm_
 from omniops.ops.rotary import rotary_embedding, rotary_embedding_
 
@@ -18,6 +19,11 @@ __all__ = [
     "BACKENDS",
     "BackendError",
     "cpu_info",
+    "gqa_decode",
+    "gqa_prefill",
+    "mla_cache",
+    "mla_decode",
+    "reshape_and_cache",
     "rms_norm",
     "rms_norm_",
     "rotary_embedding",
