@@ -46,7 +46,7 @@ def _same(name: str, t: Tensor, ref_name: str, r: Tensor) -> None:
 
 
 def _dims(name: str, t: Tensor, expected: tuple[int | None, ...], what: str) -> None:
-    if t.dim() != len(expected) or any(e is not None and s != e for s, e in zip(t.shape, expected)):
+    if t.dim() != len(expected) or any(e is not None and s != e for s, e in zip(t.shape, expected, strict=False)):
         shape = ", ".join("*" if e is None else str(e) for e in expected)
         raise ValueError(f"{name}: expected shape [{shape}] ({what}), got {list(t.shape)}")
 

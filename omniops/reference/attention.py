@@ -22,7 +22,8 @@ def _gather(cache: Tensor, table_row: Tensor, n: int) -> Tensor:
     return rows.reshape(nblk * bs, *cache.shape[2:])[:n]
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None, soft_cap: float | None = None) -> Tensor:
+def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None,
+            soft_cap: float | None = None) -> Tensor:
     """q [M, H, D], k [N, H, D], v [N, H, Dv] (heads already expanded), fp32; mask [M, N] True = attend."""
     s = torch.einsum("mhd,nhd->hmn", q, k) * scale
     if soft_cap:

@@ -380,12 +380,13 @@ def _reshape_and_cache_kernel(
         ok = slot >= 0
         blk = tl.where(ok, slot // block_size, 0)
         off = tl.where(ok, slot % block_size, 0)
+        n_heads = tl.where(ok, heads, 0)  # slot -1: nothing to write (a scalar bool mask trips the interpreter)
         for h0 in range(0, heads, BLOCK_H):
             hh = h0 + h
-            km = ok & (hh[:, None] < heads) & (d[None, :] < head_dim)
+            km = (hh[:, None] < n_heads) & (d[None, :] < head_dim)
             x = tl.load(KEY + t * key_ts + hh[:, None] * key_hs + d[None, :], mask=km, other=0.0)
             tl.store(KC + blk * kc_bs + off * kc_ts + hh[:, None] * kc_hs + d[None, :], x, mask=km)
-            vm = ok & (hh[:, None] < heads) & (dv[None, :] < v_dim)
+            vm = (hh[:, None] < n_heads) & (dv[None, :] < v_dim)
             y = tl.load(VALUE + t * val_ts + hh[:, None] * val_hs + dv[None, :], mask=vm, other=0.0)
             tl.store(VC + blk * vc_bs + off * vc_ts + hh[:, None] * vc_hs + dv[None, :], y, mask=vm)
 
@@ -420,10 +421,12 @@ def _mla_cache_kernel(KVC, KPE, CACHE, SLOTS, c_ts, p_ts, bs_stride, ts_stride, 
         slot = tl.load(SLOTS + t).to(tl.int64)
         ok = slot >= 0
         dst = CACHE + tl.where(ok, slot // block_size, 0) * bs_stride + tl.where(ok, slot % block_size, 0) * ts_stride
-        x = tl.load(KVC + t * c_ts + r, mask=ok & (r < rank), other=0.0)
-        tl.store(dst + r, x, mask=ok & (r < rank))
-        y = tl.load(KPE + t * p_ts + p, mask=ok & (p < rope), other=0.0)
-        tl.store(dst + rank + p, y, mask=ok & (p < rope))
+        n_r = tl.where(ok, rank, 0)
+        n_p = tl.where(ok, rope, 0)
+        x = tl.load(KVC + t * c_ts + r, mask=r < n_r, other=0.0)
+        tl.store(dst + r, x, mask=r < n_r)
+        y = tl.load(KPE + t * p_ts + p, mask=p < n_p, other=0.0)
+        tl.store(dst + rank + p, y, mask=p < n_p)
 
 
 def mla_cache_forward(kv_c, k_pe, kv_cache, slot_mapping) -> None:
