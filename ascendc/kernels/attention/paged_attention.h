@@ -16,6 +16,7 @@
 #pragma once
 #pragma GCC diagnostic ignored "-Wpsabi"
 #include <algorithm>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -50,7 +51,45 @@ OMNI_INLINE vfloat VLoad(const float* p) {
   return v;
 }
 OMNI_INLINE void VStore(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
-OMNI_INLINE vfloat Splat(float x) { return vfloat{} + x; }
+// Broadcast. `x - 0` is exact for every x (so it folds to a plain vbroadcastss); `x + 0` is not (-0 + 0 = +0) and
+// costs an add, and an element-by-element fill compiles to a chain of inserts.
+OMNI_INLINE vfloat Splat(float x) { return x - vfloat{}; }
+
+// 8 x 8 transpose with generic shuffles (3 stages: 32-bit pairs, 64-bit pairs, 128-bit halves). 8-wide on every
+// ISA library (AVX-512 machines run it on ymm; the generic build splits it into SSE halves).
+typedef float v8f __attribute__((vector_size(32)));
+typedef int v8i __attribute__((vector_size(32)));
+OMNI_INLINE v8f L8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+OMNI_INLINE void Transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  const v8i lo32 = {0, 8, 1, 9, 4, 12, 5, 13}, hi32 = {2, 10, 3, 11, 6, 14, 7, 15};
+  const v8i lo64 = {0, 1, 8, 9, 4, 5, 12, 13}, hi64 = {2, 3, 10, 11, 6, 7, 14, 15};
+  const v8i lo128 = {0, 1, 2, 3, 8, 9, 10, 11}, hi128 = {4, 5, 6, 7, 12, 13, 14, 15};
+  v8f r[8], a[8], b[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) r[i] = L8(src + i * lds);
+#pragma GCC unroll 4
+  for (int i = 0; i < 8; i += 2) {
+    a[i] = __builtin_shuffle(r[i], r[i + 1], lo32);
+    a[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi32);
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < 8; i += 4) {
+    b[i] = __builtin_shuffle(a[i], a[i + 2], lo64);
+    b[i + 1] = __builtin_shuffle(a[i], a[i + 2], hi64);
+    b[i + 2] = __builtin_shuffle(a[i + 1], a[i + 3], lo64);
+    b[i + 3] = __builtin_shuffle(a[i + 1], a[i + 3], hi64);
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    const v8f c0 = __builtin_shuffle(b[j], b[j + 4], lo128), c1 = __builtin_shuffle(b[j], b[j + 4], hi128);
+    std::memcpy(dst + j * ldd, &c0, sizeof(c0));
+    std::memcpy(dst + (j + 4) * ldd, &c1, sizeof(c1));
+  }
+}
 
 // s[r, 0:16] = sum_d a[r, d] * kt[d, 0:16] for r < MR.
 template <int MR>
@@ -201,7 +240,13 @@ class KernelPagedAttention {
     for (int64_t c0 = lo / kKC * kKC; c0 < hi; c0 += kKC) {
       const int i0 = static_cast<int>(std::max<int64_t>(lo - c0, 0));
       const int i1 = static_cast<int>(std::min<int64_t>(hi - c0, kKC));
-      LoadChunk(src, c0, i0, i1, kr, kt, vr);
+      // K/V rows of this chunk (fp32) and their row strides: the cache itself when the chunk is 16 whole fp32
+      // rows inside one block (no copy), else the converted, zero-padded UB tiles.
+      const float* kp = kr;
+      const float* vp = vr;
+      int64_t ldk = D_, ldvc = ldv;
+      if (!DirectRows(src, c0, i0, i1, &kp, &ldk, &vp, &ldvc)) LoadChunk(src, c0, i0, i1, kr, vr);
+      TransposeChunk(kp, ldk, kt);
       for (int r0 = 0; r0 < rows; r0 += kRB) {
         const int rb = std::min(kRB, rows - r0);
         // Causal: a chunk entirely after this row block's last position contributes nothing.
@@ -239,7 +284,7 @@ class KernelPagedAttention {
           l[r0 + r] = l[r0 + r] * al + sum;
           m[r0 + r] = m_new;
         }
-        PVRowsFixed<kMR>(o + r0 * Dv_, Dv_, alpha, s, vr, ldv, Dv_, rb);
+        PVRowsFixed<kMR>(o + r0 * Dv_, Dv_, alpha, s, vp, ldvc, Dv_, rb);
       }
     }
   }
@@ -247,8 +292,22 @@ class KernelPagedAttention {
   float* State() { return state_.Get<float>().GetPhyAddr(); }
 
  private:
-  // Kr[i] = K(c0 + i) in fp32, KT = Kr^T, Vr[i] = V(c0 + i), for i in [i0, i1); zeros elsewhere.
-  void LoadChunk(const KeySource<T>& src, int64_t c0, int i0, int i1, float* kr, float* kt, float* vr) {
+  bool DirectRows(const KeySource<T>& src, int64_t c0, int i0, int i1, const float** kp, int64_t* ldk,
+                  const float** vp, int64_t* ldv) const {
+    if constexpr (!std::is_same_v<T, float>) {
+      return false;
+    } else {
+      if (i0 != 0 || i1 != kKC || c0 + kKC > src.ctx || (c0 % src.bs) + kKC > src.bs) return false;
+      *kp = src.K(c0);
+      *ldk = src.kts;
+      *vp = shared_kv_ ? *kp : src.V(c0);
+      *ldv = shared_kv_ ? src.kts : src.vts;
+      return true;
+    }
+  }
+
+  // Kr[i] = K(c0 + i) in fp32, Vr[i] = V(c0 + i), for i in [i0, i1); zeros elsewhere.
+  void LoadChunk(const KeySource<T>& src, int64_t c0, int i0, int i1, float* kr, float* vr) {
     for (int i = 0; i < kKC; ++i) {
       float* row = kr + i * D_;
       if (i < i0 || i >= i1) {
@@ -260,14 +319,15 @@ class KernelPagedAttention {
       RowToFloat(row, src.K(pos), D_);
       if (!shared_kv_) RowToFloat(vr + i * Dv_, src.V(pos), Dv_);
     }
-    // Transpose in 16 x 16 blocks (L1-friendly).
-    for (int64_t d0 = 0; d0 < D_; d0 += 16) {
-      const int64_t dn = std::min<int64_t>(16, D_ - d0);
-      for (int64_t d = 0; d < dn; ++d) {
-        float* dst = kt + (d0 + d) * kKC;
-        for (int i = 0; i < kKC; ++i) dst[i] = kr[i * D_ + d0 + d];
-      }
-    }
+  }
+
+  // KT = K^T in 8 x 8 register blocks; a tail of D % 8 columns element by element.
+  void TransposeChunk(const float* k, int64_t ldk, float* kt) const {
+    int64_t d0 = 0;
+    for (; d0 + 8 <= D_; d0 += 8)
+      for (int i0 = 0; i0 < kKC; i0 += 8) Transpose8(k + i0 * ldk + d0, ldk, kt + d0 * kKC + i0, kKC);
+    for (; d0 < D_; ++d0)
+      for (int i = 0; i < kKC; ++i) kt[d0 * kKC + i] = k[i * ldk + d0];
   }
 
   const OmniPagedAttnArgs& a_;
