@@ -231,7 +231,8 @@ def mla_decode_forward(out, q, kv_cache, block_table, seq_lens, scale: float, v_
     bs = kv_cache.shape[1]
     if kv_cache.stride(-1) != 1:
         raise ValueError("kv_cache: the triton kernel needs a unit inner stride")
-    block_h = min(_p2(H, _dot_min()), 64)
+    # GPU: 16 heads x 512 dims of q and of the fp32 accumulator per program keep registers from spilling.
+    block_h = min(_p2(H, _dot_min()), 16 if torch.cuda.is_available() else 64)
     n_hb = -(-H // block_h)
     block_n = 16 if not torch.cuda.is_available() else 32
     S, split_len = _splits(B * n_hb, block_table.shape[1] * bs, q.device)

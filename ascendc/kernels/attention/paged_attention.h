@@ -376,7 +376,6 @@ template <typename T>
 void Decode(const OmniPagedAttnArgs* ap, const OmniRuntime* rt) {
   const OmniPagedAttnArgs& a = *ap;
   const int64_t G = a.q_heads / a.kv_heads, S = a.num_splits, D = a.head_dim, Dv = a.v_dim;
-  const int64_t row_floats = D + Dv + 2;
   const int64_t items = a.batch * a.kv_heads * S;
   const bool shared = SharedKV(a);
   auto body = [&]() {
@@ -392,7 +391,6 @@ void Decode(const OmniPagedAttnArgs* ap, const OmniRuntime* rt) {
       float* o = a.workspace + total_rows * D + row0 * Dv;
       float* m = a.workspace + total_rows * (D + Dv) + row0;
       float* l = a.workspace + total_rows * (D + Dv + 1) + row0;
-      (void)row_floats;
       const T* qsrc = static_cast<const T*>(a.q) + b * a.q_token_stride + kvh * G * a.q_head_stride;
       for (int64_t g = 0; g < G; ++g) {
         LoadQ(q + g * D, qsrc + g * a.q_head_stride, D, a.scale);
