@@ -1,0 +1,389 @@
+"""Paged attention (gqa_decode, mla_decode, gqa_prefill, reshape_and_cache, mla_cache): every backend vs the
+reference, with shuffled block tables and NaN in every cache slot a sequence does not own (so any out-of-range
+read shows up as NaN), cross-checks against torch SDPA and an un-absorbed DeepSeek-V3 MLA layer, opcheck,
+torch.compile, and bad input through Python and straight into omniops._C."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import omniops
+from omniops import _ext
+from omniops.reference import attention as ref
+from omniops.testing import assert_close
+from tests.ops._cases import BACKEND_CASES, DTYPES, Case, skip_unsupported
+
+NAN = float("nan")
+
+
+def make_paged(lens: list[int], block_size: int, tail_shape: tuple[tuple[int, ...], ...], dtype: torch.dtype,
+               device: str = "cpu", spare: int = 3) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Caches ``[num_blocks, block_size, *tail]`` (one per entry of tail_shape) where a sequence's blocks are
+    scattered at random and every slot no sequence owns (foreign blocks and the tail of each last block) is NaN.
+    Table entries past a sequence's blocks hold out-of-range ids (never read)."""
+    nblk = [(n + block_size - 1) // block_size for n in lens]
+    total = sum(nblk) + spare
+    perm = torch.randperm(total)
+    max_blocks = max([*nblk, 0]) + 1
+    table = torch.full((len(lens), max_blocks), total + 5, dtype=torch.int32)
+    caches = [torch.full((total, block_size, *t), NAN, dtype=dtype) for t in tail_shape]
+    i = 0
+    for b, n in enumerate(lens):
+        for j in range(nblk[b]):
+            blk = int(perm[i])
+            i += 1
+            table[b, j] = blk
+            cnt = min(block_size, n - j * block_size)
+            for c, t in zip(caches, tail_shape, strict=False):
+                c[blk, :cnt] = torch.randn(cnt, *t).to(dtype)
+    return [c.to(device) for c in caches], table.to(device), torch.tensor(lens, dtype=torch.int32, device=device)
+
+
+def _tol_scale(dtype: torch.dtype) -> float:
+    # Attention outputs are convex combinations of V rows: a few fp32 roundings more than the reference order.
+    return 2.0 if dtype == torch.float32 else 1.0
+
+
+LENS_CI = st.lists(st.integers(0, 300), min_size=0, max_size=4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", BACKEND_CASES)
+@settings(max_examples=8)
+@given(lens=LENS_CI, bs=st.sampled_from([16, 64, 128]), hkv=st.sampled_from([1, 2]),
+       g=st.sampled_from([1, 2, 4, 8, 16]), d=st.sampled_from([64, 128]), extra=st.sampled_from(["", "cap", "win"]),
+       data=st.data())
+def test_gqa_decode_matches_reference(case: Case, dtype, lens, bs, hkv, g, d, extra, data) -> None:
+    skip_unsupported(case, dtype, uses_dot=True)
+    if case.backend == "triton":  # the interpreter is slow: small contexts and groups
+        lens = [min(n, 40) for n in lens][:3]
+        g = min(g, 4)
+    (kc, vc), table, sl = make_paged(lens, bs, ((hkv, d), (hkv, d)), dtype, case.device)
+    q = torch.randn(len(lens), hkv * g, d, device=case.device).to(dtype)
+    cap = 4.0 if extra == "cap" else None
+    win = data.draw(st.integers(1, 64)) if extra == "win" else None
+    expected = ref.gqa_decode(q, kc, vc, table, sl, 1 / math.sqrt(d), cap, win)
+    with case.active():
+        got = omniops.gqa_decode(q, kc, vc, table, sl, soft_cap=cap, window=win)
+    assert got.shape == (len(lens), hkv * g, d) and got.dtype == dtype
+    assert not got.isnan().any()
+    assert_close(got, expected, scale=_tol_scale(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", BACKEND_CASES)
+@settings(max_examples=6)
+@given(lens=LENS_CI, bs=st.sampled_from([16, 64, 128]), heads=st.sampled_from([1, 16, 128]))
+def test_mla_decode_matches_reference(case: Case, dtype, lens, bs, heads) -> None:
+    skip_unsupported(case, dtype, uses_dot=True)
+    if case.backend == "triton":
+        lens = [min(n, 24) for n in lens][:2]
+        heads = min(heads, 16)
+    (kv,), table, sl = make_paged(lens, bs, ((576,),), dtype, case.device)
+    q = torch.randn(len(lens), heads, 576, device=case.device).to(dtype)
+    scale = 192**-0.5
+    expected = ref.mla_decode(q, kv, table, sl, scale)
+    with case.active():
+        got = omniops.mla_decode(q, kv, table, sl, scale)
+    assert got.shape == (len(lens), heads, 512)
+    assert not got.isnan().any()
+    assert_close(got, expected, scale=_tol_scale(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", BACKEND_CASES)
+@settings(max_examples=6)
+@given(new=st.lists(st.integers(0, 40), min_size=1, max_size=3), ctx=st.lists(st.integers(0, 60), min_size=3,
+       max_size=3), paged=st.booleans(), causal=st.booleans(), dims=st.sampled_from([(64, 64), (128, 128), (192, 128)]),
+       hkv=st.sampled_from([1, 2]), g=st.sampled_from([1, 4, 16]), bs=st.sampled_from([16, 64, 128]))
+def test_gqa_prefill_matches_reference(case: Case, dtype, new, ctx, paged, causal, dims, hkv, g, bs) -> None:
+    skip_unsupported(case, dtype, uses_dot=True)
+    d, dv = dims
+    if case.backend == "triton":
+        new, ctx, g = [min(n, 20) for n in new][:2], [min(c, 20) for c in ctx], min(g, 4)
+    B = len(new)
+    T = sum(new)
+    cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32, device=case.device)
+    q = torch.randn(T, hkv * g, d, device=case.device).to(dtype)
+    k = torch.randn(T, hkv, d, device=case.device).to(dtype)
+    v = torch.randn(T, hkv, dv, device=case.device).to(dtype)
+    cache = {}
+    if paged:
+        (kc, vc), table, cl = make_paged(ctx[:B], bs, ((hkv, d), (hkv, dv)), dtype, case.device)
+        cache = {"k_cache": kc, "v_cache": vc, "block_table": table, "context_lens": cl}
+    expected = ref.gqa_prefill(q, k, v, cu, causal, d**-0.5, *cache.values())
+    with case.active():
+        got = omniops.gqa_prefill(q, k, v, cu, causal=causal, **cache)
+    assert got.shape == (T, hkv * g, dv)
+    assert not got.isnan().any()
+    assert_close(got, expected, scale=_tol_scale(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", BACKEND_CASES)
+@settings(max_examples=6)
+@given(t=st.integers(0, 40), bs=st.sampled_from([16, 64]), h=st.sampled_from([1, 4]), d=st.sampled_from([8, 64]),
+       pad=st.booleans())
+def test_cache_writes_match_reference(case: Case, dtype, t, bs, h, d, pad) -> None:
+    skip_unsupported(case, dtype)
+    nb = 4
+    slots = torch.randperm(nb * bs)[:t]
+    if pad and t:
+        slots[:: 3] = -1
+    slots = slots.to(case.device)
+    key = torch.randn(t, h, d, device=case.device).to(dtype)
+    value = torch.randn(t, h, d + 8, device=case.device).to(dtype)
+    kc = torch.randn(nb, bs, h, d, device=case.device).to(dtype)
+    vc = torch.randn(nb, bs, h, d + 8, device=case.device).to(dtype)
+    ekc, evc = kc.clone(), vc.clone()
+    ref.reshape_and_cache(key, value, ekc, evc, slots)
+    kv_c = torch.randn(t, 32, device=case.device).to(dtype)
+    k_pe = torch.randn(t, 16, device=case.device).to(dtype)
+    kv = torch.randn(nb, bs, 48, device=case.device).to(dtype)
+    ekv = kv.clone()
+    ref.mla_cache(kv_c, k_pe, ekv, slots)
+    with case.active():
+        omniops.reshape_and_cache(key, value, kc, vc, slots.int())
+        omniops.mla_cache(kv_c, k_pe, kv, slots)
+    assert torch.equal(kc, ekc) and torch.equal(vc, evc) and torch.equal(kv, ekv)
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES)
+def test_edge_cases(case: Case) -> None:
+    """Empty batch, length-0 and length-1 sequences, a block size not dividing the length."""
+    dt = torch.float32
+    (kc, vc), table, sl = make_paged([1, 0, 17], 16, ((2, 64), (2, 64)), dt, case.device)
+    q = torch.randn(3, 4, 64, device=case.device)
+    with case.active():
+        got = omniops.gqa_decode(q, kc, vc, table, sl)
+        empty = omniops.gqa_decode(q[:0], kc, vc, table[:0], sl[:0])
+        (kv,), t2, s2 = make_paged([1, 0], 16, ((576,),), dt, case.device)
+        mla = omniops.mla_decode(torch.randn(2, 16, 576, device=case.device), kv, t2, s2)
+        mla_empty = omniops.mla_decode(torch.randn(0, 16, 576, device=case.device), kv, t2[:0], s2[:0])
+    assert empty.shape == (0, 4, 64) and mla_empty.shape == (0, 16, 512)
+    assert torch.equal(got[1], torch.zeros_like(got[1])) and torch.equal(mla[1], torch.zeros_like(mla[1]))
+    # A single key: softmax is 1, the output is that key's value row.
+    blk = int(table[0, 0])
+    assert_close(got[0], vc[blk, 0].repeat_interleave(2, dim=0))
+    assert_close(got, ref.gqa_decode(q, kc, vc, table, sl, 0.125))
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_prefill_equals_sdpa(case: Case, dtype) -> None:
+    """Causal varlen prefill == torch SDPA (is_causal) run per sequence, GQA via enable_gqa."""
+    skip_unsupported(case, dtype, uses_dot=True)
+    lens = [7, 1, 23] if case.backend != "triton" else [5, 1, 9]
+    hq, hkv, d = 8, 2, 64
+    T = sum(lens)
+    q = torch.randn(T, hq, d, device=case.device).to(dtype)
+    k = torch.randn(T, hkv, d, device=case.device).to(dtype)
+    v = torch.randn(T, hkv, d, device=case.device).to(dtype)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=case.device)
+    with case.active():
+        got = omniops.gqa_prefill(q, k, v, cu, causal=True)
+    for b, (t0, t1) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=False)):
+        sd = F.scaled_dot_product_attention(q[t0:t1].float().transpose(0, 1), k[t0:t1].float().transpose(0, 1),
+                                            v[t0:t1].float().transpose(0, 1), is_causal=True, enable_gqa=True)
+        assert_close(got[t0:t1], sd.transpose(0, 1).to(dtype), scale=_tol_scale(dtype), msg=f"sequence {b}")
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES)
+def test_mla_decode_equals_unabsorbed_deepseek_v3(case: Case) -> None:
+    """Absorbed MLA decode (mla_decode on the latent cache) == DeepSeek-V3's attention with explicit per-head
+    keys/values k = kv_c @ W_UK, v = kv_c @ W_UV (qk_nope 128, rope 64, v_head 128, kv_lora_rank 512)."""
+    H, rank, rope, nope, vh, bs = 4, 512, 64, 128, 128, 16
+    lens = [19, 40] if case.backend != "triton" else [9, 17]
+    (kv,), table, sl = make_paged(lens, bs, ((rank + rope,),), torch.float32, case.device)
+    w_uk = torch.randn(H, rank, nope, device=case.device) / math.sqrt(rank)
+    w_uv = torch.randn(H, rank, vh, device=case.device) / math.sqrt(rank)
+    q_nope = torch.randn(len(lens), H, nope, device=case.device)
+    q_pe = torch.randn(len(lens), H, rope, device=case.device)
+    scale = (nope + rope) ** -0.5
+    q_abs = torch.cat((torch.einsum("bhn,hrn->bhr", q_nope, w_uk), q_pe), dim=-1)
+    with case.active():
+        lat = omniops.mla_decode(q_abs, kv, table, sl, scale, v_dim=rank)
+    got = torch.einsum("bhr,hrv->bhv", lat, w_uv)
+    for b, n in enumerate(lens):
+        rows = ref._gather(kv, table[b], n)
+        kv_c, k_pe = rows[:, :rank], rows[:, rank:]
+        k = torch.cat((torch.einsum("tr,hrn->htn", kv_c, w_uk), k_pe.expand(H, n, rope)), dim=-1)
+        v = torch.einsum("tr,hrv->htv", kv_c, w_uv)
+        qh = torch.cat((q_nope[b], q_pe[b]), dim=-1)[:, None, :]  # [H, 1, 192]
+        expected = F.scaled_dot_product_attention(qh, k, v, scale=scale)[:, 0]
+        assert_close(got[b], expected, scale=10.0, msg=f"sequence {b}")  # two different fp32 reduction orders
+
+
+def _small_inputs():
+    (kc, vc), table, sl = make_paged([5, 18], 16, ((2, 16), (2, 16)), torch.float32)
+    (kv,), t2, s2 = make_paged([3, 20], 16, ((40,),), torch.float32)
+    return kc, vc, table, sl, kv, t2, s2
+
+
+def test_opcheck() -> None:
+    kc, vc, table, sl, kv, t2, s2 = _small_inputs()
+    kc, vc, kv = (torch.nan_to_num(x) for x in (kc, vc, kv))  # opcheck compares outputs with NaN-unsafe checks
+    ops = torch.ops.omni
+    q = torch.randn(2, 4, 16)
+    torch.library.opcheck(ops.gqa_decode.default, (q, kc, vc, table, sl, 0.25, 0.0, 0, True))
+    torch.library.opcheck(ops.mla_decode.default, (torch.randn(2, 3, 40), kv, t2, s2, 0.2, 32, True))
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    qp, kp, vp = torch.randn(7, 4, 16), torch.randn(7, 2, 16), torch.randn(7, 2, 16)
+    torch.library.opcheck(ops.gqa_prefill.default, (qp, kp, vp, cu, True, 0.25, None, None, None, None, True))
+    torch.library.opcheck(ops.gqa_prefill.default, (qp, kp, vp, cu, True, 0.25, kc, vc, table, sl, True))
+    slots = torch.tensor([3, -1, 17, 40, 2, 9, 33])
+    torch.library.opcheck(ops.reshape_and_cache.default, (kp, vp, kc.clone(), vc.clone(), slots, True))
+    torch.library.opcheck(ops.mla_cache.default, (torch.randn(7, 32), torch.randn(7, 8), kv.clone(), slots, True))
+
+
+@pytest.mark.compile
+def test_torch_compile_all_ops() -> None:
+    """All five ops in one compiled function (one Inductor compile keeps CI time down): compiled == eager."""
+    kc, vc, table, sl, kv, t2, s2 = _small_inputs()
+    q, qm = torch.randn(2, 4, 16), torch.randn(2, 3, 40)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    qp, kp, vp = torch.randn(7, 4, 16), torch.randn(7, 2, 16), torch.randn(7, 2, 16)
+    slots = torch.tensor([3, -1, 17, 40, 2, 9, 33])
+
+    def f(kc, vc, kv):
+        omniops.reshape_and_cache(kp, vp, kc, vc, slots)
+        omniops.mla_cache(kp.reshape(7, 32), vp[:, 0, :8], kv, slots)
+        a = omniops.gqa_decode(q, kc, vc, table, sl)
+        b = omniops.mla_decode(qm, kv, t2, s2, v_dim=32)
+        c = omniops.gqa_prefill(qp, kp, vp, cu, k_cache=kc, v_cache=vc, block_table=table, context_lens=sl)
+        return a, b, c
+
+    eager_in = [x.clone() for x in (kc, vc, kv)]
+    comp_in = [x.clone() for x in (kc, vc, kv)]
+    expected = f(*eager_in)
+    got = torch.compile(f, fullgraph=True)(*comp_in)
+    for e, g in zip(expected, got, strict=False):
+        assert_close(g, e)
+    for e, g in zip(eager_in, comp_in, strict=False):
+        assert torch.equal(torch.nan_to_num(e), torch.nan_to_num(g))
+
+
+def _bad_decode_args(**kw):
+    kc, vc, table, sl, *_ = _small_inputs()
+    args = {"q": torch.randn(2, 4, 16), "k_cache": kc, "v_cache": vc, "block_table": table, "seq_lens": sl}
+    args.update(kw)
+    return args
+
+
+@pytest.mark.parametrize(
+    ("kw", "exc", "match"),
+    [
+        ({"q": torch.randn(2, 3, 16)}, ValueError, "q: q_heads=3 must be a multiple of kv_heads=2"),
+        ({"q": torch.randn(2, 4, 8)}, ValueError, "k_cache: expected shape"),
+        ({"q": torch.randn(2, 4, 16, dtype=torch.float16)}, ValueError, "k_cache: expected dtype float16"),
+        ({"q": torch.randn(2, 4, 16, dtype=torch.float64)}, TypeError, "q: expected dtype"),
+        ({"q": torch.randn(2, 4, 16, device="meta")}, ValueError, "k_cache: expected device meta"),
+        ({"v_cache": torch.randn(3, 16, 2, 16)}, ValueError, "v_cache: expected shape"),
+        ({"block_table": torch.zeros(2, 3, dtype=torch.int64)}, TypeError, "block_table: expected dtype"),
+        ({"block_table": torch.zeros(3, 3, dtype=torch.int32)}, ValueError, "block_table: expected shape"),
+        ({"seq_lens": torch.tensor([5, 49], dtype=torch.int32)}, ValueError, r"seq_lens\[1\] = 49 is outside"),
+        ({"seq_lens": torch.tensor([-1, 3], dtype=torch.int32)}, ValueError, r"seq_lens\[0\] = -1"),
+        ({"block_table": torch.tensor([[0, 1, 2], [99, 0, 0]], dtype=torch.int32)}, ValueError,
+         r"block_table\[1, 0\] = 99 is outside"),
+        ({"block_table": torch.tensor([[-1, 1, 2], [0, 1, 2]], dtype=torch.int32)}, ValueError,
+         r"block_table\[0, 0\] = -1"),
+    ],
+)
+def test_bad_input_decode(kw, exc, match) -> None:
+    with pytest.raises(exc, match=match):
+        omniops.gqa_decode(**_bad_decode_args(**kw))
+
+
+def test_bad_input_other_ops() -> None:
+    kc, vc, table, sl, kv, t2, s2 = _small_inputs()
+    with pytest.raises(ValueError, match="kv_cache: expected shape"):
+        omniops.mla_decode(torch.randn(2, 4, 39), kv, t2, s2)
+    with pytest.raises(ValueError, match="v_dim"):
+        omniops.mla_decode(torch.randn(2, 4, 40), kv, t2, s2, v_dim=41)
+    with pytest.raises(ValueError, match=r"block_table\[1, 1\]"):
+        omniops.mla_decode(torch.randn(2, 4, 40), kv, torch.tensor([[0, 1], [2, 77]], dtype=torch.int32), s2, v_dim=32)
+    q, k, v = torch.randn(7, 4, 16), torch.randn(7, 2, 16), torch.randn(7, 2, 16)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        omniops.gqa_prefill(q, k, v, torch.tensor([0, 5, 6], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        omniops.gqa_prefill(q, k, v, torch.tensor([0, 5, 3, 7], dtype=torch.int32))
+    with pytest.raises(ValueError, match="pass all four"):
+        omniops.gqa_prefill(q, k, v, torch.tensor([0, 7], dtype=torch.int32), k_cache=kc)
+    with pytest.raises(ValueError, match="context_lens"):
+        omniops.gqa_prefill(q, k, v, torch.tensor([0, 3, 7], dtype=torch.int32), k_cache=kc, v_cache=vc,
+                            block_table=table, context_lens=torch.tensor([0, 99], dtype=torch.int32))
+    with pytest.raises(ValueError, match="q: q_heads=4 must be a multiple of kv_heads=3"):
+        omniops.gqa_prefill(q, torch.randn(7, 3, 16), torch.randn(7, 3, 16), torch.tensor([0, 7], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"slot_mapping\[1\] = 999"):
+        omniops.reshape_and_cache(k, v, kc, vc, torch.tensor([0, 999, 1, 2, 3, 4, 5]))
+    with pytest.raises(ValueError, match=r"slot_mapping\[0\] = -2"):
+        omniops.mla_cache(torch.randn(7, 32), torch.randn(7, 8), kv, torch.tensor([-2, 1, 1, 2, 3, 4, 5]))
+    with pytest.raises(ValueError, match="k_pe: expected shape"):
+        omniops.mla_cache(torch.randn(7, 32), torch.randn(6, 8), kv, torch.arange(7))
+    with pytest.raises(ValueError, match="v_cache: expected dtype"):
+        omniops.reshape_and_cache(k, v, kc, vc.half(), torch.arange(7))
+
+
+def test_validate_false_skips_value_checks() -> None:
+    """validate=False skips the value pass; the cpu binding still refuses bad indices before any read."""
+    args = _bad_decode_args(block_table=torch.tensor([[0, 1, 2], [99, 0, 0]], dtype=torch.int32))
+    with omniops.use_backend("reference"), pytest.raises(IndexError):
+        omniops.gqa_decode(**args, validate=False)  # the reference's own gather fails: no value check ran
+    if _ext.cpp() is not None:
+        with omniops.use_backend("cpu"), pytest.raises(ValueError, match=r"block_table\[1, 0\] = 99"):
+            omniops.gqa_decode(**args, validate=False)
+
+
+@pytest.mark.skipif(_ext.cpp() is None, reason="omniops._C not built")
+@pytest.mark.parametrize(
+    ("name", "mutate", "match"),
+    [
+        ("gqa_decode", lambda a: a.update(seq_lens=torch.tensor([5, 49], dtype=torch.int32)), "seq_lens"),
+        ("gqa_decode", lambda a: a.update(block_table=torch.tensor([[0, 1, 2], [3, 99, 0]], dtype=torch.int32)),
+         r"block_table\[1, 1\] = 99"),
+        ("gqa_decode", lambda a: a.update(q=torch.randn(2, 3, 16)), "multiple of kv_heads"),
+        ("gqa_decode", lambda a: a.update(out=torch.empty(2, 4, 15)), "out: expected shape"),
+        ("gqa_decode", lambda a: a.update(q=torch.randn(2, 4, 16).half()), "k_cache: expected dtype"),
+        ("gqa_decode", lambda a: a.update(seq_lens=torch.tensor([5, 18])), "seq_lens: expected Int"),
+        ("gqa_decode", lambda a: a.update(window=-1), "window"),
+        ("gqa_decode", lambda a: a.update(k_cache=a["k_cache"].transpose(2, 3)), "contiguous|expected shape"),
+        ("mla_decode", lambda a: a.update(v_dim=41), "v_dim"),
+        ("mla_decode", lambda a: a.update(block_table=torch.tensor([[0, 1], [2, -3]], dtype=torch.int32)),
+         r"block_table\[1, 1\] = -3"),
+        ("gqa_prefill", lambda a: a.update(cu_seqlens=torch.tensor([0, 9, 7], dtype=torch.int32)), "non-decreasing"),
+        ("gqa_prefill", lambda a: a.update(cu_seqlens=torch.tensor([1, 7], dtype=torch.int32)), r"cu_seqlens\[0\]"),
+        ("gqa_prefill", lambda a: a.update(context_lens=torch.tensor([0, 999], dtype=torch.int32)), "context_lens"),
+        ("gqa_prefill", lambda a: a.update(k_cache=None), "go together"),
+        ("reshape_and_cache", lambda a: a.update(slot_mapping=torch.tensor([0, 1, 2, 3, 4, 5, 9999])),
+         r"slot_mapping\[6\] = 9999"),
+        ("reshape_and_cache", lambda a: a.update(slot_mapping=torch.arange(7).int()), "slot_mapping: expected Long"),
+        ("mla_cache", lambda a: a.update(slot_mapping=torch.tensor([0, -5, 2, 3, 4, 5, 6])), r"slot_mapping\[1\]"),
+        ("mla_cache", lambda a: a.update(kv_cache=a["kv_cache"].to("meta")), "kv_cache: expected a CPU tensor"),
+    ],
+)
+def test_cpp_entry_point_rejects_bad_input(name, mutate, match) -> None:
+    """omniops._C checks shapes, dtypes and every index value itself, before any kernel reads memory."""
+    kc, vc, table, sl, kv, t2, s2 = _small_inputs()
+    k, v = torch.randn(7, 2, 16), torch.randn(7, 2, 16)
+    args = {
+        "gqa_decode": dict(out=torch.empty(2, 4, 16), q=torch.randn(2, 4, 16), k_cache=kc, v_cache=vc,
+                           block_table=table, seq_lens=sl, scale=0.25, soft_cap=0.0, window=0),
+        "mla_decode": dict(out=torch.empty(2, 4, 32), q=torch.randn(2, 4, 40), kv_cache=kv, block_table=t2,
+                           seq_lens=s2, scale=0.2, v_dim=32),
+        "gqa_prefill": dict(out=torch.empty(7, 4, 16), q=torch.randn(7, 4, 16), k=k, v=v,
+                            cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32), causal=True, scale=0.25,
+                            k_cache=kc, v_cache=vc, block_table=table, context_lens=sl),
+        "reshape_and_cache": dict(key=k, value=v, k_cache=kc, v_cache=vc, slot_mapping=torch.arange(7)),
+        "mla_cache": dict(kv_c=torch.randn(7, 32), k_pe=torch.randn(7, 8), kv_cache=kv, slot_mapping=torch.arange(7)),
+    }[name]
+    mutate(args)
+    if name == "mla_decode" and args["v_dim"] != 32:
+        args["out"] = torch.empty(2, 4, args["v_dim"])
+    with pytest.raises((ValueError, TypeError), match=match):
+        getattr(_ext.cpp(), name)(**args)
