@@ -162,3 +162,10 @@ def test_single_process_apply_placement_and_recorder() -> None:
         m.attach_recorder(rec, 1)
     with pytest.raises(ValueError, match="recorder"):
         m.attach_recorder(LoadRecorder(1, E + 1))
+    # The hook's recorder entry point checks its input like record().
+    with pytest.raises(ValueError, match="counts: expected a tensor of shape"):
+        rec.record_counts(0, torch.zeros(E + 1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="counts: expected an integer"):
+        rec.record_counts(0, torch.zeros(E))
+    with pytest.raises(ValueError, match="layer"):
+        rec.record_counts(1, torch.zeros(E, dtype=torch.int64))
