@@ -314,7 +314,7 @@ class EPMoE(torch.nn.Module):
             w13_l, w2_l = self.w13[idx], self.w2[idx]
             rows.update({e: (w13_l[i], w2_l[i]) for i, e in enumerate(local)})
         n13 = self.w13[0].numel()
-        ops, bufs = [], []
+        ops, bufs = [], []  # bufs keeps the packed send buffers alive until the waits below
         for peer, experts in sends.items():
             idx = torch.tensor([slot_of[e] for e in experts], device=self.w13.device)
             packed = torch.cat([self.w13[idx].flatten(1), self.w2[idx].flatten(1)], dim=1)
