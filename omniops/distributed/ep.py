@@ -13,19 +13,26 @@ compute there, send the results back and combine.
   per-expert token counts (bincounts, nearly free) for the load balancer.
 * ``ep_combine``: the reverse all-to-all, then ``moe_combine`` with the routing weights on the source rank.
 * ``EPMoE``: a module owning this rank's physical experts (plus an optional shared expert); routes
-  globally, computes locally with ``fused_moe``, combines.
+  globally, computes locally with ``fused_moe``, combines. With a ``LoadRecorder`` attached it records each
+  dispatch's per-expert counts; ``global_load()`` sums them over the ranks for the planners and
+  ``apply_placement(phy2log)`` moves expert weights between ranks (point-to-point) to a new placement between
+  steps, outputs unchanged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from omniops.ops.moe import fused_moe, moe_combine, moe_route
+
+if TYPE_CHECKING:
+    from omniops.placement import LoadRecorder
 
 # ---- placement -----------------------------------------------------------------------------------------
 
@@ -198,12 +205,17 @@ class EPMoE(torch.nn.Module):
     ``ep_dispatch``, ``fused_moe`` on the received rows, ``ep_combine``, plus ``shared_expert(x)`` if given.
     ``route_kwargs`` go to ``moe_route`` (e.g. DeepSeek-V3's scoring/groups/bias/scaling).
     ``last_logical_counts`` / ``last_local_counts`` hold the latest dispatch's load statistics.
+
+    ``recorder`` (optional, a ``LoadRecorder`` shared by all MoE layers) gets this rank's per-expert counts of
+    every forward as layer ``layer_idx``; ``global_load()`` sums the recorder over the ranks, and
+    ``apply_placement(phy2log)`` switches to a new placement between steps (collective).
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
                  placement: ExpertPlacement | None = None, group: dist.ProcessGroup | None = None, *,
                  shared_expert: Callable[[Tensor], Tensor] | None = None, dtype: torch.dtype = torch.float32,
-                 route_kwargs: dict | None = None) -> None:
+                 route_kwargs: dict | None = None, recorder: LoadRecorder | None = None,
+                 layer_idx: int = 0) -> None:
         super().__init__()
         world, rank = _world(group)
         self.placement = placement or ExpertPlacement.uniform(num_experts, world)
@@ -220,6 +232,32 @@ class EPMoE(torch.nn.Module):
         self.route_kwargs = dict(route_kwargs or {})
         self.last_logical_counts: Tensor | None = None
         self.last_local_counts: Tensor | None = None
+        self.recorder: LoadRecorder | None = None
+        self.layer_idx = 0
+        if recorder is not None:
+            self.attach_recorder(recorder, layer_idx)
+
+    def attach_recorder(self, recorder: LoadRecorder | None, layer_idx: int = 0) -> None:
+        """Record every forward's per-expert counts into ``recorder`` as layer ``layer_idx`` (None detaches)."""
+        if recorder is not None:
+            if recorder.num_experts != self.placement.num_logical:
+                raise ValueError(f"recorder: counts {recorder.num_experts} experts, the module has "
+                                 f"{self.placement.num_logical}")
+            if not 0 <= layer_idx < recorder.num_layers:
+                raise ValueError(f"layer_idx: expected 0 <= layer_idx < {recorder.num_layers}, got {layer_idx}")
+        self.recorder, self.layer_idx = recorder, layer_idx
+
+    def global_load(self) -> Tensor:
+        """The recorder's ``weight()`` summed over the group's ranks (each records only its own tokens):
+        [L, E] float64 on the CPU, the same on every rank, so every rank plans the same map. Collective."""
+        if self.recorder is None:
+            raise ValueError("recorder: no LoadRecorder attached (EPMoE(..., recorder=...) or attach_recorder)")
+        w = self.recorder.weight()
+        if _world(self.group)[0] > 1:
+            # On the weights' device: the group's backend serves it (gloo: CPU, nccl/hccl: the accelerator).
+            w = w.to(self.w13.device)
+            dist.all_reduce(w, group=self.group)
+        return w.cpu()
 
     @torch.no_grad()
     def load_global_weights(self, gate: Tensor, w13: Tensor, w2: Tensor) -> None:
@@ -233,6 +271,8 @@ class EPMoE(torch.nn.Module):
         logits = x @ self.gate.t()
         weights, ids = moe_route(logits, self.top_k, **self.route_kwargs)
         d = ep_dispatch(x, ids, weights, self.placement, self.group)
+        if self.recorder is not None:
+            self.recorder.record_counts(self.layer_idx, d.handle.logical_counts)
         self.last_logical_counts = d.handle.logical_counts
         self.last_local_counts = d.handle.local_expert_counts
         ones = torch.ones(d.hidden.shape[0], 1, dtype=torch.float32, device=x.device)
@@ -241,3 +281,142 @@ class EPMoE(torch.nn.Module):
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
         return out
+
+    @torch.no_grad()
+    def apply_placement(self, phy2log_new: Tensor | list[int]) -> None:
+        """Switch to the placement ``phy2log_new [R]`` (logical expert of every physical slot; slot j on rank
+        ``j // (R // world)``, R unchanged), e.g. one layer's row of ``incremental_rebalance``'s result.
+
+        Collective, between forward steps: every rank of the group calls it with the same map. Slots whose
+        expert changes get its w13/w2 from a local copy when this rank holds one, else from a rank holding one
+        (point-to-point, one message per rank pair; senders chosen to spread the traffic). The map is checked
+        first; one small all-reduce then makes every rank agree that all ranks' maps are valid and identical,
+        so a bad map raises ValueError on every rank (before any weight moves) instead of hanging some of them.
+        """
+        old = self.placement
+        world, rank = _world(self.group)
+        if world != old.world_size:
+            raise ValueError(f"placement: built for world_size={old.world_size}, the group has {world} ranks")
+        new, err = _check_new_phy2log(phy2log_new, old.num_physical, old.num_logical)
+        if world > 1:
+            err = _agree_on_map(new, err, old.num_physical, self.w13.device, self.group)
+        if err is not None:
+            raise ValueError(err)
+        assert new is not None
+        per = old.experts_per_rank
+        sends, recvs, local = _transfer_plan(old.phy2log.tolist(), new.tolist(), per, world, rank)
+        old_local = old.local_logical(rank).tolist()
+        slot_of = {e: old_local.index(e) for e in set(old_local)}  # a local slot holding each logical expert
+        # Everything read from the old weights is copied out (gather / pack) before any slot is overwritten.
+        rows: dict[int, tuple[Tensor, Tensor]] = {}
+        if local:
+            idx = torch.tensor([slot_of[e] for e in local], device=self.w13.device)
+            w13_l, w2_l = self.w13[idx], self.w2[idx]
+            rows.update({e: (w13_l[i], w2_l[i]) for i, e in enumerate(local)})
+        n13 = self.w13[0].numel()
+        ops, bufs = [], []  # bufs keeps the packed send buffers alive until the waits below
+        for peer, experts in sends.items():
+            idx = torch.tensor([slot_of[e] for e in experts], device=self.w13.device)
+            packed = torch.cat([self.w13[idx].flatten(1), self.w2[idx].flatten(1)], dim=1)
+            ops.append(dist.P2POp(dist.isend, packed, self._global_rank(peer), self.group))
+            bufs.append(packed)
+        recv_bufs = []
+        for peer, experts in recvs.items():
+            buf = self.w13.new_empty((len(experts), n13 + self.w2[0].numel()))
+            ops.append(dist.P2POp(dist.irecv, buf, self._global_rank(peer), self.group))
+            recv_bufs.append((experts, buf))
+        if ops:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+        for experts, buf in recv_bufs:
+            for i, e in enumerate(experts):
+                rows[e] = (buf[i, :n13].view_as(self.w13[0]), buf[i, n13:].view_as(self.w2[0]))
+        old_p2l = old.phy2log
+        for j in range(rank * per, (rank + 1) * per):
+            e = int(new[j])
+            if e != int(old_p2l[j]):
+                self.w13[j - rank * per].copy_(rows[e][0])
+                self.w2[j - rank * per].copy_(rows[e][1])
+        self.placement = ExpertPlacement.from_phy2log(new, old.world_size, old.num_logical)
+
+    def _global_rank(self, group_rank: int) -> int:
+        return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
+
+
+def _check_new_phy2log(p: object, num_physical: int, num_logical: int) -> tuple[Tensor | None, str | None]:
+    """(map as int64 CPU [R], None) or (None, why it is not a valid placement for this module)."""
+    try:
+        t = torch.as_tensor(p)
+    except (TypeError, ValueError, RuntimeError):
+        return None, f"phy2log_new: expected a 1-D integer tensor or list, got {type(p).__name__}"
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        return None, f"phy2log_new: expected integer logical expert ids, got dtype {t.dtype}"
+    if t.dim() != 1 or t.numel() != num_physical:
+        return None, f"phy2log_new: expected shape [{num_physical}] (one id per physical slot), got {list(t.shape)}"
+    t = t.to("cpu", torch.int64)
+    if int(t.min()) < 0 or int(t.max()) >= num_logical:
+        return None, f"phy2log_new: logical ids must lie in [0, {num_logical}), got [{int(t.min())}, {int(t.max())}]"
+    missing = torch.nonzero(torch.bincount(t, minlength=num_logical) == 0).flatten().tolist()
+    if missing:
+        return None, f"phy2log_new: logical experts {missing} have no physical copy"
+    return t, None
+
+
+def _agree_on_map(new: Tensor | None, err: str | None, num_physical: int, device: torch.device,
+                  group: dist.ProcessGroup | None) -> str | None:
+    """One MAX all-reduce of [invalid flag, map, -map]: every rank learns whether some rank's map is invalid,
+    and max(map) == -max(-map) (= min) element-wise iff every rank passed the same map."""
+    buf = torch.zeros(1 + 2 * num_physical, dtype=torch.int64)
+    if new is None:
+        buf[0] = 1
+    else:
+        buf[1:1 + num_physical] = new
+        buf[1 + num_physical:] = -new
+    buf = buf.to(device)
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
+    buf = buf.cpu()
+    if err is not None:
+        return err
+    if int(buf[0]):
+        return "phy2log_new: invalid on another rank (every rank must pass the same valid map)"
+    if not torch.equal(buf[1:1 + num_physical], -buf[1 + num_physical:]):
+        return "phy2log_new: ranks passed different maps (collective: every rank must pass the same map)"
+    return None
+
+
+def _transfer_plan(old: list[int], new: list[int], per: int, world: int, rank: int
+                   ) -> tuple[dict[int, list[int]], dict[int, list[int]], list[int]]:
+    """Which logical experts this rank sends to / receives from each peer, and which it copies locally.
+
+    Computed identically on every rank from the two maps (so sender and receiver agree without messages): a
+    rank needs expert e for a changed slot; it copies it locally when it holds e, else receives it once
+    (even for several slots) from the holder with the fewest sends so far, ties to the next rank after it.
+    """
+    holders: dict[int, list[int]] = {}
+    for j, e in enumerate(old):
+        r = j // per
+        if r not in holders.setdefault(e, []):
+            holders[e].append(r)
+    load = [0] * world
+    sends: dict[int, list[int]] = {}
+    recvs: dict[int, list[int]] = {}
+    local: list[int] = []
+    for dst in range(world):
+        held = set(old[dst * per:(dst + 1) * per])
+        wanted: list[int] = []
+        for j in range(dst * per, (dst + 1) * per):
+            e = new[j]
+            if e != old[j] and e not in wanted:
+                wanted.append(e)
+        for e in wanted:
+            if e in held:
+                if dst == rank:
+                    local.append(e)
+                continue
+            src = min(holders[e], key=lambda r: (load[r], (r - dst) % world))
+            load[src] += 1
+            if src == rank:
+                sends.setdefault(dst, []).append(e)
+            if dst == rank:
+                recvs.setdefault(src, []).append(e)
+    return sends, recvs, local

@@ -12,6 +12,16 @@ Usage::
     # later, as the load drifts: at most 28 slot changes per layer, group copies stay on their node
     phy2log = incremental_rebalance(rec.weight(), phy2log, num_gpus=32, max_moves=28, num_groups=8, num_nodes=4)
 
+Live, in an expert-parallel model (``omniops.distributed.EPMoE``; collective calls, every rank the same)::
+
+    moes = [EPMoE(hidden, inter, 256, 8, placement, recorder=rec, layer_idx=i) for i in range(58)]  # record
+    rec.step()                                             # once per forward step
+    load = moes[0].global_load()                           # rec.weight() summed over the EP ranks
+    p2l = torch.stack([m.placement.phy2log for m in moes])  # [L, R] in service
+    new = incremental_rebalance(load, p2l, num_gpus=world, max_moves=4)
+    for m, row in zip(moes, new):
+        m.apply_placement(row)                             # between steps: changed slots' weights move
+
 ``placement_imbalance(weight, phy2log, num_gpus)`` scores a placement (max / mean GPU load, mean over layers).
 """
 

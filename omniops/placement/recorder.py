@@ -5,8 +5,10 @@ device of ``topk_ids`` (a bincount without the host sync that ``torch.bincount``
 also works under CUDA graphs). Closing a step (``step()``) folds the counter into a sliding window or an EMA;
 ``weight()`` hands the planners a [L, E] float64 CPU tensor.
 
-Wiring into an EP MoE module: call ``recorder.record(layer_idx, topk_ids)`` after routing, ``recorder.step()``
-once per forward step, and between steps feed ``recorder.weight()`` to ``incremental_rebalance``.
+Wiring into an EP MoE module: ``EPMoE(..., recorder=rec, layer_idx=i)`` records every forward's dispatch counts
+(``record_counts``: the bincount the dispatch computes anyway); call ``recorder.step()`` once per forward step, and
+between steps feed ``EPMoE.global_load()`` (the weight summed over ranks) to ``incremental_rebalance``, then
+``EPMoE.apply_placement``. Elsewhere: ``recorder.record(layer_idx, topk_ids)`` after routing.
 """
 
 from __future__ import annotations
@@ -63,6 +65,17 @@ class LoadRecorder:
             raise ValueError("topk_ids: expected an integer tensor of expert ids")
         ids = topk_ids.reshape(-1).to(device=self.device, dtype=torch.int64)
         self._current[layer].scatter_add_(0, ids, torch.ones_like(ids))
+
+    def record_counts(self, layer: int, counts: torch.Tensor) -> None:
+        """Add one layer's per-expert token counts ``[E]`` (an EP dispatch's bincount, already computed for the
+        all-to-all) to the current step: one add of E elements instead of a scatter over every routed pair."""
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer: expected 0 <= layer < {self.num_layers}, got {layer}")
+        if not isinstance(counts, torch.Tensor) or tuple(counts.shape) != (self.num_experts,):
+            raise ValueError(f"counts: expected a tensor of shape [{self.num_experts}]")
+        if counts.dtype.is_floating_point or counts.dtype == torch.bool:
+            raise ValueError("counts: expected an integer tensor of token counts")
+        self._current[layer] += counts.to(device=self.device, dtype=torch.int64)
 
     def record_all(self, topk_ids: torch.Tensor) -> None:
         """All layers at once: ``topk_ids`` [L, tokens, k] -> one scatter for the whole step."""
