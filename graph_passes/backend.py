@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch._inductor.custom_graph_pass import CustomGraphPass
-
 from omniops.graph_passes.config import PassConfig, current
 from omniops.graph_passes.report import PassReport, report
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 log = logging.getLogger("omniops.graph_passes")
 
@@ -47,10 +46,9 @@ class OmniGraphPass(CustomGraphPass):
         self.last = PassReport()
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        from torch._inductor.fx_passes.post_grad import remove_noop_ops
-
         from omniops.graph_passes import moe
         from omniops.graph_passes.patterns import pattern_passes
+        from torch._inductor.fx_passes.post_grad import remove_noop_ops
 
         # Inductor runs this after our pre-pass; our patterns are traced without no-ops, so remove them first.
         remove_noop_ops(graph)
@@ -141,10 +139,10 @@ def omni_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], options: d
                  mode: str | None = None, **kwargs: Any):
     """Dynamo backend: Inductor + the omni passes. ``options``: our PassConfig keys (see ``configure``); any
     other key is passed to Inductor as a config patch, as with ``backend="inductor"``."""
+    from omniops.graph_passes.patterns import pattern_passes
     from torch._inductor.compile_fx import compile_fx
 
     import omniops  # noqa: F401  (registers the omni ops)
-    from omniops.graph_passes.patterns import pattern_passes
 
     options = dict(options or {})
     ours = {f.name for f in fields(PassConfig)}

@@ -21,7 +21,6 @@ import operator
 from typing import Any
 
 import torch
-
 from omniops.graph_passes.hf import moe_op
 from omniops.graph_passes.report import PassReport
 
@@ -115,22 +114,27 @@ def _route_pass(graph: torch.fx.Graph, rep: PassReport) -> None:
             continue
         values, ids = users.get(0), users.get(1)
         out_w, renorm = values, False
-        if values is not None and len(values.users) == 1:
-            (d,) = values.users
-            if (_is(d, aten.div.Tensor) and d.args[0] is values and _is(d.args[1], aten.sum.dim_IntList)
-                    and d.args[1].args[0] is values and list(d.args[1].args[1]) in ([-1], [1])):
-                out_w, renorm = d, True
+        if values is not None:
+            # values / values.sum(-1, keepdim=True): the renormalisation (users: that sum and that div)
+            divs = [d for d in values.users if _is(d, aten.div.Tensor) and d.args[0] is values
+                    and _is(d.args[1], aten.sum.dim_IntList) and d.args[1].args[0] is values
+                    and list(d.args[1].args[1]) in ([-1], [1]) and d.args[1].args[2:3] in ((True,), [True])]
+            if len(divs) == 1 and set(values.users) == {divs[0], divs[0].args[1]}:
+                out_w, renorm = divs[0], True
 
-        def fn(lg, _k=k, _renorm=renorm):
-            w, i = route(lg, _k, scoring="softmax", renormalize=_renorm)
-            return w, i.to(torch.int64)
-
-        w_new, ids_new = _splice(graph, node, fn, [logits])
+        w_new, ids_new = _splice(graph, node, _route_fn(route, k, renorm), [logits])
         if out_w is not None:
             out_w.replace_all_uses_with(w_new)
         if ids is not None:
             ids.replace_all_uses_with(ids_new)
         rep.add("moe_route")
+
+
+def _route_fn(route, k: int, renorm: bool):
+    def fn(logits):
+        w, i = route(logits, k, scoring="softmax", renormalize=renorm)
+        return w, i.to(torch.int64)
+    return fn
 
 
 def _getitem_index(n: torch.fx.Node) -> int:

@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 import torch
+from omniops.graph_passes import report, reset_report
 
 import omniops
-from omniops.graph_passes import report, reset_report
 
 HAS_MOE_OPS = hasattr(omniops, "fused_moe") and hasattr(omniops, "moe_route")
 needs_moe = pytest.mark.skipif(not HAS_MOE_OPS, reason="fused_moe not merged yet")

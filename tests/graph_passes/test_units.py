@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from omniops.testing import assert_close
 
+from omniops.testing import assert_close
 from tests.graph_passes._util import compile_omni, needs_moe, omni_ops
 
 pytestmark = pytest.mark.compile
