@@ -84,12 +84,18 @@ class OmniGraphPass(CustomGraphPass):
 def _diagnose(graph: torch.fx.Graph, rep: PassReport, cfg: PassConfig) -> None:
     """Record expected rewrites that did not happen, and why when we can tell."""
     aten = torch.ops.aten
-    left_norms = _count(graph, aten.rsqrt.default)
-    if left_norms:
-        why = ("a 1/sqrt(mean(x^2)+eps) chain is left: not the HF RMSNorm formulation (no eps, other casts, "
-               "weight dtype differs from the input, ...)") if (cfg.rms_norm or cfg.fused_add_rms_norm) \
-            else "switched off"
-        rep.miss("rms_norm", f"{left_norms} x {why}")
+    rsqrts = [n for n in graph.nodes if n.op == "call_function" and n.target is aten.rsqrt.default]
+    if rsqrts:
+        if not (cfg.rms_norm or cfg.fused_add_rms_norm):
+            why = "switched off"
+        elif any(_is_eps_input(n) for n in rsqrts):
+            why = ("eps is a graph input, not a constant: dynamic=True turns float module attributes into "
+                   "inputs; mark batch / sequence dynamic with torch._dynamo.mark_dynamic instead, or set "
+                   "torch._dynamo.config.specialize_float = True")
+        else:
+            why = ("not the HF RMSNorm formulation (no eps, other casts, weight dtype differs from the "
+                   "input, ...)")
+        rep.miss("rms_norm", f"{len(rsqrts)} x 1/sqrt(mean(x^2)+eps) left: {why}")
     sdpa = [t for t in (getattr(aten, n, None) for n in (
         "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
         "_scaled_dot_product_efficient_attention", "_scaled_dot_product_attention_math",
@@ -106,6 +112,16 @@ def _diagnose(graph: torch.fx.Graph, rep: PassReport, cfg: PassConfig) -> None:
     if any(n.op == "call_function" and n.target is aten.topk.default for n in graph.nodes) and cfg.moe:
         rep.miss("moe_route", "a top-k is left: routers other than softmax top-k (+ renormalise) are not matched "
                               "(DeepSeek-V3's grouped sigmoid router: use omniops.graph_passes.prepare(model))")
+
+
+def _is_eps_input(rsqrt: torch.fx.Node) -> bool:
+    add = rsqrt.args[0]
+    if not (isinstance(add, torch.fx.Node) and add.target is torch.ops.aten.add.Tensor):
+        return False
+    eps = add.args[1]
+    while isinstance(eps, torch.fx.Node) and eps.op == "call_function" and eps.args:
+        eps = eps.args[0]
+    return isinstance(eps, torch.fx.Node) and eps.op == "placeholder"
 
 
 def _grouped_mm_targets() -> list[Any]:

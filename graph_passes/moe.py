@@ -260,8 +260,24 @@ def _experts_pass(graph: torch.fx.Graph, rep: PassReport) -> None:
         rep.add("fused_moe")
 
 
+def _ids_int32(graph: torch.fx.Graph) -> None:
+    """fused_moe takes moe_route's int32 ids as they are: drop the int64 cast HF's experts needed."""
+    for n in graph.nodes:
+        if n.op != "call_function" or not str(n.target).startswith("omni.fused_moe"):
+            continue
+        names = [a.name for a in n.target._schema.arguments]
+        if "topk_ids" not in names or names.index("topk_ids") >= len(n.args):
+            continue
+        ids = n.args[names.index("topk_ids")]
+        if _is(ids, torch.ops.prims.convert_element_type.default) and ids.args[1] == torch.int64:
+            src = ids.args[0]
+            if isinstance(src, torch.fx.Node) and getattr(src.meta.get("val"), "dtype", None) == torch.int32:
+                n.replace_input_with(ids, src)
+
+
 def moe_pass(graph: torch.fx.Graph, rep: PassReport) -> None:
     """Router then experts (the experts matcher reads the router's outputs)."""
     _route_pass(graph, rep)
     _experts_pass(graph, rep)
+    _ids_int32(graph)
     graph.eliminate_dead_code()

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omniops.graph_passes import models as M
 from torch._dynamo.utils import counters
 
 from omniops.testing import assert_close
-from tests.graph_passes import _models as M
 from tests.graph_passes._util import HAS_MOE_OPS, _copy, needs_moe
 
 pytestmark = pytest.mark.compile

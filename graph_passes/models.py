@@ -1,37 +1,42 @@
-"""Small transformers models built from configs with random weights (nothing downloaded): the graph-pass
-tests, the ``omni-bench model`` preset and the demo share them."""
+"""Small transformers models built from configs with random weights (nothing downloaded), and a greedy
+decoding loop with a DynamicCache: shared by the graph-pass tests, the ``omni-bench model`` preset and the demo."""
 
 from __future__ import annotations
 
 import torch
 
 
-def llama_config(hidden: int = 64, layers: int = 2, vocab: int = 256):
+def llama_config(hidden: int = 64, layers: int = 2, vocab: int = 256, heads: int = 4, kv_heads: int = 2):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 32 * 32 or 2 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       max_position_embeddings=1024)
 
 
-def qwen3_moe_config(hidden: int = 64, layers: int = 2, experts: int = 8, vocab: int = 256):
+def qwen3_moe_config(hidden: int = 64, layers: int = 2, experts: int = 8, vocab: int = 256, top_k: int = 2,
+                     heads: int = 4, kv_heads: int = 2):
     from transformers import Qwen3MoeConfig
 
     return Qwen3MoeConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                          moe_intermediate_size=hidden // 2, num_hidden_layers=layers, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=hidden // 4, num_experts=experts, num_experts_per_tok=2,
-                          max_position_embeddings=256)
+                          moe_intermediate_size=hidden // 2, num_hidden_layers=layers, num_attention_heads=heads,
+                          num_key_value_heads=kv_heads, head_dim=hidden // heads, num_experts=experts,
+                          num_experts_per_tok=top_k, max_position_embeddings=1024)
 
 
 def deepseek_v3_config(hidden: int = 64, layers: int = 2, experts: int = 8, vocab: int = 256, top_k: int = 2,
-                       groups: int = 2, topk_groups: int = 1, dense_layers: int = 1):
+                       groups: int = 2, topk_groups: int = 1, dense_layers: int = 1, heads: int = 4):
+    """DeepSeek-V3's layout (MLA with q/kv LoRA, shared expert, grouped sigmoid router, first layers dense)
+    at a small size; head dims scale with ``hidden`` (DeepSeek-V3: nope 128, rope 64, v 128)."""
     from transformers import DeepseekV3Config
 
+    nope, rope = (64, 32) if hidden >= 512 else (16, 8)
     return DeepseekV3Config(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=hidden // 2,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=hidden // 4,
         num_hidden_layers=layers, first_k_dense_replace=dense_layers, n_routed_experts=experts, n_shared_experts=1,
-        num_experts_per_tok=top_k, n_group=groups, topk_group=topk_groups, num_attention_heads=4,
-        num_key_value_heads=4, q_lora_rank=hidden // 2, kv_lora_rank=hidden // 2, qk_nope_head_dim=16,
-        qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=256)
+        num_experts_per_tok=top_k, n_group=groups, topk_group=topk_groups, num_attention_heads=heads,
+        num_key_value_heads=heads, q_lora_rank=hidden // 2, kv_lora_rank=hidden // 2, qk_nope_head_dim=nope,
+        qk_rope_head_dim=rope, v_head_dim=nope, max_position_embeddings=1024)
 
 
 def build(config, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
