@@ -3,7 +3,7 @@ eager, torch.compile (Inductor) and torch.compile(backend="omni") in one run (pl
 registry route, fused_moe experts and moe_route routers — when the MoE ops exist).
 
 Prefill: batch 1 x PREFILL tokens. Decode: batch DECODE_BATCH, one token per step on a DynamicCache that
-starts at PREFILL tokens; the time per step is the median over DECODE_STEPS steps (cache marked dynamic, so
+starts at DECODE_CONTEXT tokens; the time per step is the median over DECODE_STEPS steps (cache marked dynamic, so
 the compiled step is compiled once). Models run in the first ``--dtype`` (default float32: bf16 matmuls on
 an AVX2 CPU without AMX are emulated and slow in every column).
 """
@@ -24,8 +24,9 @@ import omniops
 NAME = "model"
 PREFILL = 128
 DECODE_BATCH = 4
+DECODE_CONTEXT = 64
 DECODE_STEPS = 8
-REPS = 3
+REPS = 2
 
 
 def presets(shapes: str) -> list[tuple[str, object]]:
@@ -59,7 +60,7 @@ def time_model(fn, model, vocab: int, reps: int = REPS) -> dict[str, float]:
     """Median prefill and decode-step seconds of ``fn`` (a model or a compiled model)."""
     g = torch.Generator().manual_seed(0)
     prefill_ids = torch.randint(0, vocab, (1, PREFILL), generator=g)
-    decode_ids = torch.randint(0, vocab, (DECODE_BATCH, PREFILL), generator=g)
+    decode_ids = torch.randint(0, vocab, (DECODE_BATCH, DECODE_CONTEXT), generator=g)
     pre, dec = [], []
     with torch.no_grad():
         _prefilled(fn, model, prefill_ids.clone())  # warm up / compile
@@ -126,7 +127,8 @@ def run(opts: BenchOptions, console: Console) -> list[dict]:
 
 
 def _print(rows: list[dict], console: Console) -> None:
-    table = Table(title=f"HF models: prefill 1x{PREFILL} tokens, decode batch {DECODE_BATCH} at context ~{PREFILL}")
+    table = Table(title=f"HF models: prefill 1x{PREFILL} tokens, decode batch {DECODE_BATCH} "
+                        f"at context ~{DECODE_CONTEXT}")
     for col in ("model", "dtype", "impl", "prefill ms", "prefill tok/s", "decode ms/step", "decode tok/s",
                 "decode x eager", "decode x inductor", "prefill x inductor"):
         table.add_column(col, justify="left" if col in ("model", "dtype", "impl") else "right")

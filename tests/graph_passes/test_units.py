@@ -3,6 +3,9 @@ near-misses it must leave alone. One compile per dtype for the norm/activation p
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,14 +62,33 @@ def test_norm_and_activation_passes(dtype):
     assert "rms_norm" in rep.missed
 
 
-def test_passes_switch_off():
+def test_passes_switch_off(capsys):
     args = _inputs(torch.float32)
     _, out, rep = compile_omni(block, *args, options={"rms_norm": False, "fused_add_rms_norm": False,
-                                                      "silu_and_mul": False})
+                                                      "silu_and_mul": False, "log": True})
     assert sum(rep.matched.values()) == 0 and not rep.ops
     for o, r in zip(out, block(*args), strict=True):
         assert_close(o, r)
     assert "switched off" in rep.missed["rms_norm"]
+    assert "omni passes: 1 graph(s) rewritten" in capsys.readouterr().out  # log=True (or OMNI_LOG=passes)
+
+
+def test_backend_registered_without_importing_omniops():
+    code = ("import torch\n"
+            "from torch._dynamo.backends.registry import lookup_backend\n"
+            "import sys\n"
+            "assert 'omniops' not in sys.modules\n"
+            "fn = lookup_backend('omni')\n"
+            "print(fn.__module__, fn.__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["omniops.graph_passes.backend", "omni_backend"]
+
+
+def test_pass_uuid_tracks_config():
+    from omniops.graph_passes import OmniGraphPass, PassConfig
+
+    a, b = OmniGraphPass(PassConfig()), OmniGraphPass(PassConfig(rms_norm=False))
+    assert a.uuid() == OmniGraphPass(PassConfig()).uuid() != b.uuid()
 
 
 def test_unknown_option_rejected():
@@ -134,3 +156,18 @@ def test_moe_near_miss_sigmoid_router_not_matched():
     rv, ri = f(logits)
     assert torch.equal(i, ri)
     assert_close(v, rv)
+
+
+def test_prepare_hint_said_once(caplog):
+    import transformers.integrations.moe  # noqa: F401  (registers transformers::grouped_mm_fallback)
+    from omniops.graph_passes import backend
+
+    g = torch.fx.Graph()
+    x, w, offs = g.placeholder("x"), g.placeholder("w"), g.placeholder("offs")
+    g.output(g.call_function(torch.ops.transformers.grouped_mm_fallback.default, (x, w, offs)))
+    gm = torch.fx.GraphModule({}, g)
+    backend._HINTED = False
+    with caplog.at_level("WARNING", logger="omniops.graph_passes"):
+        backend._hint_prepare(gm)
+        backend._hint_prepare(gm)
+    assert sum("prepare(model)" in r.getMessage() for r in caplog.records) == 1
