@@ -2,9 +2,10 @@
 eager, torch.compile (Inductor) and torch.compile(backend="omni") in one run (plus "omni+prepare" — the
 registry route, fused_moe experts and moe_route routers — when the MoE ops exist).
 
-Prefill: batch 1 x PREFILL tokens. Decode: batch DECODE_BATCH, one token per step on a DynamicCache that
-starts at DECODE_CONTEXT tokens; the time per step is the median over DECODE_STEPS steps (cache marked dynamic, so
-the compiled step is compiled once). Models run in the first ``--dtype`` (default float32: bf16 matmuls on
+Prefill: BATCH x CONTEXT tokens. Decode: batch BATCH, one token per sequence per step on the DynamicCache of
+that prefill; the time per step is the median over REPS x DECODE_STEPS steps (batch, sequence and cache length
+marked dynamic: each implementation compiles one prefill and one decode graph). Timings are interleaved across
+implementations. Models run in the first ``--dtype`` (default float32: bf16 matmuls on
 an AVX2 CPU without AMX are emulated and slow in every column).
 """
 
@@ -22,9 +23,8 @@ from rich.table import Table
 import omniops
 
 NAME = "model"
-PREFILL = 128
-DECODE_BATCH = 4
-DECODE_CONTEXT = 64
+BATCH = 4
+CONTEXT = 64
 DECODE_STEPS = 8
 REPS = 2
 
@@ -46,39 +46,46 @@ def presets(shapes: str) -> list[tuple[str, object]]:
     ]
 
 
-def _prefilled(fn, model, ids):
+def _prefill(fn, model, ids):
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
     M.mark_dynamic_inputs(ids)
     out = fn(input_ids=ids, cache=cache, use_cache=True)
-    tok = out.logits[:, -1].argmax(-1, keepdim=True)
-    return cache, tok
+    return cache, out.logits[:, -1].argmax(-1, keepdim=True)
 
 
-def time_model(fn, model, vocab: int, reps: int = REPS) -> dict[str, float]:
-    """Median prefill and decode-step seconds of ``fn`` (a model or a compiled model)."""
-    g = torch.Generator().manual_seed(0)
-    prefill_ids = torch.randint(0, vocab, (1, PREFILL), generator=g)
-    decode_ids = torch.randint(0, vocab, (DECODE_BATCH, DECODE_CONTEXT), generator=g)
-    pre, dec = [], []
+def _step(fn, cache, tok):
+    M.mark_dynamic_inputs(tok, cache)
+    out = fn(input_ids=tok, cache=cache, use_cache=True)
+    return out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+def time_models(impls: dict[str, tuple], vocab: int, reps: int = REPS) -> dict[str, dict[str, float]]:
+    """Median prefill and decode-step seconds per implementation ({name: (fn, model)}). Measurements are
+    interleaved across the implementations (step by step), so load changes on a shared machine hit all alike."""
+    ids = torch.randint(0, vocab, (BATCH, CONTEXT), generator=torch.Generator().manual_seed(0))
+    pre: dict[str, list[float]] = {n: [] for n in impls}
+    dec: dict[str, list[float]] = {n: [] for n in impls}
     with torch.no_grad():
-        _prefilled(fn, model, prefill_ids.clone())  # warm up / compile
+        for fn, model in impls.values():  # compile: prefill graph, decode graph
+            cache, tok = _prefill(fn, model, ids.clone())
+            for _ in range(2):
+                tok = _step(fn, cache, tok)
         for _ in range(reps):
-            t0 = time.perf_counter()
-            _prefilled(fn, model, prefill_ids.clone())
-            pre.append(time.perf_counter() - t0)
-        for r in range(reps):
-            cache, tok = _prefilled(fn, model, decode_ids.clone())
-            for i in range(DECODE_STEPS + (2 if r == 0 else 0)):  # first rep: 2 warm-up steps (compile)
-                M.mark_dynamic_inputs(tok, cache)
+            state = {}
+            for n, (fn, model) in impls.items():
                 t0 = time.perf_counter()
-                out = fn(input_ids=tok, cache=cache, use_cache=True)
-                dt = time.perf_counter() - t0
-                tok = out.logits[:, -1].argmax(-1, keepdim=True)
-                if r or i >= 2:
-                    dec.append(dt)
-    return {"prefill_s": statistics.median(pre), "decode_s": statistics.median(dec)}
+                state[n] = _prefill(fn, model, ids.clone())
+                pre[n].append(time.perf_counter() - t0)
+            for _ in range(DECODE_STEPS):
+                for n, (fn, _model) in impls.items():
+                    cache, tok = state[n]
+                    t0 = time.perf_counter()
+                    tok = _step(fn, cache, tok)
+                    dec[n].append(time.perf_counter() - t0)
+                    state[n] = (cache, tok)
+    return {n: {"prefill_s": statistics.median(pre[n]), "decode_s": statistics.median(dec[n])} for n in impls}
 
 
 def run(opts: BenchOptions, console: Console) -> list[dict]:
@@ -92,43 +99,41 @@ def run(opts: BenchOptions, console: Console) -> list[dict]:
     rows: list[dict] = []
     reps = opts.reps or REPS
     for label, cfg in presets(opts.shapes):
-        model = M.build(cfg, dtype)
         is_moe = hasattr(cfg, "num_experts_per_tok")
-        impls = {"eager": lambda m=model: m,
-                 "inductor": lambda m=model: torch.compile(m),
-                 "omni": lambda m=model: torch.compile(m, backend="omni")}
+        torch._dynamo.reset()
+        reset_report()
+        impls: dict[str, tuple] = {}
+        m = M.build(cfg, dtype)
+        impls["eager"] = (m, m)
+        m = M.build(cfg, dtype)  # one model per implementation (same weights): separate Dynamo caches
+        impls["inductor"] = (torch.compile(m), m)
+        m = M.build(cfg, dtype)
+        impls["omni"] = (torch.compile(m, backend="omni"), m)
         if is_moe and has_moe_ops:
-            def _prepared(cfg=cfg):
-                m = M.build(cfg, dtype)
-                prepare(m)
-                return torch.compile(m, backend="omni")
-            impls["omni+prepare"] = _prepared
-        times: dict[str, dict[str, float]] = {}
-        for name, make in impls.items():
-            torch._dynamo.reset()
-            reset_report()
-            console.print(f"{label}: {name} ...")
-            fn = make()
-            times[name] = time_model(fn, model, cfg.vocab_size, reps)
-            if name.startswith("omni"):
-                console.print(report().format())
+            m = M.build(cfg, dtype)
+            prepare(m)
+            impls["omni+prepare"] = (torch.compile(m, backend="omni"), m)
+        console.print(f"{label}: compiling and timing {', '.join(impls)} (interleaved) ...")
+        with torch._dynamo.config.patch(recompile_limit=64):
+            times = time_models(impls, cfg.vocab_size, reps)
+        console.print(report().format())
         for name, t in times.items():
             rows.append({
                 "model": label, "dtype": str(dtype).replace("torch.", ""), "impl": name,
-                "prefill_ms": t["prefill_s"] * 1e3, "prefill_tok_s": PREFILL / t["prefill_s"],
-                "decode_ms": t["decode_s"] * 1e3, "decode_tok_s": DECODE_BATCH / t["decode_s"],
+                "prefill_ms": t["prefill_s"] * 1e3, "prefill_tok_s": BATCH * CONTEXT / t["prefill_s"],
+                "decode_ms": t["decode_s"] * 1e3, "decode_tok_s": BATCH / t["decode_s"],
                 "decode_x_eager": times["eager"]["decode_s"] / t["decode_s"],
                 "decode_x_inductor": times["inductor"]["decode_s"] / t["decode_s"],
                 "prefill_x_inductor": times["inductor"]["prefill_s"] / t["prefill_s"],
             })
-        del model
+        del impls
     _print(rows, console)
     return rows
 
 
 def _print(rows: list[dict], console: Console) -> None:
-    table = Table(title=f"HF models: prefill 1x{PREFILL} tokens, decode batch {DECODE_BATCH} "
-                        f"at context ~{DECODE_CONTEXT}")
+    table = Table(title=f"HF models: prefill {BATCH}x{CONTEXT} tokens, then decode batch {BATCH} (one token "
+                        f"per sequence per step) at context ~{CONTEXT}")
     for col in ("model", "dtype", "impl", "prefill ms", "prefill tok/s", "decode ms/step", "decode tok/s",
                 "decode x eager", "decode x inductor", "prefill x inductor"):
         table.add_column(col, justify="left" if col in ("model", "dtype", "impl") else "right")

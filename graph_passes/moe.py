@@ -104,7 +104,9 @@ def _route_pass(graph: torch.fx.Graph, rep: PassReport) -> None:
         if logits is None or not isinstance(k, int) or dim not in (-1, 1) or not largest:
             continue
         val = logits.meta.get("val")
-        if val is None or val.dim() != 2 or val.dtype != torch.float32:
+        # A router: [T, E] fp32 scores over a modest number of experts (not, say, a top-k over a vocabulary).
+        if val is None or val.dim() != 2 or val.dtype != torch.float32 or not _static_le(val.shape[1], 1024) \
+                or k > 32:
             continue
         if route is None:
             rep.miss("moe_route", "omniops.moe_route is not available (fused_moe not merged yet)")
@@ -128,6 +130,10 @@ def _route_pass(graph: torch.fx.Graph, rep: PassReport) -> None:
         if ids is not None:
             ids.replace_all_uses_with(ids_new)
         rep.add("moe_route")
+
+
+def _static_le(n: Any, bound: int) -> bool:
+    return isinstance(n, int) and n <= bound
 
 
 def _route_fn(route, k: int, renorm: bool):
