@@ -132,10 +132,24 @@ def _qwen_moe_block(norm_topk_prob=True):
     return m
 
 
+def _mixtral_moe_block():
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    cfg = MixtralConfig(hidden_size=32, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2)
+    cfg._experts_implementation = "grouped_mm"
+    torch.manual_seed(0)
+    m = MixtralSparseMoeBlock(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.1)
+    return m
+
+
 @needs_moe
-@pytest.mark.parametrize("norm_topk_prob", [True, False])
-def test_moe_block_to_fused_moe(norm_topk_prob):
-    m = _qwen_moe_block(norm_topk_prob)
+@pytest.mark.parametrize("block", ["qwen3_moe", "qwen3_moe_no_renorm", "mixtral"])
+def test_moe_block_to_fused_moe(block):
+    m = _mixtral_moe_block() if block == "mixtral" else _qwen_moe_block(block == "qwen3_moe")
     x = torch.randn(2, 5, 32)
     _, out, rep = compile_omni(m, x, fullgraph=True)
     assert rep.matched["moe_route"] == 1 and rep.matched["fused_moe"] == 1, rep
