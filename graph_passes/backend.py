@@ -46,7 +46,7 @@ class OmniGraphPass(CustomGraphPass):
         self.last = PassReport()
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        from omniops.graph_passes import moe
+        from omniops.graph_passes import moe, patterns
         from omniops.graph_passes.patterns import pattern_passes
         from torch._inductor.fx_passes.post_grad import remove_noop_ops
 
@@ -54,6 +54,7 @@ class OmniGraphPass(CustomGraphPass):
         remove_noop_ops(graph)
         rep = PassReport(graphs=1)
         passes = pattern_passes()
+        patterns.MIN_ROWS[0] = self.cfg.min_rows
         for name in _ORDER:
             if not getattr(self.cfg, name):
                 continue
@@ -94,7 +95,7 @@ def _diagnose(graph: torch.fx.Graph, rep: PassReport, cfg: PassConfig) -> None:
                    "torch._dynamo.config.specialize_float = True")
         else:
             why = ("not the HF RMSNorm formulation (no eps, other casts, weight dtype differs from the "
-                   "input, ...)")
+                   f"input, ...), or fewer than min_rows={cfg.min_rows} rows (CPU: Inductor's loop is cheaper)")
         rep.miss("rms_norm", f"{len(rsqrts)} x 1/sqrt(mean(x^2)+eps) left: {why}")
     sdpa = [t for t in (getattr(aten, n, None) for n in (
         "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",

@@ -24,6 +24,11 @@ class PassConfig:
     silu_and_mul_split: bool = False
     # router softmax + top-k (+ renormalisation) -> omni::moe_route; grouped_mm experts -> omni::fused_moe
     moe: bool = True
+    # CPU only: leave norms / SiLU-and-mul with fewer rows (tokens) than this to Inductor's own fused loops. A
+    # compiled graph calls an omni op through the dispatcher and its Python wrapper (~0.1-0.3 ms here), more
+    # than the whole fused loop costs at decode sizes; at prefill sizes both run at memory speed. Symbolic
+    # sizes use their compile-time hint (decode graphs specialise the sequence length to 1). 0: always rewrite.
+    min_rows: int = 64
     # keep Inductor's FX graph / AOT caches on. Off by default: a cache hit skips our passes, so the report
     # would not see the matches of a cached graph (the cache key includes our pass sources and this config).
     cache: bool = False
@@ -48,11 +53,13 @@ def _check(kw: dict[str, Any]) -> None:
     for k, v in kw.items():
         if k not in known:
             raise ValueError(f"omni backend: unknown option {k!r}; known: {sorted(known)}")
-        if not isinstance(v, bool):
-            raise TypeError(f"omni backend: option {k!r} expects a bool, got {v!r}")
+        want = int if k == "min_rows" else bool
+        if not isinstance(v, want) or (want is int and (isinstance(v, bool) or v < 0)):
+            raise TypeError(f"omni backend: option {k!r} expects a {'non-negative int' if want is int else 'bool'}, "
+                            f"got {v!r}")
 
 
-def configure(**kw: bool) -> PassConfig:
+def configure(**kw: bool | int) -> PassConfig:
     """Set the global defaults of the omni backend, e.g. ``configure(rms_norm=False, log=True)``.
     Returns the new config."""
     global _GLOBAL

@@ -20,6 +20,20 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _EPS = 1e-6  # placeholder value for tracing; matched as a free scalar
 
 
+# min_rows of the running compile (set by OmniGraphPass around the pattern passes; the checks are global)
+MIN_ROWS = [0]
+
+
+def _rows_ok(x) -> bool:
+    """False for a CPU tensor with fewer rows than MIN_ROWS (symbolic sizes: their hint)."""
+    if MIN_ROWS[0] <= 0 or x.device.type != "cpu":
+        return True
+    rows = 1
+    for d in x.shape[:-1]:
+        rows *= d if isinstance(d, int) else (d.node.hint if d.node.hint is not None else MIN_ROWS[0])
+    return rows >= MIN_ROWS[0]
+
+
 def _val(match: Match, name: str):
     node = match.kwargs[name]
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
@@ -59,7 +73,7 @@ def _norm_check(dtype: torch.dtype, with_residual: bool) -> Callable[[Match], bo
         x, w = _val(match, "x"), _val(match, "weight")
         if x is None or w is None or x.dtype != dtype or w.dtype != dtype or w.dim() != 1 or x.dim() < 1:
             return False
-        if x.shape[-1] != w.shape[0]:
+        if x.shape[-1] != w.shape[0] or not _rows_ok(x):
             return False
         if with_residual:
             r = _val(match, "residual")
@@ -91,14 +105,15 @@ def _silu_split_replace(gate, up):
 def _silu_merged_check(dtype: torch.dtype) -> Callable[[Match], bool]:
     def check(match: Match) -> bool:
         x = _val(match, "x")
-        return x is not None and x.dtype == dtype and x.dim() >= 1 and x.shape[-1] % 2 == 0
+        return x is not None and x.dtype == dtype and x.dim() >= 1 and x.shape[-1] % 2 == 0 and _rows_ok(x)
     return check
 
 
 def _silu_split_check(dtype: torch.dtype) -> Callable[[Match], bool]:
     def check(match: Match) -> bool:
         g, u = _val(match, "gate"), _val(match, "up")
-        return g is not None and u is not None and g.dtype == dtype == u.dtype and g.shape == u.shape
+        return (g is not None and u is not None and g.dtype == dtype == u.dtype and g.shape == u.shape
+                and _rows_ok(g))
     return check
 
 

@@ -40,9 +40,9 @@ def block(x, res, w, w32, gu, gu2):
 
 def _inputs(dtype):
     g = torch.Generator().manual_seed(0)
-    x, res = (torch.randn(3, 5, 64, generator=g).to(dtype) for _ in range(2))
+    x, res = (torch.randn(3, 24, 64, generator=g).to(dtype) for _ in range(2))  # 72 rows >= min_rows
     w = (1 + 0.1 * torch.randn(64, generator=g)).to(dtype)
-    gu, gu2 = (torch.randn(3, 5, 96, generator=g).to(dtype) for _ in range(2))
+    gu, gu2 = (torch.randn(3, 24, 96, generator=g).to(dtype) for _ in range(2))
     return x, res, w, w.float(), gu, gu2
 
 
@@ -91,6 +91,24 @@ def test_pass_uuid_tracks_config():
     assert a.uuid() == OmniGraphPass(PassConfig()).uuid() != b.uuid()
 
 
+def test_min_rows_leaves_decode_sized_norms_to_inductor():
+    # 3 x 5 = 15 rows: below the default min_rows (64) on CPU, so nothing is rewritten; min_rows=0 rewrites
+    g = torch.Generator().manual_seed(2)
+    x, res, w = torch.randn(3, 5, 64, generator=g), torch.randn(3, 5, 64, generator=g), torch.randn(64, generator=g)
+
+    def f(x, res, w):
+        s = res + x
+        return hf_rms(s, w, 1e-6), s
+
+    _, out, rep = compile_omni(f, x, res, w)
+    assert not rep.ops and "min_rows=64" in rep.missed["rms_norm"]
+    _, out0, rep0 = compile_omni(f, x, res, w, options={"min_rows": 0})
+    assert rep0.ops["fused_add_rms_norm"] == 1
+    for a, b, r in zip(out, out0, f(x, res, w), strict=True):
+        assert_close(a, r)
+        assert_close(b, r)
+
+
 def test_unknown_option_rejected():
     with pytest.raises(Exception, match="unknown option"):
         compile_omni(lambda x: x + 1, torch.ones(2), options={"no_such_pass": True})
@@ -106,7 +124,7 @@ def split_near_miss(x, wg, wu, wd):
 
 def test_silu_and_mul_split_form():
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(4, 32, generator=g)
+    x = torch.randn(80, 32, generator=g)
     wg, wu, wd = torch.randn(48, 32, generator=g), torch.randn(48, 32, generator=g), torch.randn(32, 48, generator=g)
     _, out, rep = compile_omni(split_mlp, x, wg, wu, wd, options={"silu_and_mul_split": True})
     assert rep.matched["silu_and_mul_split"] == 1 and rep.ops["silu_and_mul"] == 1
