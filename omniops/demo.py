@@ -9,6 +9,7 @@ interleaved (step by step across the implementations, so load on a shared machin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (on a shared, oversubscribed machine 1 is faster and steadier)")
     args = p.parse_args(argv)
+    if args.threads is None and hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1):
+        args.threads = 1
+        print(f"load average {os.getloadavg()[0]:.1f} > {os.cpu_count()} cores: timing with 1 thread "
+              "(multi-threaded regions stall on an oversubscribed machine; --threads to override)")
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = max(args.tokens, 4)
