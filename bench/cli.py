@@ -24,7 +24,7 @@ import omniops
 # routine name -> module under omniops.bench; a routine whose module is absent is listed as unavailable.
 ROUTINES = {
     "norm": "norm", "activation": "activation", "rotary": "rotary",
-    "attention": "attention", "moe": "moe", "gemm": "gemm", "placement": "placement",
+    "attention": "attention", "moe": "moe", "gemm": "gemm", "placement": "placement", "model": "model",
 }
 ALIASES = {"rms_norm": "norm", "silu_and_mul": "activation", "rotary_embedding": "rotary"}
 

@@ -1,0 +1,163 @@
+"""Hugging Face transformers integration: "omni" entries in ``ALL_EXPERTS_FUNCTIONS`` and
+``ALL_ATTENTION_FUNCTIONS``, omni router forwards, and ``prepare(model)`` that switches a model to them.
+
+* experts ("omni"): ``omniops.fused_moe(hidden, gate_up_proj [E,2I,H], down_proj [E,H,I], weights, ids)`` — HF's
+  expert layout is fused_moe's. Experts with biases, transposed or interleaved weights, a post-expert norm,
+  another activation or expert parallelism keep HF's ``grouped_mm``.
+* routers: softmax top-k (Mixtral, Qwen3-MoE) and DeepSeek-V3's grouped sigmoid router -> ``omniops.moe_route``.
+* attention ("omni"): today HF's SDPA path, unchanged (correct, no speed-up of its own). omniops' attention
+  ops work on a paged KV cache; HF's DynamicCache is contiguous. This entry is where a contiguous-KV omni
+  attention goes when it lands.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("omniops.graph_passes")
+
+
+def moe_op(name: str):
+    """``omniops.<name>`` (fused_moe / moe_route) or None while the MoE ops are not merged."""
+    import omniops
+
+    return getattr(omniops, name, None)
+
+
+# ---- experts ---------------------------------------------------------------------------------------------------
+def _experts_supported(m: torch.nn.Module) -> str | None:
+    """None when fused_moe computes exactly this experts module, else why not."""
+    if moe_op("fused_moe") is None:
+        return "omniops.fused_moe is not available (fused_moe not merged yet)"
+    for attr, want in (("has_gate", True), ("has_bias", False), ("is_transposed", False),
+                       ("is_concatenated", True), ("has_post_expert_norm", False), ("_is_expert_parallel", False)):
+        if getattr(m, attr, want) != want:
+            return f"{type(m).__name__}.{attr}={getattr(m, attr)!r} (fused_moe needs {want})"
+    act = getattr(getattr(m, "config", None), "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        return f"activation {act!r} (fused_moe computes SiLU-and-mul)"
+    if not (hasattr(m, "gate_up_proj") and hasattr(m, "down_proj")):
+        return f"{type(m).__name__} has no gate_up_proj/down_proj"
+    return None
+
+
+def omni_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor) -> torch.Tensor:
+    """ExpertsInterface "omni": one fused_moe call (HF's gate_up_proj/down_proj are its w13/w2)."""
+    why = _experts_supported(self)
+    if why is not None:
+        from transformers.integrations.moe import grouped_mm_experts_forward
+
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    return moe_op("fused_moe")(hidden_states, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index,
+                               activation="silu")
+
+
+# ---- routers ---------------------------------------------------------------------------------------------------
+def _softmax_router_forward(self: torch.nn.Module, hidden_states: torch.Tensor):
+    # Qwen3MoeTopKRouter / MixtralTopKRouter: softmax (fp32) top-k, optional renormalisation
+    h = hidden_states.reshape(-1, self.hidden_dim)
+    logits = F.linear(h, self.weight)
+    renorm = bool(getattr(self, "norm_topk_prob", True))
+    w, ids = moe_op("moe_route")(logits, self.top_k, scoring="softmax", renormalize=renorm)
+    if self._omni_weights_in_logits_dtype:
+        w = w.to(logits.dtype)
+    return logits, w, ids if self._omni_int32_ids else ids.long()
+
+
+def _sigmoid_router_forward(self: torch.nn.Module, hidden_states: torch.Tensor):
+    # DeepseekV3TopkRouter: sigmoid scores, correction bias for the choice, group-limited top-k, scaling
+    h = hidden_states.view(-1, self.hidden_dim)
+    logits = F.linear(h.type(torch.float32), self.weight.type(torch.float32))
+    w, ids = moe_op("moe_route")(
+        logits, self.top_k, scoring="sigmoid", renormalize=bool(self.norm_topk_prob),
+        num_groups=self.num_group, topk_groups=self.topk_group, correction_bias=self.e_score_correction_bias,
+        routed_scaling=float(self.routed_scaling_factor))
+    return logits, w, ids if self._omni_int32_ids else ids.long()
+
+
+def _router_kind(m: torch.nn.Module) -> str | None:
+    name = type(m).__name__
+    if not name.endswith(("TopKRouter", "TopkRouter")) or not hasattr(m, "weight") or not hasattr(m, "top_k"):
+        return None
+    if hasattr(m, "e_score_correction_bias") and hasattr(m, "num_group"):
+        return "sigmoid"
+    if "Qwen3Moe" in name or "Mixtral" in name or "Qwen2Moe" in name:
+        return "softmax"
+    return None
+
+
+# ---- registration ------------------------------------------------------------------------------------------------
+_REGISTERED = False
+
+
+def register() -> bool:
+    """Register "omni" in transformers' experts, attention and mask interfaces. False without transformers."""
+    global _REGISTERED
+    if _REGISTERED:
+        return True
+    try:
+        from transformers.integrations.moe import ExpertsInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.modeling_utils import AttentionInterface
+    except ImportError:
+        return False
+
+    def omni_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               attention_mask: torch.Tensor | None, **kwargs: Any):
+        """AttentionInterface "omni": SDPA today (see the module docstring)."""
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    ExpertsInterface.register("omni", omni_experts_forward)
+    AttentionInterface.register("omni", omni_attention_forward)
+    AttentionMaskInterface.register("omni", sdpa_mask)
+    _REGISTERED = True
+    return True
+
+
+def prepare(model: torch.nn.Module, *, experts: bool = True, routers: bool = True,
+            attention: bool = True) -> dict[str, Any]:
+    """Switch an HF model to the omni implementations, in place. Returns what changed and what did not (why).
+
+    ``experts``: ``config._experts_implementation = "omni"`` (fused_moe); ``routers``: router forwards ->
+    moe_route; ``attention``: ``_attn_implementation = "omni"``. Parts whose op is absent are left as they are.
+    """
+    if not register():
+        raise ImportError("omniops.graph_passes.prepare needs transformers")
+    out: dict[str, Any] = {"experts": 0, "routers": 0, "attention": False, "skipped": {}}
+    experts_mods = [m for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "down_proj")]
+    use_experts = False
+    if experts and experts_mods:
+        why = next((w for w in map(_experts_supported, experts_mods) if w), None)
+        if why is None and hasattr(model, "set_experts_implementation"):
+            model.set_experts_implementation("omni")
+            use_experts = True
+            out["experts"] = len(experts_mods)
+        else:
+            out["skipped"]["experts"] = why or "model has no set_experts_implementation"
+    if routers:
+        route = moe_op("moe_route")
+        for m in model.modules():
+            kind = _router_kind(m)
+            if kind is None:
+                continue
+            if route is None:
+                out["skipped"]["routers"] = "omniops.moe_route is not available (fused_moe not merged yet)"
+                break
+            m._omni_int32_ids = use_experts  # HF's own experts index with int64 (one_hot)
+            m._omni_weights_in_logits_dtype = "Qwen" in type(m).__name__
+            fwd = _sigmoid_router_forward if kind == "sigmoid" else _softmax_router_forward
+            m.forward = types.MethodType(fwd, m)
+            out["routers"] += 1
+    if attention and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("omni")
+        out["attention"] = True
+    if out["skipped"]:
+        log.info("omni prepare: %s", out["skipped"])
+    return out
