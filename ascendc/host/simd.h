@@ -55,6 +55,22 @@ OMNI_INLINE void Store(bfloat16_t* p, V8 x) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                    _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
 }
+// Store x to p (rounded to T) and return the rounded value as fp32, rounding once.
+OMNI_INLINE V8 StoreRound(float* p, V8 x) {
+  Store(p, x);
+  return x;
+}
+OMNI_INLINE V8 StoreRound(half* p, V8 x) {
+  const __m128i h = _mm256_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+  return {_mm256_cvtph_ps(h)};
+}
+OMNI_INLINE V8 StoreRound(bfloat16_t* p, V8 x) {
+  const __m256i b = Bf16Bits(x);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(b, 16))};
+}
 // T(x) back as fp32: the value a store to T followed by a load would give.
 OMNI_INLINE V8 Round(V8 x, const float*) { return x; }
 OMNI_INLINE V8 Round(V8 x, const half*) {
@@ -97,6 +113,14 @@ OMNI_INLINE V8 Load(const T* p) {
 template <typename T>
 OMNI_INLINE void Store(T* p, V8 x) {
   for (int i = 0; i < 8; ++i) p[i] = FromFloat<T>(x.v[i]);
+}
+template <typename T>
+OMNI_INLINE V8 StoreRound(T* p, V8 x) {
+  for (int i = 0; i < 8; ++i) {
+    p[i] = FromFloat<T>(x.v[i]);
+    x.v[i] = ToFloat(p[i]);
+  }
+  return x;
 }
 template <typename T>
 OMNI_INLINE V8 Round(V8 x, const T*) {

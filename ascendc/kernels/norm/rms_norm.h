@@ -118,9 +118,7 @@ class KernelRmsNorm {
     auto step = [&](int32_t i, V8& acc) {
       V8 v = Load(x + i);
       if constexpr (kResidual) {
-        v = Add(v, Load(rr + i));
-        Store(st + i, v);
-        v = Round(v, st);
+        v = StoreRound(st + i, Add(v, Load(rr + i)));
       }
       Store(xf + i, v);
       acc = Fma(v, v, acc);
