@@ -52,27 +52,36 @@ const void* Bias(const std::optional<at::Tensor>& bias, const at::Tensor& out, i
   return b.data_ptr();
 }
 
-const OmniQuantGemmKernels* Table() { return Kernels<OmniQuantGemmKernels>("omni_quant_gemm_kernels"); }
-
-// out[M, N] (float or int32) = x_q[M, K] int8 @ w_q[N, K].T int8, scaled by x_scale[M] * w_scale[N].
-void W8A8Gemm(at::Tensor out, const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w,
-              const at::Tensor& w_scale, const std::optional<at::Tensor>& bias) {
+// Checks shared by the scaled GEMMs (W8A8, FP8 block): CPU tensors, x_q [M, K] and w_q [N, K] of the quantized
+// dtype with unit inner stride, fp32 scales. Returns {M, K, N}; each GEMM then checks its own scale shapes.
+std::tuple<int64_t, int64_t, int64_t> CheckQuantOperands(const at::Tensor& out, const at::Tensor& x,
+                                                         const at::Tensor& x_scale, const at::Tensor& w,
+                                                         const at::Tensor& w_scale, at::ScalarType qtype) {
   CheckCpu(out, "out");
   CheckCpu(x, "x_q");
   CheckCpu(x_scale, "x_scale");
   CheckCpu(w, "w_q");
   CheckCpu(w_scale, "w_scale");
-  CheckDtype(x, at::kChar, "x_q");
-  CheckDtype(w, at::kChar, "w_q");
+  CheckDtype(x, qtype, "x_q");
+  CheckDtype(w, qtype, "w_q");
   CheckDtype(x_scale, at::kFloat, "x_scale");
   CheckDtype(w_scale, at::kFloat, "w_scale");
   if (x.dim() != 2) ValueError("x_q: expected a 2-D tensor [M, K], got shape " + Shape(x));
   if (w.dim() != 2) ValueError("w_q: expected a 2-D tensor [N, K], got shape " + Shape(w));
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   if (K < 1) ValueError("x_q: K must be > 0");
-  if (K > kMaxK8) ValueError("x_q: K=" + std::to_string(K) + " exceeds 131071 (int32 accumulation could overflow)");
   CheckMatrix(x, "x_q", M, K, false);
   CheckMatrix(w, "w_q", N, K, false);
+  return {M, K, N};
+}
+
+const OmniQuantGemmKernels* Table() { return Kernels<OmniQuantGemmKernels>("omni_quant_gemm_kernels"); }
+
+// out[M, N] (float or int32) = x_q[M, K] int8 @ w_q[N, K].T int8, scaled by x_scale[M] * w_scale[N].
+void W8A8Gemm(at::Tensor out, const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w,
+              const at::Tensor& w_scale, const std::optional<at::Tensor>& bias) {
+  const auto [M, K, N] = CheckQuantOperands(out, x, x_scale, w, w_scale, at::kChar);
+  if (K > kMaxK8) ValueError("x_q: K=" + std::to_string(K) + " exceeds 131071 (int32 accumulation could overflow)");
   CheckContiguousShape(x_scale, "x_scale", {M});
   CheckContiguousShape(w_scale, "w_scale", {N});
   const int32_t odt = OutDType(out, true);
@@ -152,21 +161,7 @@ void W4A16Gemm(at::Tensor out, const at::Tensor& x, const at::Tensor& w, const a
 
 void Fp8BlockGemm(at::Tensor out, const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w,
                   const at::Tensor& w_scale, const std::optional<at::Tensor>& bias) {
-  CheckCpu(out, "out");
-  CheckCpu(x, "x_q");
-  CheckCpu(x_scale, "x_scale");
-  CheckCpu(w, "w_q");
-  CheckCpu(w_scale, "w_scale");
-  CheckDtype(x, at::kFloat8_e4m3fn, "x_q");
-  CheckDtype(w, at::kFloat8_e4m3fn, "w_q");
-  CheckDtype(x_scale, at::kFloat, "x_scale");
-  CheckDtype(w_scale, at::kFloat, "w_scale");
-  if (x.dim() != 2) ValueError("x_q: expected a 2-D tensor [M, K], got shape " + Shape(x));
-  if (w.dim() != 2) ValueError("w_q: expected a 2-D tensor [N, K], got shape " + Shape(w));
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  if (K < 1) ValueError("x_q: K must be > 0");
-  CheckMatrix(x, "x_q", M, K, false);
-  CheckMatrix(w, "w_q", N, K, false);
+  const auto [M, K, N] = CheckQuantOperands(out, x, x_scale, w, w_scale, at::kFloat8_e4m3fn);
   const int64_t KB = (K + 127) / 128, NB = (N + 127) / 128;
   CheckContiguousShape(x_scale, "x_scale", {M, KB});
   CheckContiguousShape(w_scale, "w_scale", {NB, KB});
