@@ -4,7 +4,7 @@ that receive no rows, redundant expert copies, DeepSeek-V3 routing and a shared 
 
 from __future__ import annotations
 
-import socket
+import tempfile
 
 import pytest
 import torch
@@ -18,10 +18,9 @@ from omniops.testing import assert_close
 E, H, INTER, K = 8, 16, 12, 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _init_method() -> str:
+    """A file rendezvous in a fresh directory: no TCP port to race other processes for."""
+    return f"file://{tempfile.mkdtemp(prefix='omni_ep_')}/rendezvous"
 
 
 def _global_weights():
@@ -66,9 +65,9 @@ def _check_module(rank: int, world: int, placement: ExpertPlacement, per_rank: l
     assert int(logical.sum()) == sum(per_rank) * K
 
 
-def _worker(rank: int, world: int, port: int) -> None:
+def _worker(rank: int, world: int, init_method: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         uniform = ExpertPlacement.uniform(E, world)
         # Tokens on every rank; then a rank without tokens of its own (the last).
@@ -116,7 +115,7 @@ def _check_replicas_spread(rank: int, world: int) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ep_matches_single_process(world: int) -> None:
-    mp.spawn(_worker, args=(world, _free_port()), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, _init_method()), nprocs=world, join=True)
 
 
 def test_placement_maps() -> None:

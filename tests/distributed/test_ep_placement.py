@@ -14,7 +14,7 @@ import omniops
 from omniops.distributed import EPMoE, ExpertPlacement
 from omniops.placement import LoadRecorder, incremental_rebalance, rebalance_experts
 from omniops.testing import assert_close
-from tests.distributed.test_ep import INTER, E, H, K, _free_port, _global_weights
+from tests.distributed.test_ep import INTER, E, H, K, _global_weights, _init_method
 
 LAYERS, LAYER = 2, 1  # the module is layer 1 of a 2-layer recorder
 
@@ -118,9 +118,9 @@ def _check_bad_maps(rank: int, world: int) -> None:
     c.check()
 
 
-def _worker(rank: int, world: int, port: int) -> None:
+def _worker(rank: int, world: int, init_method: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         _check_live_replacement(rank, world)
         _check_bad_maps(rank, world)
@@ -130,7 +130,7 @@ def _worker(rank: int, world: int, port: int) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_live_replacement_matches_single_process(world: int) -> None:
-    mp.spawn(_worker, args=(world, _free_port()), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, _init_method()), nprocs=world, join=True)
 
 
 def test_single_process_apply_placement_and_recorder() -> None:
