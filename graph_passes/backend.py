@@ -22,7 +22,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 log = logging.getLogger("omniops.graph_passes")
 
 _HERE = Path(__file__).resolve().parent
-_ORDER = ("moe", "fused_add_rms_norm", "rms_norm", "silu_and_mul", "silu_and_mul_split")
+_ORDER = ("moe", "attention", "fused_add_rms_norm", "rms_norm", "silu_and_mul", "silu_and_mul_split")
 
 
 @torch.compiler.disable
@@ -46,7 +46,7 @@ class OmniGraphPass(CustomGraphPass):
         self.last = PassReport()
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        from omniops.graph_passes import moe, patterns
+        from omniops.graph_passes import attention, moe, patterns
         from omniops.graph_passes.patterns import pattern_passes
         from torch._inductor.fx_passes.post_grad import remove_noop_ops
 
@@ -60,6 +60,8 @@ class OmniGraphPass(CustomGraphPass):
                 continue
             if name == "moe":
                 moe.moe_pass(graph, rep)
+            elif name == "attention":
+                attention.attention_pass(graph, rep)
             else:
                 n = passes[name].apply(graph)
                 if n:
@@ -102,9 +104,8 @@ def _diagnose(graph: torch.fx.Graph, rep: PassReport, cfg: PassConfig) -> None:
         "_scaled_dot_product_efficient_attention", "_scaled_dot_product_attention_math",
         "_scaled_dot_product_cudnn_attention", "scaled_dot_product_attention")) if t is not None]
     n_sdpa = _count(graph, *(o.default for o in sdpa))
-    if n_sdpa:
-        rep.miss("attention", f"{n_sdpa} x SDPA left to Inductor: omniops has no attention op over a contiguous "
-                              "(HF DynamicCache) KV yet, only paged ones")
+    if n_sdpa and not cfg.attention:
+        rep.miss("attention", f"{n_sdpa} x SDPA left to Inductor: switched off")
     moe_left = _count(graph, *_grouped_mm_targets())
     if moe_left:
         from omniops.graph_passes import moe

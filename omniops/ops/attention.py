@@ -1,7 +1,8 @@
 """Attention over a paged KV cache: GQA and weight-absorbed MLA, decode and varlen prefill, cache writes.
 
 Public API: ``reshape_and_cache``, ``gqa_decode``, ``gqa_prefill``, ``mla_cache``, ``mla_decode``, and
-``gqa_attention`` over contiguous K/V (SDPA / HF DynamicCache layout). Custom ops: ``omni::<name>`` for each. Kernels: ``ascendc/kernels/attention/`` (cpu), ``omniops/triton/attention.py``;
+``gqa_attention`` over contiguous K/V (SDPA / HF DynamicCache layout). Custom ops: ``omni::<name>`` for each.
+Kernels: ``ascendc/kernels/attention/`` (cpu), ``omniops/triton/attention.py``;
 oracle ``omniops/reference/attention.py``.
 
 Cache layouts (vLLM's): ``k_cache/v_cache [num_blocks, block_size, kv_heads, head_dim]``, MLA
