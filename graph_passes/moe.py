@@ -5,6 +5,10 @@ sort, which register_replacement's fixed-shape tracing cannot express):
 
 * router: ``topk(softmax(logits), k)`` [+ ``values / values.sum(-1, keepdim=True)``] (Qwen3-MoE, Mixtral)
   -> ``moe_route(logits, k, scoring="softmax", renormalize=...)``.
+* router: DeepSeek-V3's grouped sigmoid router (``DeepseekV3TopkRouter``: sigmoid, correction bias for the
+  choice, group scores = sum of the top-2, top ``topk_group`` groups, masked top-k, weights gathered from the
+  unbiased scores [+ renormalise] [* scaling]; also n_group = 1) -> ``moe_route(logits, k, scoring="sigmoid",
+  num_groups=..., topk_groups=..., correction_bias=..., renormalize=..., routed_scaling=...)``.
 * experts: transformers' ``grouped_mm_experts_forward`` as it reaches the post-grad graph (sort by expert,
   gather, grouped_mm(gate_up) -> silu(gate) * up -> grouped_mm(down), weight, unsort, sum over k), with
   ``torch.ops.transformers.grouped_mm_fallback`` (fp32/fp16 under compile) or ``aten._grouped_mm`` (bf16)
