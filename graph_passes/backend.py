@@ -112,8 +112,9 @@ def _diagnose(graph: torch.fx.Graph, rep: PassReport, cfg: PassConfig) -> None:
 
         rep.miss("fused_moe", f"{moe_left} x grouped_mm left: {moe.why_not_fused() if cfg.moe else 'switched off'}")
     if any(n.op == "call_function" and n.target is aten.topk.default for n in graph.nodes) and cfg.moe:
-        rep.miss("moe_route", "a top-k is left: routers other than softmax top-k (+ renormalise) are not matched "
-                              "(DeepSeek-V3's grouped sigmoid router: use omniops.graph_passes.prepare(model))")
+        rep.miss("moe_route", "a top-k is left: only softmax top-k (+ renormalise) and DeepSeek-V3's grouped "
+                              "sigmoid router (with its correction bias, weights from the unbiased scores) are "
+                              "matched; for other routers use omniops.graph_passes.prepare(model)")
 
 
 def _is_eps_input(rsqrt: torch.fx.Node) -> bool:

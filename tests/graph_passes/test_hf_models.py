@@ -96,10 +96,12 @@ def test_qwen3_moe(qwen3_moe):
 
 
 def test_deepseek_v3(deepseek_v3):
-    # q_a_layernorm / kv_a_layernorm per layer; the grouped sigmoid router is not pattern-matched (prepare())
-    moe = {"fused_moe": L} if HAS_MOE_OPS else {"silu_and_mul": L}
+    # q_a_layernorm / kv_a_layernorm per layer; the grouped sigmoid router (sigmoid, correction bias, group
+    # top-2 sums, masked top-k) becomes one moe_route per MoE layer, whose int32 ids fused_moe takes
+    moe = {"moe_route": L, "fused_moe": L} if HAS_MOE_OPS else {"silu_and_mul": L}
     _check_ops(deepseek_v3, {"rms_norm": 1 + 2 * L, "fused_add_rms_norm": 2 * L, **moe})
-    assert "moe_route" in deepseek_v3.report.missed
+    if HAS_MOE_OPS:
+        assert deepseek_v3.report.matched["moe_route"] == 2 * L and "moe_route" not in deepseek_v3.report.missed
     _check_numerics(deepseek_v3)
 
 
