@@ -123,7 +123,8 @@ def default_scale(head_dim: int) -> float:
 
 
 def gqa_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, causal: bool, scale: float) -> Tensor:
-    """Contiguous K/V in SDPA layout: q [B, Hq, S, D], k [B, Hk, L, D], v [B, Hk, L, Dv] -> [B, Hq, S, Dv] (fp32).
+    """Contiguous K/V in SDPA layout: q [B, Hq, S, D], k [B, Hk, L, D], v [B, Hk, L, Dv] -> [B, Hq, S, Dv] in q's
+    dtype (computed in fp32).
 
     ``causal``: bottom-right aligned (query s sees keys <= L - S + s). ``attn_mask`` broadcastable to
     [B, Hq, S, L]: bool (True = attend) or added to the scaled scores. Rows with no visible key give zeros."""
@@ -139,4 +140,4 @@ def gqa_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, cau
         vis = torch.arange(L, device=q.device)[None, :] <= (L - S + torch.arange(S, device=q.device))[:, None]
         s = s.masked_fill(~vis, float("-inf"))
     p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
-    return torch.einsum("bhsl,bhld->bhsd", p, vf)
+    return torch.einsum("bhsl,bhld->bhsd", p, vf).to(q.dtype)
