@@ -22,7 +22,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 log = logging.getLogger("omniops.graph_passes")
 
 _HERE = Path(__file__).resolve().parent
-_ORDER = ("moe", "attention", "fused_add_rms_norm", "rms_norm", "silu_and_mul", "silu_and_mul_split")
+_ORDER = ("moe", "attention", "linear", "fused_add_rms_norm", "rms_norm", "silu_and_mul", "silu_and_mul_split")
 
 
 @torch.compiler.disable
@@ -46,7 +46,7 @@ class OmniGraphPass(CustomGraphPass):
         self.last = PassReport()
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        from omniops.graph_passes import attention, moe, patterns
+        from omniops.graph_passes import attention, linear, moe, patterns
         from omniops.graph_passes.patterns import pattern_passes
         from torch._inductor.fx_passes.post_grad import remove_noop_ops
 
@@ -62,6 +62,8 @@ class OmniGraphPass(CustomGraphPass):
                 moe.moe_pass(graph, rep)
             elif name == "attention":
                 attention.attention_pass(graph, rep)
+            elif name == "linear":
+                linear.linear_pass(graph, rep, self.cfg.linear_max_rows)
             else:
                 n = passes[name].apply(graph)
                 if n:

@@ -24,6 +24,10 @@ class PassConfig:
     silu_and_mul_split: bool = False
     # router softmax + top-k (+ renormalisation) -> omni::moe_route; grouped_mm experts -> omni::fused_moe
     moe: bool = True
+    # CPU: dense linears with at most linear_max_rows rows (decode) -> omni::grouped_gemm over one group (torch's
+    # mm streams a weight at well below the memory bandwidth at few rows on some CPUs; see graph_passes/linear.py)
+    linear: bool = True
+    linear_max_rows: int = 16
     # SDPA (CPU) and HF's eager matmul-softmax-matmul attention, repeat_kv GQA stripped -> omni::gqa_attention
     attention: bool = True
     # CPU only: leave norms / SiLU-and-mul with fewer rows (tokens) than this to Inductor's own fused loops. A
@@ -45,7 +49,7 @@ class PassConfig:
         return asdict(self)
 
 
-PASS_NAMES = ("fused_add_rms_norm", "rms_norm", "silu_and_mul", "silu_and_mul_split", "moe", "attention")
+PASS_NAMES = ("fused_add_rms_norm", "rms_norm", "silu_and_mul", "silu_and_mul_split", "moe", "attention", "linear")
 
 _GLOBAL = PassConfig()
 
@@ -55,7 +59,7 @@ def _check(kw: dict[str, Any]) -> None:
     for k, v in kw.items():
         if k not in known:
             raise ValueError(f"omni backend: unknown option {k!r}; known: {sorted(known)}")
-        want = int if k == "min_rows" else bool
+        want = int if k in ("min_rows", "linear_max_rows") else bool
         if not isinstance(v, want) or (want is int and (isinstance(v, bool) or v < 0)):
             raise TypeError(f"omni backend: option {k!r} expects a {'non-negative int' if want is int else 'bool'}, "
                             f"got {v!r}")

@@ -72,7 +72,8 @@ def _check_numerics(c: Compiled) -> None:
 def test_llama(llama):
     # layer 0's input norm has no residual add before it; every later norm (post-attention, final) has one
     # SDPA (native GQA, is_causal at prefill, no mask at decode) -> gqa_attention
-    _check_ops(llama, {"rms_norm": 1, "fused_add_rms_norm": 2 * L, "gqa_attention": L})
+    # linears (q, k, v, o, gate, up, down per layer + lm_head) with <= linear_max_rows rows -> grouped_gemm
+    _check_ops(llama, {"rms_norm": 1, "fused_add_rms_norm": 2 * L, "gqa_attention": L, "grouped_gemm": 7 * L + 1})
     _check_numerics(llama)
 
 
@@ -91,7 +92,9 @@ def test_qwen3_moe(qwen3_moe):
     # q_norm / k_norm per layer are RMSNorms too; the experts' merged gate_up SiLU-and-mul becomes part of
     # fused_moe when the MoE ops exist
     moe = {"moe_route": L, "fused_moe": L} if HAS_MOE_OPS else {"silu_and_mul": L}
-    _check_ops(qwen3_moe, {"rms_norm": 1 + 2 * L, "fused_add_rms_norm": 2 * L, "gqa_attention": L, **moe})
+    # linears: q, k, v, o and the router per layer, lm_head
+    _check_ops(qwen3_moe, {"rms_norm": 1 + 2 * L, "fused_add_rms_norm": 2 * L, "gqa_attention": L,
+                           "grouped_gemm": 5 * L + 1, **moe})
     _check_numerics(qwen3_moe)
 
 
@@ -101,7 +104,9 @@ def test_deepseek_v3(deepseek_v3):
     moe = {"moe_route": L, "fused_moe": L} if HAS_MOE_OPS else {"silu_and_mul": L}
     # MLA's q head dim (nope + rope) differs from v's: SDPA takes its math path, decomposed in the graph
     # (q and k^T scaled by sqrt(scale), bmm, additive causal mask, softmax, "safe" zero rows) -> gqa_attention
-    _check_ops(deepseek_v3, {"rms_norm": 1 + 2 * L, "fused_add_rms_norm": 2 * L, "gqa_attention": L, **moe})
+    # linears: q_a, q_b, kv_a, kv_b, o, router, shared expert's gate, up, down per layer, lm_head
+    _check_ops(deepseek_v3, {"rms_norm": 1 + 2 * L, "fused_add_rms_norm": 2 * L, "gqa_attention": L,
+                             "grouped_gemm": 9 * L + 1, **moe})
     if HAS_MOE_OPS:
         assert deepseek_v3.report.matched["moe_route"] == 2 * L and "moe_route" not in deepseek_v3.report.missed
     _check_numerics(deepseek_v3)

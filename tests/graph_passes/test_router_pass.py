@@ -113,7 +113,7 @@ def test_grouped_router_near_misses_left_alone():
 
     x = _x()
     _, outs, rep = compile_omni(f, x, fullgraph=True)
-    assert rep.matched["moe_route"] == 0 and not rep.ops, rep
+    assert rep.matched["moe_route"] == 0 and "moe_route" not in rep.ops, rep  # (the router linears may be rewritten)
     assert "moe_route" in rep.missed  # the top-ks are left, and the report says so
     with torch.no_grad():
         for out, m in zip(outs, ms, strict=True):
