@@ -53,6 +53,11 @@ def qwen3_moe():
 
 
 @pytest.fixture(scope="module")
+def mixtral():
+    return Compiled(M.mixtral_config(layers=L))
+
+
+@pytest.fixture(scope="module")
 def deepseek_v3():
     return Compiled(M.deepseek_v3_config(layers=L, dense_layers=0))
 
@@ -96,6 +101,13 @@ def test_qwen3_moe(qwen3_moe):
     _check_ops(qwen3_moe, {"rms_norm": 1 + 2 * L, "fused_add_rms_norm": 2 * L, "gqa_attention": L,
                            "grouped_gemm": 5 * L + 1, **moe})
     _check_numerics(qwen3_moe)
+
+
+def test_mixtral(mixtral):
+    # softmax top-k router (renormalised) + grouped_mm experts; linears: q, k, v, o and the router, lm_head
+    _check_ops(mixtral, {"rms_norm": 1, "fused_add_rms_norm": 2 * L, "gqa_attention": L, "grouped_gemm": 5 * L + 1,
+                         "moe_route": L, "fused_moe": L})
+    _check_numerics(mixtral)
 
 
 def test_deepseek_v3(deepseek_v3):
