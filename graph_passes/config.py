@@ -24,6 +24,8 @@ class PassConfig:
     silu_and_mul_split: bool = False
     # router softmax + top-k (+ renormalisation) -> omni::moe_route; grouped_mm experts -> omni::fused_moe
     moe: bool = True
+    # HF rotary embedding (q * cos + rotate_half(q) * sin, q and k sharing cos/sin) -> omni::rotary_embedding
+    rotary: bool = True
     # CPU only: leave norms / SiLU-and-mul with fewer rows (tokens) than this to Inductor's own fused loops. A
     # compiled graph calls an omni op through the dispatcher and its Python wrapper (~0.1-0.3 ms here), more
     # than the whole fused loop costs at decode sizes; at prefill sizes both run at memory speed. Symbolic
@@ -43,7 +45,7 @@ class PassConfig:
         return asdict(self)
 
 
-PASS_NAMES = ("fused_add_rms_norm", "rms_norm", "silu_and_mul", "silu_and_mul_split", "moe")
+PASS_NAMES = ("fused_add_rms_norm", "rms_norm", "silu_and_mul", "silu_and_mul_split", "moe", "rotary")
 
 _GLOBAL = PassConfig()
 
