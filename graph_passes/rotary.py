@@ -202,7 +202,7 @@ def _replacement(broadcast_batch: bool):
         half = d // 2
         cache = torch.cat([cos[..., :half], sin[..., :half]], dim=-1).reshape(-1, d)
         if broadcast_batch:  # cos/sin [1, S, D]: one cache row per sequence position, shared by the batch
-            pos = torch.arange(s, device=yq.device).expand(b, s)
+            pos = torch.arange(s, device=yq.device).expand(b, s).contiguous()
         else:
             pos = torch.arange(b * s, device=yq.device).view(b, s)
         qo, ko = torch.ops.omni.rotary_embedding.default(pos, yq, yk, cache, d, d, True)
