@@ -71,7 +71,8 @@ def _check_numerics(c: Compiled) -> None:
 
 def test_llama(llama):
     # layer 0's input norm has no residual add before it; every later norm (post-attention, final) has one
-    _check_ops(llama, {"rms_norm": 1, "fused_add_rms_norm": 2 * L})
+    # rotary (on by default): one rotary_embedding per layer for q and k (min_rows=0: the decode graph too)
+    _check_ops(llama, {"rms_norm": 1, "fused_add_rms_norm": 2 * L, "rotary_embedding": L})
     assert "attention" in llama.report.missed  # SDPA stays Inductor's (no contiguous-KV omni attention yet)
     _check_numerics(llama)
 
@@ -91,7 +92,8 @@ def test_qwen3_moe(qwen3_moe):
     # q_norm / k_norm per layer are RMSNorms too; the experts' merged gate_up SiLU-and-mul becomes part of
     # fused_moe when the MoE ops exist
     moe = {"moe_route": L, "fused_moe": L} if HAS_MOE_OPS else {"silu_and_mul": L}
-    _check_ops(qwen3_moe, {"rms_norm": 1 + 2 * L, "fused_add_rms_norm": 2 * L, **moe})
+    # rotary: q/k after q_norm / k_norm, one rotary_embedding per layer
+    _check_ops(qwen3_moe, {"rms_norm": 1 + 2 * L, "fused_add_rms_norm": 2 * L, "rotary_embedding": L, **moe})
     _check_numerics(qwen3_moe)
 
 
