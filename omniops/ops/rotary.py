@@ -103,7 +103,7 @@ def _validate(positions: Tensor, q: Tensor, k: Tensor | None, cos_sin_cache: Ten
             )
         _heads_view(name, t, lead, head_size)
     if not is_fake(positions) and positions.numel():
-        lo, hi = int(positions.min()), int(positions.max())
+        lo, hi = (int(v) for v in torch.aminmax(positions))  # one pass, one sync
         if lo < 0 or hi >= cos_sin_cache.shape[0]:
             raise ValueError(
                 f"positions: values must lie in [0, {cos_sin_cache.shape[0]}) (rows of cos_sin_cache), "
