@@ -27,7 +27,8 @@ class PassConfig:
     # HF rotary embedding (q * cos + rotate_half(q) * sin, q and k sharing cos/sin) -> omni::rotary_embedding on
     # the token-major q/k (no copy). On by default: rotary region of a Llama layer (8/2 heads x 128, fp32, 2
     # threads) 0.33 ms vs Inductor's 0.46-0.50 ms at 4x64 tokens, equal at 1x128 (Inductor recomputes cos/sin
-    # for every head); decode sizes fall under min_rows (the op's fixed ~0.1 ms extra would lose there).
+    # for every head and materialises rotate_half's cat); decode sizes fall under min_rows (the op's fixed
+    # ~0.1 ms extra would lose there).
     rotary: bool = True
     # CPU only: leave norms / SiLU-and-mul with fewer rows (tokens) than this to Inductor's own fused loops. A
     # compiled graph calls an omni op through the dispatcher and its Python wrapper (~0.1-0.3 ms here), more
