@@ -22,7 +22,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 log = logging.getLogger("omniops.graph_passes")
 
 _HERE = Path(__file__).resolve().parent
-_ORDER = ("moe", "attention", "linear", "fused_add_rms_norm", "rms_norm", "silu_and_mul", "silu_and_mul_split")
+_ORDER = ("moe", "attention", "linear", "fused_add_rms_norm", "rms_norm", "rotary", "silu_and_mul",
+          "silu_and_mul_split")
 
 
 @torch.compiler.disable
@@ -39,14 +40,15 @@ def _count(graph: torch.fx.Graph, *targets: Any) -> int:
 
 
 class OmniGraphPass(CustomGraphPass):
-    """All omni rewrites, in order: MoE (router + experts), residual add + RMSNorm, RMSNorm, SiLU-and-mul."""
+    """All omni rewrites, in order: MoE (router + experts), residual add + RMSNorm, RMSNorm, rotary,
+    SiLU-and-mul."""
 
     def __init__(self, cfg: PassConfig) -> None:
         self.cfg = cfg
         self.last = PassReport()
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        from omniops.graph_passes import attention, linear, moe, patterns
+        from omniops.graph_passes import attention, linear, moe, patterns, rotary
         from omniops.graph_passes.patterns import pattern_passes
         from torch._inductor.fx_passes.post_grad import remove_noop_ops
 
@@ -64,6 +66,8 @@ class OmniGraphPass(CustomGraphPass):
                 attention.attention_pass(graph, rep)
             elif name == "linear":
                 linear.linear_pass(graph, rep, self.cfg.linear_max_rows)
+            elif name == "rotary":
+                rotary.rotary_pass(graph, rep)
             else:
                 n = passes[name].apply(graph)
                 if n:
@@ -108,6 +112,11 @@ def _diagnose(graph: torch.fx.Graph, rep: PassReport, cfg: PassConfig) -> None:
     n_sdpa = _count(graph, *(o.default for o in sdpa))
     if n_sdpa and not cfg.attention:
         rep.miss("attention", f"{n_sdpa} x SDPA left to Inductor: switched off")
+    from omniops.graph_passes import rotary
+
+    n_rot = rotary.rotate_half_left(graph)
+    if n_rot:
+        rep.miss("rotary", f"{n_rot} x rotate_half left: {rotary.why_not() if cfg.rotary else 'switched off'}")
     moe_left = _count(graph, *_grouped_mm_targets())
     if moe_left:
         from omniops.graph_passes import moe

@@ -103,7 +103,7 @@ def _validate(positions: Tensor, q: Tensor, k: Tensor | None, cos_sin_cache: Ten
             )
         _heads_view(name, t, lead, head_size)
     if not is_fake(positions) and positions.numel():
-        lo, hi = int(positions.min()), int(positions.max())
+        lo, hi = (int(v) for v in torch.aminmax(positions))  # one pass, one sync
         if lo < 0 or hi >= cos_sin_cache.shape[0]:
             raise ValueError(
                 f"positions: values must lie in [0, {cos_sin_cache.shape[0]}) (rows of cos_sin_cache), "
@@ -114,7 +114,8 @@ def _validate(positions: Tensor, q: Tensor, k: Tensor | None, cos_sin_cache: Ten
 def _run(positions: Tensor, q: Tensor, k: Tensor | None, cache: Tensor, head_size: int, rotary_dim: int,
          is_neox: bool, q_out: Tensor, k_out: Tensor | None) -> None:
     lead = positions.dim()
-    pos = positions.reshape(-1).to(torch.int64)
+    # reshape(-1) of an expanded positions tensor (one row shared by a batch) can keep a 0 stride
+    pos = positions.reshape(-1).to(torch.int64).contiguous()
     q3, _ = _heads_view("q", q, lead, head_size)
     qo3, qo_is_view = _heads_view("q_out", q_out, lead, head_size)
     if k is None:

@@ -78,7 +78,9 @@ def test_llama(llama):
     # layer 0's input norm has no residual add before it; every later norm (post-attention, final) has one
     # SDPA (native GQA, is_causal at prefill, no mask at decode) -> gqa_attention
     # linears (q, k, v, o, gate, up, down per layer + lm_head) with <= linear_max_rows rows -> grouped_gemm
-    _check_ops(llama, {"rms_norm": 1, "fused_add_rms_norm": 2 * L, "gqa_attention": L, "grouped_gemm": 7 * L + 1})
+    # rotary (on by default): one rotary_embedding per layer for q and k (min_rows=0: the decode graph too)
+    _check_ops(llama, {"rms_norm": 1, "fused_add_rms_norm": 2 * L, "gqa_attention": L, "grouped_gemm": 7 * L + 1,
+                       "rotary_embedding": L})
     _check_numerics(llama)
 
 
@@ -97,9 +99,9 @@ def test_qwen3_moe(qwen3_moe):
     # q_norm / k_norm per layer are RMSNorms too; the experts' merged gate_up SiLU-and-mul becomes part of
     # fused_moe when the MoE ops exist
     moe = {"moe_route": L, "fused_moe": L} if HAS_MOE_OPS else {"silu_and_mul": L}
-    # linears: q, k, v, o and the router per layer, lm_head
+    # linears: q, k, v, o and the router per layer, lm_head; rotary: q/k after q_norm / k_norm, one per layer
     _check_ops(qwen3_moe, {"rms_norm": 1 + 2 * L, "fused_add_rms_norm": 2 * L, "gqa_attention": L,
-                           "grouped_gemm": 5 * L + 1, **moe})
+                           "grouped_gemm": 5 * L + 1, "rotary_embedding": L, **moe})
     _check_numerics(qwen3_moe)
 
 

@@ -138,3 +138,20 @@ def test_cpp_entry_point_rejects_bad_input(mutate, exc, match) -> None:
     with pytest.raises(exc, match=match):
         _ext.cpp().rotary_embedding(a["positions"], a["q"], a["k"], a["cache"], a["rotary_dim"], True,
                                     a["q_out"], a["k_out"])
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES)
+def test_expanded_positions(case: Case) -> None:
+    """positions shared by a batch, ``arange(S).expand(B, S)`` (the graph pass's form when HF's cos is
+    [1, S, D]); with S = 1 its flattened view has stride 0, which the kernels must not see."""
+    dev = case.device
+    cache = _cache(16, 16, torch.float32, dev)
+    for s in (1, 3):
+        positions = torch.arange(s, device=dev).expand(4, s)
+        q = torch.randn(4, s, 2, 16, device=dev)
+        k = torch.randn(4, s, 1, 16, device=dev)
+        qr, kr = ref_rotary(positions, q, k, cache, 16, 16, True)
+        with case.active():
+            qo, ko = omniops.rotary_embedding(positions, q, k, cache, 16)
+        assert_close(qo, qr)
+        assert_close(ko, kr)
