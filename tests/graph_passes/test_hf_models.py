@@ -108,7 +108,7 @@ def test_qwen3_moe(qwen3_moe):
 def test_mixtral(mixtral):
     # softmax top-k router (renormalised) + grouped_mm experts; linears: q, k, v, o and the router, lm_head
     _check_ops(mixtral, {"rms_norm": 1, "fused_add_rms_norm": 2 * L, "gqa_attention": L, "grouped_gemm": 5 * L + 1,
-                         "moe_route": L, "fused_moe": L})
+                         "rotary_embedding": L, "moe_route": L, "fused_moe": L})
     _check_numerics(mixtral)
 
 
