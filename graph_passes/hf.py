@@ -5,6 +5,8 @@
   expert layout is fused_moe's. Experts with biases, transposed or interleaved weights, a post-expert norm,
   another activation or expert parallelism keep HF's ``grouped_mm``.
 * routers: softmax top-k (Mixtral, Qwen3-MoE) and DeepSeek-V3's grouped sigmoid router -> ``omniops.moe_route``.
+* MLA (DeepSeek-V3 attention): decode steps weight-absorbed onto ``gqa_attention`` over the latent cache (one
+  kv head), instead of HF's re-expansion of every cached token through kv_b_proj each step.
 * attention ("omni"): ``omniops.gqa_attention`` over HF's contiguous cache (GQA without repeat_kv, bool masks
   from ``sdpa_mask``, which is None for plain causal attention without padding). CPU tensors only; on other
   devices, with dropout in training, a position bias, soft-capping or attention sinks it is HF's SDPA path.
@@ -92,6 +94,52 @@ def _router_kind(m: torch.nn.Module) -> str | None:
     return None
 
 
+# ---- MLA (DeepSeek-V3 attention) ------------------------------------------------------------------------------
+def _is_mla(m: torch.nn.Module) -> bool:
+    return all(hasattr(m, a) for a in ("kv_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "qk_nope_head_dim",
+                                       "qk_rope_head_dim", "v_head_dim", "kv_lora_rank", "o_proj"))
+
+
+def _mla_forward(self: torch.nn.Module, hidden_states: torch.Tensor, position_embeddings, attention_mask,
+                 cache=None, **kwargs: Any):
+    """DeepseekV3Attention with the decode step weight-absorbed (as vLLM / FlashMLA do).
+
+    HF caches the compressed latent (kv_nope [B, 1, L, R], k_rot [B, 1, L, P]) and re-expands all L tokens
+    through kv_b_proj every step. With W_UK / W_UV (kv_b_proj's per-head nope / v rows) folded into q and the
+    output, one decode step is MQA over the latent itself: q' = [q_nope W_UK, q_rot] [B, H, 1, R+P] against
+    k = [kv_nope, k_rot] [B, 1, L, R+P], v = kv_nope, out = o W_UV^T — omniops.gqa_attention with one kv head
+    (its split-KV decode). Prefill (S > 1) keeps HF's expanded form, which costs fewer FLOPs there."""
+    import sys
+
+    import omniops
+
+    B, S = hidden_states.shape[:-1]
+    if S != 1 or hidden_states.device.type != "cpu" or self._omni_mla_orig is None:
+        return self._omni_mla_orig(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
+    H, dn, dr, dv, R = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim, self.kv_lora_rank
+    mod = sys.modules[type(self).__module__]
+    if self.q_lora_rank is None:
+        q = self.q_proj(hidden_states)
+    else:
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+    q = q.view(B, S, H, dn + dr).transpose(1, 2)
+    q_pass, q_rot = torch.split(q, [dn, dr], dim=-1)
+    kv_nope, k_rot = torch.split(self.kv_a_proj_with_mqa(hidden_states), [R, dr], dim=-1)
+    kv_nope = self.kv_a_layernorm(kv_nope).view(B, 1, S, R)
+    k_rot = k_rot.view(B, 1, S, dr)
+    cos, sin = position_embeddings
+    rope = mod.apply_rotary_pos_emb_interleave if self.config.rope_interleave else mod.apply_rotary_pos_emb
+    q_rot, k_rot = rope(q_rot, k_rot, cos, sin)
+    if cache is not None:
+        kv_nope, k_rot = cache.update(kv_nope, k_rot, self.layer_idx, kwargs=kwargs)
+    w = self.kv_b_proj.weight.view(H, dn + dv, R)
+    q_lat = torch.einsum("bhsd,hdr->bhsr", q_pass, w[:, :dn])
+    out = omniops.gqa_attention(torch.cat([q_lat, q_rot], dim=-1), torch.cat([kv_nope, k_rot], dim=-1), kv_nope,
+                                attention_mask, scale=self.scaling)
+    out = torch.einsum("bhsr,hvr->bshv", out, w[:, dn:]).reshape(B, S, H * dv)
+    return self.o_proj(out), None
+
+
 # ---- registration ------------------------------------------------------------------------------------------------
 _REGISTERED = False
 
@@ -175,6 +223,11 @@ def prepare(model: torch.nn.Module, *, experts: bool = True, routers: bool = Tru
     if attention and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("omni")
         out["attention"] = True
+        for m in model.modules():
+            if _is_mla(m) and not hasattr(m, "_omni_mla_orig"):
+                m._omni_mla_orig = m.forward
+                m.forward = types.MethodType(_mla_forward, m)
+                out["mla_absorbed"] = out.get("mla_absorbed", 0) + 1
     if out["skipped"]:
         log.info("omni prepare: %s", out["skipped"])
     return out

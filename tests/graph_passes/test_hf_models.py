@@ -128,20 +128,33 @@ def test_deepseek_v3(deepseek_v3):
 
 # ---- prepare(): the registry route ---------------------------------------------------------------------------
 def test_prepare_switches_implementations_eager():
+    """Eager: prefill and greedy decode steps after prepare() equal HF's own (the decode steps run the
+    weight-absorbed MLA over the latent cache, prefill HF's expanded form)."""
     from omniops.graph_passes import prepare
 
     model = M.build(M.deepseek_v3_config(layers=2, dense_layers=1))
     ids = torch.randint(0, 256, (2, 6))
+    ref_logits, ref_tokens = M.greedy(model, model, ids.clone(), 4, False)
     with torch.no_grad():
-        ref = model(ids).logits
-        info = prepare(model)
-        out = model(ids).logits
-    assert info["attention"] and model.config._attn_implementation == "omni"
-    if HAS_MOE_OPS:
-        assert info["experts"] == 1 and info["routers"] == 1 and model.config._experts_implementation == "omni"
-    else:
-        assert info["experts"] == 0 and "fused_moe not merged yet" in info["skipped"]["experts"]
-    assert_close(out, ref, scale=2)
+        ref_step = _decode_logits(model, ids)
+    info = prepare(model)
+    logits, tokens = M.greedy(model, model, ids.clone(), 4, False)
+    with torch.no_grad():
+        step = _decode_logits(model, ids)
+    assert info["attention"] and model.config._attn_implementation == "omni" and info["mla_absorbed"] == 2
+    assert info["experts"] == 1 and info["routers"] == 1 and model.config._experts_implementation == "omni"
+    assert_close(logits, ref_logits, scale=2)
+    assert_close(step, ref_step, scale=2)
+    assert torch.equal(tokens, ref_tokens)
+
+
+def _decode_logits(model, ids):
+    """Logits of one decode step after a prefill of ``ids`` (the absorbed path)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids, cache=cache, use_cache=True)
+    return model(input_ids=ids[:, :1], cache=cache, use_cache=True).logits
 
 
 @needs_moe
