@@ -22,7 +22,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 log = logging.getLogger("omniops.graph_passes")
 
 _HERE = Path(__file__).resolve().parent
-_ORDER = ("moe", "fused_add_rms_norm", "rms_norm", "silu_and_mul", "silu_and_mul_split")
+_ORDER = ("moe", "fused_add_rms_norm", "rms_norm", "silu_and_mul", "silu_and_mul_split", "quant_linear")
 
 
 @torch.compiler.disable
@@ -46,7 +46,7 @@ class OmniGraphPass(CustomGraphPass):
         self.last = PassReport()
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        from omniops.graph_passes import moe, patterns
+        from omniops.graph_passes import moe, patterns, quant
         from omniops.graph_passes.patterns import pattern_passes
         from torch._inductor.fx_passes.post_grad import remove_noop_ops
 
@@ -60,6 +60,8 @@ class OmniGraphPass(CustomGraphPass):
                 continue
             if name == "moe":
                 moe.moe_pass(graph, rep)
+            elif name == "quant_linear":
+                quant.quant_linear_pass(graph, rep)
             else:
                 n = passes[name].apply(graph)
                 if n:
@@ -110,6 +112,14 @@ def _diagnose(graph: torch.fx.Graph, rep: PassReport, cfg: PassConfig) -> None:
         from omniops.graph_passes import moe
 
         rep.miss("fused_moe", f"{moe_left} x grouped_mm left: {moe.why_not_fused() if cfg.moe else 'switched off'}")
+    from omniops.graph_passes.quant import separate_quantizations
+
+    n_q = separate_quantizations(graph)
+    if n_q:
+        why = ("switched off" if not cfg.quant_linear else "the activation quantization is not the "
+               "quantize_activation_per_token_int8 / quantize_activation_fp8_group formula (other divisor, rounding "
+               "or clamp), or the GEMM returns raw int32 accumulators")
+        rep.miss("quant_linear", f"{n_q} x quantized GEMM left with a separate activation quantization: {why}")
     if any(n.op == "call_function" and n.target is aten.topk.default for n in graph.nodes) and cfg.moe:
         rep.miss("moe_route", "a top-k is left: routers other than softmax top-k (+ renormalise) are not matched "
                               "(DeepSeek-V3's grouped sigmoid router: use omniops.graph_passes.prepare(model))")

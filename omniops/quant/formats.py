@@ -131,6 +131,12 @@ def quantize_activation_per_token_int8(x: Tensor) -> tuple[Tensor, Tensor]:
             and x.shape[-1] > 0 and eager_direct((x,))):
         q, s = C.quantize_per_token_int8(x.reshape(-1, x.shape[-1]))
         return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
+    return quantize_per_token_int8_torch(x)
+
+
+def quantize_per_token_int8_torch(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The torch-op form of :func:`quantize_activation_per_token_int8` (what the oracles and traced graphs run;
+    the ``quant_linear`` graph pass matches exactly this formula)."""
     xf = x.float()
     scale = xf.abs().amax(dim=-1, keepdim=True) / 127.0 if x.shape[-1] > 0 else xf.new_zeros(*x.shape[:-1], 1)
     q = torch.round(xf / _safe(scale)).clamp_(-127, 127).to(torch.int8)
