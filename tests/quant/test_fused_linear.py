@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import omniops
@@ -31,9 +31,11 @@ def _scale(k: int) -> float:
 
 
 def _skip(case: Case, dtype: torch.dtype, out: torch.dtype | None) -> torch.dtype:
-    out = dtype if out is None else out
+    """Skip the whole test for a bf16 x the interpreter cannot run; drop only the *example* whose bf16 output it
+    cannot store faithfully (pytest.skip inside an example would skip every other example of the test too)."""
     skip_unsupported(case, dtype, uses_dot=True)
-    skip_unsupported(case, out, uses_dot=True)
+    out = dtype if out is None else out
+    assume(not (case.backend == "triton" and case.device == "cpu" and out == torch.bfloat16))
     return out
 
 
