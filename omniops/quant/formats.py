@@ -229,7 +229,9 @@ def quantize_activation_fp8_group(x: Tensor, group: int = FP8_BLOCK) -> tuple[Te
     xf = torch.zeros(*lead, kb * group, dtype=torch.float32, device=x.device)
     xf[..., :k] = x.float()
     g = xf.reshape(*lead, kb, group)
-    scale = g.abs().amax(dim=-1) / FP8_MAX
+    # A literal, not FP8_MAX: with dynamic=True Dynamo turns a module-level float into a graph input, and the
+    # quant_linear graph pass recognises this quantizer by its constant divisor.
+    scale = g.abs().amax(dim=-1) / 448.0
     q = (g / _safe(scale)[..., None]).clamp_(-FP8_MAX, FP8_MAX).reshape(*lead, kb * group)[..., :k]
     return q.to(torch.float8_e4m3fn).contiguous(), scale.contiguous()
 

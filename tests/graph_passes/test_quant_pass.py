@@ -91,3 +91,19 @@ def test_quant_linear_switch_off():
     assert "switched off" in rep.missed["quant_linear"]
     with torch.no_grad():
         assert_close(out, model(x))
+
+
+def test_quant_linear_dynamic_batch():
+    """dynamic=True: the fp8 chain (symbolic leading dims) is still matched, one graph serves every batch size."""
+    model = _mlp("fp8_block", 200)
+    x = torch.randn(3, 5, 200)
+    cfn, out, rep = compile_omni(model, x, dynamic=True)
+    assert rep.matched["quant_linear"] == 2 and omni_ops(rep)["fp8_block_linear"] == 2
+    with torch.no_grad():
+        assert_close(out, model(x))
+        for b in (2, 7):
+            xb = torch.randn(b, 4, 200)
+            assert_close(cfn(xb), model(xb))
+    from omniops.graph_passes import report
+
+    assert report().graphs == 1  # no recompilation for the other batch / sequence sizes
