@@ -5,7 +5,8 @@ Two routes, usable together:
 
 * graph passes — ``torch.compile(model, backend="omni")`` on an unmodified model: HF RMSNorm and residual
   add + RMSNorm -> ``omni::rms_norm`` / ``omni::fused_add_rms_norm``, SiLU-and-mul -> ``omni::silu_and_mul``,
-  softmax top-k routers -> ``omni::moe_route``, HF grouped_mm experts -> ``omni::fused_moe``.
+  softmax top-k routers and DeepSeek-V3's grouped sigmoid router -> ``omni::moe_route``, HF grouped_mm
+  experts -> ``omni::fused_moe``.
 * ``prepare(model)`` — switches an HF model's experts / attention implementation to the "omni" entries of
   transformers' ``ALL_EXPERTS_FUNCTIONS`` / ``ALL_ATTENTION_FUNCTIONS`` and its routers to ``moe_route``.
 

@@ -22,7 +22,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 log = logging.getLogger("omniops.graph_passes")
 
 _HERE = Path(__file__).resolve().parent
-_ORDER = ("moe", "fused_add_rms_norm", "rms_norm", "silu_and_mul", "silu_and_mul_split", "quant_linear")
+_ORDER = ("moe", "attention", "linear", "fused_add_rms_norm", "rms_norm", "silu_and_mul", "silu_and_mul_split",
+          "quant_linear")
 
 
 @torch.compiler.disable
@@ -46,7 +47,7 @@ class OmniGraphPass(CustomGraphPass):
         self.last = PassReport()
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        from omniops.graph_passes import moe, patterns, quant
+        from omniops.graph_passes import attention, linear, moe, patterns, quant
         from omniops.graph_passes.patterns import pattern_passes
         from torch._inductor.fx_passes.post_grad import remove_noop_ops
 
@@ -60,6 +61,10 @@ class OmniGraphPass(CustomGraphPass):
                 continue
             if name == "moe":
                 moe.moe_pass(graph, rep)
+            elif name == "attention":
+                attention.attention_pass(graph, rep)
+            elif name == "linear":
+                linear.linear_pass(graph, rep, self.cfg.linear_max_rows)
             elif name == "quant_linear":
                 quant.quant_linear_pass(graph, rep)
             else:
@@ -104,9 +109,8 @@ def _diagnose(graph: torch.fx.Graph, rep: PassReport, cfg: PassConfig) -> None:
         "_scaled_dot_product_efficient_attention", "_scaled_dot_product_attention_math",
         "_scaled_dot_product_cudnn_attention", "scaled_dot_product_attention")) if t is not None]
     n_sdpa = _count(graph, *(o.default for o in sdpa))
-    if n_sdpa:
-        rep.miss("attention", f"{n_sdpa} x SDPA left to Inductor: omniops has no attention op over a contiguous "
-                              "(HF DynamicCache) KV yet, only paged ones")
+    if n_sdpa and not cfg.attention:
+        rep.miss("attention", f"{n_sdpa} x SDPA left to Inductor: switched off")
     moe_left = _count(graph, *_grouped_mm_targets())
     if moe_left:
         from omniops.graph_passes import moe
@@ -121,8 +125,9 @@ def _diagnose(graph: torch.fx.Graph, rep: PassReport, cfg: PassConfig) -> None:
                "or clamp), or the GEMM returns raw int32 accumulators")
         rep.miss("quant_linear", f"{n_q} x quantized GEMM left with a separate activation quantization: {why}")
     if any(n.op == "call_function" and n.target is aten.topk.default for n in graph.nodes) and cfg.moe:
-        rep.miss("moe_route", "a top-k is left: routers other than softmax top-k (+ renormalise) are not matched "
-                              "(DeepSeek-V3's grouped sigmoid router: use omniops.graph_passes.prepare(model))")
+        rep.miss("moe_route", "a top-k is left: only softmax top-k (+ renormalise) and DeepSeek-V3's grouped "
+                              "sigmoid router (with its correction bias, weights from the unbiased scores) are "
+                              "matched; for other routers use omniops.graph_passes.prepare(model)")
 
 
 def _is_eps_input(rsqrt: torch.fx.Node) -> bool:

@@ -24,6 +24,12 @@ class PassConfig:
     silu_and_mul_split: bool = False
     # router softmax + top-k (+ renormalisation) -> omni::moe_route; grouped_mm experts -> omni::fused_moe
     moe: bool = True
+    # CPU: dense linears with at most linear_max_rows rows (decode) -> omni::grouped_gemm over one group (torch's
+    # mm streams a weight at well below the memory bandwidth at few rows on some CPUs; see graph_passes/linear.py)
+    linear: bool = True
+    linear_max_rows: int = 16
+    # SDPA (CPU) and HF's eager matmul-softmax-matmul attention, repeat_kv GQA stripped -> omni::gqa_attention
+    attention: bool = True
     # quantize_activation_{per_token_int8,fp8_group} + omni w8a8_gemm / fp8_block_gemm -> omni::w8a8_linear /
     # omni::fp8_block_linear (QuantLinear's two steps as one call)
     quant_linear: bool = True
@@ -46,7 +52,8 @@ class PassConfig:
         return asdict(self)
 
 
-PASS_NAMES = ("fused_add_rms_norm", "rms_norm", "silu_and_mul", "silu_and_mul_split", "moe", "quant_linear")
+PASS_NAMES = ("fused_add_rms_norm", "rms_norm", "silu_and_mul", "silu_and_mul_split", "moe", "attention", "linear",
+              "quant_linear")
 
 _GLOBAL = PassConfig()
 
@@ -56,7 +63,7 @@ def _check(kw: dict[str, Any]) -> None:
     for k, v in kw.items():
         if k not in known:
             raise ValueError(f"omni backend: unknown option {k!r}; known: {sorted(known)}")
-        want = int if k == "min_rows" else bool
+        want = int if k in ("min_rows", "linear_max_rows") else bool
         if not isinstance(v, want) or (want is int and (isinstance(v, bool) or v < 0)):
             raise TypeError(f"omni backend: option {k!r} expects a {'non-negative int' if want is int else 'bool'}, "
                             f"got {v!r}")

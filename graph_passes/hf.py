@@ -5,9 +5,9 @@
   expert layout is fused_moe's. Experts with biases, transposed or interleaved weights, a post-expert norm,
   another activation or expert parallelism keep HF's ``grouped_mm``.
 * routers: softmax top-k (Mixtral, Qwen3-MoE) and DeepSeek-V3's grouped sigmoid router -> ``omniops.moe_route``.
-* attention ("omni"): today HF's SDPA path, unchanged (correct, no speed-up of its own). omniops' attention
-  ops work on a paged KV cache; HF's DynamicCache is contiguous. This entry is where a contiguous-KV omni
-  attention goes when it lands.
+* attention ("omni"): ``omniops.gqa_attention`` over HF's contiguous cache (GQA without repeat_kv, bool masks
+  from ``sdpa_mask``, which is None for plain causal attention without padding). CPU tensors only; on other
+  devices, with dropout in training, a position bias, soft-capping or attention sinks it is HF's SDPA path.
 """
 
 from __future__ import annotations
@@ -110,9 +110,26 @@ def register() -> bool:
         return False
 
     def omni_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                               attention_mask: torch.Tensor | None, **kwargs: Any):
-        """AttentionInterface "omni": SDPA today (see the module docstring)."""
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+                               attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                               scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any):
+        """AttentionInterface "omni": omniops.gqa_attention (see the module docstring); HF's SDPA otherwise."""
+        unsupported = (query.device.type != "cpu" or (dropout and module.training)
+                       or any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "s_aux", "sinks"))
+                       or (attention_mask is not None and attention_mask.dim() != 4))
+        S, L = query.shape[2], key.shape[2]
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        causal = causal and attention_mask is None and S > 1
+        if causal and L > S:  # an empty StaticCache's future slots: SDPA's top-left is_causal ignores them
+            key, value, L = key[:, :, :S], value[:, :, :S], S
+        if unsupported or S > L:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, is_causal=is_causal, **kwargs)
+        if attention_mask is not None and attention_mask.shape[-1] != L:
+            attention_mask = attention_mask[..., :L]
+        import omniops
+
+        out = omniops.gqa_attention(query, key, value, attention_mask, causal=causal, scale=scaling)
+        return out.transpose(1, 2), None  # [B, S, H, Dv], contiguous already (gqa_attention's layout)
 
     ExpertsInterface.register("omni", omni_experts_forward)
     AttentionInterface.register("omni", omni_attention_forward)

@@ -24,6 +24,15 @@ def qwen3_moe_config(hidden: int = 64, layers: int = 2, experts: int = 8, vocab:
                           num_experts_per_tok=top_k, max_position_embeddings=1024)
 
 
+def mixtral_config(hidden: int = 64, layers: int = 2, experts: int = 8, vocab: int = 256, top_k: int = 2,
+                   heads: int = 4, kv_heads: int = 2):
+    from transformers import MixtralConfig
+
+    return MixtralConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden // 2, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, num_local_experts=experts,
+                         num_experts_per_tok=top_k, max_position_embeddings=1024)
+
+
 def deepseek_v3_config(hidden: int = 64, layers: int = 2, experts: int = 8, vocab: int = 256, top_k: int = 2,
                        groups: int = 2, topk_groups: int = 1, dense_layers: int = 1, heads: int = 4):
     """DeepSeek-V3's layout (MLA with q/kv LoRA, shared expert, grouped sigmoid router, first layers dense)

@@ -5,6 +5,10 @@ sort, which register_replacement's fixed-shape tracing cannot express):
 
 * router: ``topk(softmax(logits), k)`` [+ ``values / values.sum(-1, keepdim=True)``] (Qwen3-MoE, Mixtral)
   -> ``moe_route(logits, k, scoring="softmax", renormalize=...)``.
+* router: DeepSeek-V3's grouped sigmoid router (``DeepseekV3TopkRouter``: sigmoid, correction bias for the
+  choice, group scores = sum of the top-2, top ``topk_group`` groups, masked top-k, weights gathered from the
+  unbiased scores [+ renormalise] [* scaling]; also n_group = 1) -> ``moe_route(logits, k, scoring="sigmoid",
+  num_groups=..., topk_groups=..., correction_bias=..., renormalize=..., routed_scaling=...)``.
 * experts: transformers' ``grouped_mm_experts_forward`` as it reaches the post-grad graph (sort by expert,
   gather, grouped_mm(gate_up) -> silu(gate) * up -> grouped_mm(down), weight, unsort, sum over k), with
   ``torch.ops.transformers.grouped_mm_fallback`` (fp32/fp16 under compile) or ``aten._grouped_mm`` (bf16)
@@ -17,6 +21,7 @@ route for it. Replacements are traced with ``fwd_only`` under the graph's fake m
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -145,6 +150,197 @@ def _route_fn(route, k: int, renorm: bool):
 
 def _getitem_index(n: torch.fx.Node) -> int:
     return n.args[1] if _is(n, operator.getitem) else -1
+
+
+# ---- DeepSeek-V3's grouped sigmoid router -------------------------------------------------------------------
+# transformers' DeepseekV3TopkRouter as it reaches the post-grad graph:
+#   s = sigmoid(logits); c = s + bias
+#   gs = topk(c.view(T, G, E // G), 2)[0].sum(-1); gidx = topk(gs, topk_group)[1]
+#   onehot = scatter(zeros(T, G), 1, gidx, 1)            (topk_group == 1: where(gidx == iota(G), 1, 0))
+#   m = onehot.unsqueeze(-1).expand(T, G, E // G).reshape(T, E).bool()
+#   ids = topk(where(~m, -inf, c), k)[1]; w = s.gather(1, ids) [/ (w.sum(-1, keepdim) + eps)] [* scaling]
+# -> moe_route(logits, k, scoring="sigmoid", renormalize, num_groups=G, topk_groups, correction_bias=bias,
+# routed_scaling). HF's renormalisation adds 1e-20 to the sum, moe_route does not: they differ only when every
+# chosen score underflows to 0 (logits below about -88), where HF gives 0 and moe_route 0/0.
+_RENORM_EPS_MAX = 1e-12  # a larger epsilon would change the weights visibly: not HF's form, leave it alone
+
+
+def _topk_args(n: Any) -> tuple[Any, int, int, bool] | None:
+    """(input, k, dim, largest) of an aten.topk node, else None."""
+    if not _is(n, aten.topk.default):
+        return None
+    a = list(n.args) + [None] * (5 - len(n.args))
+    k = a[1] if a[1] is not None else n.kwargs.get("k")
+    dim = a[2] if a[2] is not None else n.kwargs.get("dim", -1)
+    largest = a[3] if a[3] is not None else n.kwargs.get("largest", True)
+    if not isinstance(k, int) or not isinstance(dim, int):
+        return None
+    return a[0], k, dim, bool(largest)
+
+
+def _shape(n: Any) -> tuple | None:
+    v = n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _const(n: Any) -> Any:
+    """A Python number, or the value of a ``full([], v)`` / ``scalar_tensor(v)`` node; else None."""
+    if isinstance(n, (int, float)) and not isinstance(n, bool):
+        return n
+    if _is(n, aten.full.default) and list(n.args[0]) == []:
+        return n.args[1]
+    if _is(n, aten.scalar_tensor.default):
+        return n.args[0]
+    return None
+
+
+def _group_onehot(n: Any, G: int) -> Any:
+    """``gidx`` for ``n`` = the [T, G] one-hot (any dtype) of the kept groups ``gidx [T, tg]``, else None."""
+    n = _strip(n)
+    if _is(n, aten.scatter.value):
+        base, dim, idx, val = n.args[:4]
+        if dim in (1, -1) and _is(base, aten.full.default) and base.args[1] == 0 and val != 0 \
+                and (_shape(base) or (None, None))[1] == G:
+            return idx
+        return None
+    # topk_group == 1: Inductor decomposes the scatter of a single index per row into a compare with iota
+    if not (_is(n, aten.where.self) and _const(n.args[1]) == 1 and _const(n.args[2]) == 0):
+        return None
+    eq = n.args[0]
+    if not _is(eq, aten.eq.Tensor):
+        return None
+    for a, b in (eq.args, eq.args[::-1]):
+        if _is(b, aten.view.default, aten.reshape.default):
+            b = b.args[0]
+        if _is(b, torch.ops.prims.iota.default) and b.args[0] == G and b.kwargs.get("start", 0) == 0 \
+                and b.kwargs.get("step", 1) == 1:
+            if _is(a, aten.expand.default):
+                a = a.args[0]
+            if (_shape(a) or (None, None))[1:] == (1,):
+                return a
+    return None
+
+
+def _group_mask_ids(cond: Any, E: int) -> tuple[Any, int]:
+    """``(gidx, G)`` for ``cond`` = the [T, E] bool "expert is in a kept group" mask built from the kept group
+    ids ``gidx`` of G groups, else ``(None, 0)``."""
+    n = cond
+    if not (_is(n, torch.ops.prims.convert_element_type.default, aten._to_copy.default)
+            and n.meta["val"].dtype == torch.bool):
+        return None, 0
+    n = n.args[0]
+    if not (_is(n, aten.view.default, aten.reshape.default) and (_shape(n) or ())[1:] == (E,)):
+        return None, 0
+    n = n.args[0]
+    if _is(n, aten.clone.default):
+        n = n.args[0]
+    s = _shape(n) if _is(n, aten.expand.default) else None
+    if s is None or len(s) != 3 or not isinstance(s[1], int) or s[1] < 1 or s[1] * s[2] != E:
+        return None, 0
+    G = s[1]
+    n = n.args[0]
+    if not (_is(n, aten.unsqueeze.default) and n.args[1] in (-1, 2)):
+        return None, 0
+    gidx = _group_onehot(n.args[0], G)
+    return (gidx, G) if gidx is not None else (None, 0)
+
+
+def _sigmoid_route_pass(graph: torch.fx.Graph, rep: PassReport) -> None:
+    route = moe_op("moe_route")
+    for node in list(graph.nodes):
+        ta = _topk_args(node)
+        if ta is None or node._erased:
+            continue
+        masked, k, dim, largest = ta
+        # final top-k over where(~mask, -inf, s + bias): only its ids are used
+        if not largest or dim not in (-1, 1) or not _is(masked, aten.where.self):
+            continue
+        users = {_getitem_index(u): u for u in node.users}
+        if set(users) != {1} or len(node.users) != 1:
+            continue
+        ids = users[1]
+        cond, a, b = masked.args
+        if _const(a) == float("-inf") and _is(cond, aten.bitwise_not.default):
+            cond, choice = cond.args[0], b
+        elif _const(b) == float("-inf"):
+            choice = a
+        else:
+            continue
+        if not _is(choice, aten.add.Tensor):
+            continue
+        sig, bias = choice.args
+        if not _is(sig, aten.sigmoid.default):
+            sig, bias = bias, sig
+        if not _is(sig, aten.sigmoid.default) or not isinstance(bias, torch.fx.Node):
+            continue
+        logits = sig.args[0]
+        lv, bv = logits.meta.get("val"), bias.meta.get("val")
+        if not isinstance(lv, torch.Tensor) or not isinstance(bv, torch.Tensor) or lv.dim() != 2 \
+                or lv.dtype != torch.float32 or not isinstance(lv.shape[1], int) \
+                or bv.dtype not in (torch.float32, torch.float16, torch.bfloat16) \
+                or tuple(bv.shape) != (lv.shape[1],) or bv.device != lv.device:
+            continue
+        E = lv.shape[1]
+        # the kept groups: topk(topk(c.view(T, G, E // G), 2)[0].sum(-1), topk_group)[1]
+        gidx, G = _group_mask_ids(cond, E)
+        if gidx is None:
+            continue
+        gtop = _getitem(gidx, 1)
+        gta = _topk_args(gtop)
+        if gta is None or not gta[3] or gta[2] not in (-1, 1):
+            continue
+        gsum, tg = gta[0], gta[1]
+        if not (_is(gsum, aten.sum.dim_IntList) and list(gsum.args[1]) in ([-1], [2])
+                and not (gsum.args[2:3] and gsum.args[2])):
+            continue
+        top2 = _topk_args(_getitem(gsum.args[0], 0))
+        if top2 is None or top2[1:] not in ((2, -1, True), (2, 2, True)):
+            continue
+        view = top2[0]
+        if not (_is(view, aten.view.default, aten.reshape.default) and view.args[0] is choice
+                and _shape(view)[1:] == (G, E // G)):
+            continue
+        if not (1 <= tg <= G and 1 <= k <= tg * (E // G) and E <= 16384 and k <= 32):
+            continue
+        # weights: the unbiased scores at the ids (weights from the biased scores are another router)
+        gathers = [u for u in ids.users if _is(u, aten.gather.default)]
+        if len(gathers) != 1:
+            continue
+        gat = gathers[0]
+        if gat.args[0] is not sig or gat.args[1] not in (1, -1) or gat.args[2] is not ids:
+            continue
+        out_w, renorm, scaling = gat, False, 1.0
+        divs = [d for d in gat.users if _is(d, aten.div.Tensor) and d.args[0] is gat]
+        if len(divs) == 1 and len(gat.users) == 2:
+            div = divs[0]
+            den = div.args[1]
+            eps = 0.0
+            if _is(den, aten.add.Tensor) and isinstance(_const(den.args[1]), float) and len(den.users) == 1:
+                eps, den = den.args[1], den.args[0]
+            if _is(den, aten.sum.dim_IntList) and den.args[0] is gat and list(den.args[1]) in ([-1], [1]) \
+                    and den.args[2:3] in ((True,), [True]) and len(den.users) == 1 and 0 <= eps <= _RENORM_EPS_MAX:
+                out_w, renorm = div, True
+        if len(out_w.users) == 1:
+            (mul,) = out_w.users
+            if _is(mul, aten.mul.Tensor):
+                c = mul.args[1] if mul.args[0] is out_w else mul.args[0]
+                if isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c):
+                    out_w, scaling = mul, float(c)
+        if route is None:
+            rep.miss("moe_route", "omniops.moe_route is not available (fused_moe not merged yet)")
+            return
+        w_new, ids_new = _splice(graph, node, _sigmoid_route_fn(route, k, renorm, G, tg, scaling), [logits, bias])
+        out_w.replace_all_uses_with(w_new)
+        ids.replace_all_uses_with(ids_new)
+        rep.add("moe_route")
+
+
+def _sigmoid_route_fn(route, k: int, renorm: bool, groups: int, topk_groups: int, scaling: float):
+    def fn(logits, bias):
+        w, i = route(logits, k, scoring="sigmoid", renormalize=renorm, num_groups=groups if groups > 1 else None,
+                     topk_groups=topk_groups if groups > 1 else None, correction_bias=bias, routed_scaling=scaling)
+        return w, i.to(torch.int64)
+    return fn
 
 
 # ---- experts ---------------------------------------------------------------------------------------------------
@@ -282,8 +478,9 @@ def _ids_int32(graph: torch.fx.Graph) -> None:
 
 
 def moe_pass(graph: torch.fx.Graph, rep: PassReport) -> None:
-    """Router then experts (the experts matcher reads the router's outputs)."""
+    """Routers then experts (the experts matcher reads the routers' outputs)."""
     _route_pass(graph, rep)
+    _sigmoid_route_pass(graph, rep)
     _experts_pass(graph, rep)
     _ids_int32(graph)
     graph.eliminate_dead_code()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from omniops._backends import BACKENDS, BackendError, use_backend
 from omniops._cpu import cpu_info
 from omniops.ops.activation import silu_and_mul
-from omniops.ops.attention import gqa_decode, gqa_prefill, mla_cache, mla_decode, reshape_and_cache
+from omniops.ops.attention import gqa_attention, gqa_decode, gqa_prefill, mla_cache, mla_decode, reshape_and_cache
 from omniops.ops.moe import MoEDispatch, fused_moe, grouped_gemm, moe_combine, moe_dispatch, moe_route
 from omniops.ops.norm import rms_norm, rms_norm_
 from omniops.ops.quant_gemm import fp8_block_gemm, fp8_block_linear, w4a16_gemm, w8a8_gemm, w8a8_linear
@@ -34,6 +34,7 @@ __all__ = [
     "fp8_block_linear",
     "fused_moe",
     "gqa_decode",
+    "gqa_attention",
     "gqa_prefill",
     "grouped_gemm",
     "mla_cache",

@@ -129,6 +129,57 @@ void LaunchDecode(OmniPagedAttnArgs& a, int64_t max_len) {
   Kernels<OmniAttentionKernels>("omni_attention_kernels")->paged_attention(&a, &rt);
 }
 
+// Argument setup shared by the entry points (after their checks).
+// q / out rows: the (token, head) strides of dims tok and head.
+void SetRows(OmniPagedAttnArgs& a, const at::Tensor& q, const at::Tensor& out, int tok, int head) {
+  a.q = q.data_ptr();
+  a.q_token_stride = q.stride(tok);
+  a.q_head_stride = q.stride(head);
+  a.out = out.data_ptr();
+  a.out_token_stride = out.stride(tok);
+  a.out_head_stride = out.stride(head);
+}
+
+// Paged k / v caches: the (block, token, head) strides of dims blk, tok, head (head < 0: one shared head).
+void SetCache(OmniPagedAttnArgs& a, const at::Tensor& kc, const at::Tensor& vc, int blk, int tok, int head) {
+  a.k_cache = kc.data_ptr();
+  a.v_cache = vc.data_ptr();
+  a.k_block_stride = kc.stride(blk);
+  a.k_token_stride = kc.stride(tok);
+  a.k_head_stride = head < 0 ? 0 : kc.stride(head);
+  a.v_block_stride = vc.stride(blk);
+  a.v_token_stride = vc.stride(tok);
+  a.v_head_stride = head < 0 ? 0 : vc.stride(head);
+}
+
+// New (prefill) keys / values: the (token, head) strides of dims tok and head.
+void SetNew(OmniPagedAttnArgs& a, const at::Tensor& k, const at::Tensor& v, int tok, int head) {
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  a.kn_token_stride = k.stride(tok);
+  a.kn_head_stride = k.stride(head);
+  a.vn_token_stride = v.stride(tok);
+  a.vn_head_stride = v.stride(head);
+}
+
+void SetTable(OmniPagedAttnArgs& a, const at::Tensor& table, const at::Tensor& lens, int64_t block_size) {
+  a.block_size = block_size;
+  a.block_table = table.data_ptr<int32_t>();
+  a.table_stride = table.stride(0);
+  a.ctx_lens = lens.data_ptr<int32_t>();
+}
+
+void SetShape(OmniPagedAttnArgs& a, int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t head_dim,
+              int64_t v_dim, double scale, int32_t dtype) {
+  a.batch = batch;
+  a.q_heads = q_heads;
+  a.kv_heads = kv_heads;
+  a.head_dim = head_dim;
+  a.v_dim = v_dim;
+  a.scale = static_cast<float>(scale);
+  a.dtype = dtype;
+}
+
 void GqaDecode(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                const at::Tensor& block_table, const at::Tensor& seq_lens, double scale, double soft_cap,
                int64_t window) {
@@ -152,33 +203,12 @@ void GqaDecode(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache, c
   const int64_t max_len = CheckTable(block_table, seq_lens, "seq_lens", B, nb, bs);
   if (B == 0 || Hq == 0) return;
   OmniPagedAttnArgs a{};
-  a.q = q.data_ptr();
-  a.q_token_stride = q.stride(0);
-  a.q_head_stride = q.stride(1);
-  a.out = out.data_ptr();
-  a.out_token_stride = out.stride(0);
-  a.out_head_stride = out.stride(1);
-  a.k_cache = k_cache.data_ptr();
-  a.v_cache = v_cache.data_ptr();
-  a.k_block_stride = k_cache.stride(0);
-  a.k_token_stride = k_cache.stride(1);
-  a.k_head_stride = k_cache.stride(2);
-  a.v_block_stride = v_cache.stride(0);
-  a.v_token_stride = v_cache.stride(1);
-  a.v_head_stride = v_cache.stride(2);
-  a.block_size = bs;
-  a.block_table = block_table.data_ptr<int32_t>();
-  a.table_stride = block_table.stride(0);
-  a.ctx_lens = seq_lens.data_ptr<int32_t>();
-  a.batch = B;
-  a.q_heads = Hq;
-  a.kv_heads = Hkv;
-  a.head_dim = D;
-  a.v_dim = Dv;
+  SetRows(a, q, out, 0, 1);
+  SetCache(a, k_cache, v_cache, 0, 1, 2);
+  SetTable(a, block_table, seq_lens, bs);
+  SetShape(a, B, Hq, Hkv, D, Dv, scale, dt);
   a.window = window;
-  a.scale = static_cast<float>(scale);
   a.soft_cap = static_cast<float>(soft_cap);
-  a.dtype = dt;
   if (seq_lens.stride(0) != 1 && B > 1) ValueError("seq_lens: must be contiguous");
   LaunchDecode(a, max_len);
 }
@@ -201,27 +231,10 @@ void MlaDecode(at::Tensor out, const at::Tensor& q, const at::Tensor& kv_cache, 
   if (seq_lens.stride(0) != 1 && B > 1) ValueError("seq_lens: must be contiguous");
   if (B == 0 || H == 0) return;
   OmniPagedAttnArgs a{};
-  a.q = q.data_ptr();
-  a.q_token_stride = q.stride(0);
-  a.q_head_stride = q.stride(1);
-  a.out = out.data_ptr();
-  a.out_token_stride = out.stride(0);
-  a.out_head_stride = out.stride(1);
-  a.k_cache = a.v_cache = kv_cache.data_ptr();
-  a.k_block_stride = a.v_block_stride = kv_cache.stride(0);
-  a.k_token_stride = a.v_token_stride = kv_cache.stride(1);
-  a.k_head_stride = a.v_head_stride = 0;
-  a.block_size = bs;
-  a.block_table = block_table.data_ptr<int32_t>();
-  a.table_stride = block_table.stride(0);
-  a.ctx_lens = seq_lens.data_ptr<int32_t>();
-  a.batch = B;
-  a.q_heads = H;
-  a.kv_heads = 1;
-  a.head_dim = L;
-  a.v_dim = v_dim;
-  a.scale = static_cast<float>(scale);
-  a.dtype = dt;
+  SetRows(a, q, out, 0, 1);
+  SetCache(a, kv_cache, kv_cache, 0, 1, -1);
+  SetTable(a, block_table, seq_lens, bs);
+  SetShape(a, B, H, 1, L, v_dim, scale, dt);
   LaunchDecode(a, max_len);
 }
 
@@ -268,44 +281,119 @@ void GqaPrefill(at::Tensor out, const at::Tensor& q, const at::Tensor& k, const 
     if (kc.size(1) <= 0) ValueError("k_cache: block_size must be > 0");
     CheckTable(*block_table, *context_lens, "context_lens", B, kc.size(0), kc.size(1));
     if (context_lens->stride(0) != 1 && B > 1) ValueError("context_lens: must be contiguous");
-    a.k_cache = kc.data_ptr();
-    a.v_cache = vc.data_ptr();
-    a.k_block_stride = kc.stride(0);
-    a.k_token_stride = kc.stride(1);
-    a.k_head_stride = kc.stride(2);
-    a.v_block_stride = vc.stride(0);
-    a.v_token_stride = vc.stride(1);
-    a.v_head_stride = vc.stride(2);
-    a.block_size = kc.size(1);
-    a.block_table = block_table->data_ptr<int32_t>();
-    a.table_stride = block_table->stride(0);
-    a.ctx_lens = context_lens->data_ptr<int32_t>();
+    SetCache(a, kc, vc, 0, 1, 2);
+    SetTable(a, *block_table, *context_lens, kc.size(1));
   }
   if (T == 0 || Hq == 0) return;
-  a.q = q.data_ptr();
-  a.q_token_stride = q.stride(0);
-  a.q_head_stride = q.stride(1);
-  a.out = out.data_ptr();
-  a.out_token_stride = out.stride(0);
-  a.out_head_stride = out.stride(1);
-  a.k = k.data_ptr();
-  a.v = v.data_ptr();
-  a.kn_token_stride = k.stride(0);
-  a.kn_head_stride = k.stride(1);
-  a.vn_token_stride = v.stride(0);
-  a.vn_head_stride = v.stride(1);
+  SetRows(a, q, out, 0, 1);
+  SetNew(a, k, v, 0, 1);
   a.cu_seqlens = cu;
-  a.batch = B;
-  a.q_heads = Hq;
-  a.kv_heads = Hkv;
-  a.head_dim = D;
-  a.v_dim = Dv;
+  SetShape(a, B, Hq, Hkv, D, Dv, scale, dt);
   a.num_splits = 1;
-  a.scale = static_cast<float>(scale);
   a.causal = causal ? 1 : 0;
-  a.dtype = dt;
   OmniRuntime rt = Runtime();
   Kernels<OmniAttentionKernels>("omni_attention_kernels")->paged_attention(&a, &rt);
+}
+
+// Attention over contiguous K/V in SDPA layout (HF's DynamicCache): q [B, Hq, S, D], k [B, Hk, L, D],
+// v [B, Hk, L, Dv], out [B, Hq, S, Dv], any strides with a unit inner one. The paged kernel serves it unchanged:
+// sequence b's keys are one "block" of L slots (block_table[b] = b). S == 1 runs the split-KV decode over the
+// batch; S > 1 runs the prefill once per sequence with the first L - S keys as the cached prefix and the last S
+// as the new tokens (causal = bottom-right aligned, query s sees keys <= L - S + s). Optional mask [B|1, Hq|1,
+// S, L]: bool (true = attend) or fp32 added to the scaled scores.
+void DenseAttention(at::Tensor out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const std::optional<at::Tensor>& mask, bool causal, double scale) {
+  CheckReadable(q, "q", 4);
+  const int32_t dt = FloatDType(q, "q");
+  CheckReadable(k, "k", 4);
+  CheckReadable(v, "v", 4);
+  CheckSameDtype(k, q, "k", "q");
+  CheckSameDtype(v, q, "v", "q");
+  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), L = k.size(2), Dv = v.size(3);
+  CheckDims(k, "k", {B, -1, -1, D}, "batch of q, kv_heads, kv_len, head_dim of q");
+  CheckDims(v, "v", {B, Hkv, L, -1}, "batch, kv_heads, kv_len as k");
+  if (Hkv <= 0 || Hq % Hkv != 0) ValueError("q: q_heads=" + S(Hq) + " must be a multiple of kv_heads=" + S(Hkv));
+  const int64_t max_dim = Sq == 1 ? OMNI_ATTN_MAX_DECODE_DIM : OMNI_ATTN_MAX_PREFILL_DIM;
+  if (D <= 0 || D > max_dim || Dv <= 0 || Dv > max_dim)
+    ValueError("q: head dims must be in [1, " + S(max_dim) + "], got head_dim=" + S(D) + ", v_dim=" + S(Dv));
+  if (Sq > L) ValueError("q: query length " + S(Sq) + " exceeds the key length " + S(L) + " (keys include the queries)");
+  CheckReadable(out, "out", 4);
+  CheckSameDtype(out, q, "out", "q");
+  CheckDims(out, "out", {B, Hq, Sq, Dv}, "batch, q_heads, q_len, v_dim");
+  CheckAlias(out, q, "out", "q");
+  CheckAlias(out, k, "out", "k");
+  CheckAlias(out, v, "out", "v");
+  if (out.numel() > 0 && ((Hq > 1 && out.stride(1) < Dv) || (Sq > 1 && out.stride(2) < Dv)))
+    ValueError("out: rows overlap in memory");
+  CheckScale(scale, 0.0);
+  OmniPagedAttnArgs a{};
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    CheckCpu(m, "attn_mask");
+    if (m.scalar_type() == at::kBool) a.mask_kind = OMNI_MASK_BOOL;
+    else if (m.scalar_type() == at::kFloat) a.mask_kind = OMNI_MASK_ADD_F32;
+    else TypeError("attn_mask: expected bool or float32, got " + std::string(c10::toString(m.scalar_type())));
+    const bool ok = m.dim() == 4 && (m.size(0) == B || m.size(0) == 1) && (m.size(1) == Hq || m.size(1) == 1) &&
+                    m.size(2) == Sq && m.size(3) == L;
+    if (!ok) ValueError("attn_mask: expected shape [" + S(B) + " or 1, " + S(Hq) + " or 1, " + S(Sq) + ", " + S(L) +
+                        "], got " + Shape(m));
+    CheckReadable(m, "attn_mask", 4);
+    a.mask = m.data_ptr();
+    a.mask_batch_stride = m.size(0) == 1 ? 0 : m.stride(0);
+    a.mask_head_stride = m.size(1) == 1 ? 0 : m.stride(1);
+    a.mask_q_stride = m.stride(2);
+  }
+  if (out.numel() == 0) return;
+  if (L == 0) {  // no keys: zero rows (as the kernels define an empty softmax)
+    out.zero_();
+    return;
+  }
+  SetCache(a, k, v, 0, 2, 1);  // sequence b = block b of L slots
+  SetShape(a, B, Hq, Hkv, D, Dv, scale, dt);
+  if (Sq == 1) {
+    at::Tensor table = at::empty({B}, at::TensorOptions().dtype(at::kInt));
+    at::Tensor lens = at::empty({B}, at::TensorOptions().dtype(at::kInt));
+    for (int64_t b = 0; b < B; ++b) {
+      table.data_ptr<int32_t>()[b] = static_cast<int32_t>(b);
+      lens.data_ptr<int32_t>()[b] = static_cast<int32_t>(L);
+    }
+    SetRows(a, q, out, 0, 1);
+    SetTable(a, table, lens, L);
+    LaunchDecode(a, L);
+    return;
+  }
+  // One prefill per sequence: the kernel indexes new tokens as cu_seqlens[b] * token_stride, which a batch
+  // stride cannot express; each launch still spreads (kv head, head chunk, query tile) items over the cores.
+  const int32_t table0 = 0, ctx = static_cast<int32_t>(L - Sq), cu[2] = {0, static_cast<int32_t>(Sq)};
+  const size_t es = q.element_size();
+  a.block_size = L;
+  a.block_table = &table0;
+  a.table_stride = 1;
+  a.ctx_lens = &ctx;
+  a.cu_seqlens = cu;
+  a.batch = 1;
+  a.num_splits = 1;
+  a.causal = causal ? 1 : 0;
+  SetRows(a, q, out, 2, 1);
+  SetNew(a, k, v, 2, 1);
+  const char* mask0 = static_cast<const char*>(a.mask);
+  const int64_t mask_step = a.mask_batch_stride * (a.mask_kind == OMNI_MASK_BOOL ? 1 : 4);
+  a.mask_batch_stride = 0;  // each launch sees one sequence (b = 0)
+  OmniRuntime rt = Runtime();
+  const OmniAttentionKernels* kern = Kernels<OmniAttentionKernels>("omni_attention_kernels");
+  for (int64_t b = 0; b < B; ++b) {
+    const char* kb = static_cast<const char*>(k.data_ptr()) + b * k.stride(0) * es;
+    const char* vb = static_cast<const char*>(v.data_ptr()) + b * v.stride(0) * es;
+    a.q = static_cast<const char*>(q.data_ptr()) + b * q.stride(0) * es;
+    a.out = static_cast<char*>(out.data_ptr()) + b * out.stride(0) * es;
+    a.k_cache = kb;
+    a.v_cache = vb;
+    a.k = kb + ctx * k.stride(2) * es;
+    a.v = vb + ctx * v.stride(2) * es;
+    if (mask0 != nullptr) a.mask = mask0 + b * mask_step;
+    kern->paged_attention(&a, &rt);
+  }
 }
 
 void ReshapeAndCache(const at::Tensor& key, const at::Tensor& value, at::Tensor k_cache, at::Tensor v_cache,
@@ -403,6 +491,9 @@ void Register(py::module_& m) {
         py::arg("causal"), py::arg("scale"), py::arg("k_cache") = py::none(), py::arg("v_cache") = py::none(),
         py::arg("block_table") = py::none(), py::arg("context_lens") = py::none(),
         "varlen prefill with an optional paged prefix");
+  m.def("dense_attention", &DenseAttention, py::arg("out"), py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("attn_mask") = py::none(), py::arg("causal") = false, py::arg("scale") = 1.0,
+        "attention over contiguous K/V in SDPA layout: q [B, Hq, S, D], k/v [B, Hk, L, *], S <= L");
   m.def("reshape_and_cache", &ReshapeAndCache, py::arg("key"), py::arg("value"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("slot_mapping"), "write key/value [T, H, D] into paged caches (slot -1 = skip)");
   m.def("mla_cache", &MlaCache, py::arg("kv_c"), py::arg("k_pe"), py::arg("kv_cache"), py::arg("slot_mapping"),

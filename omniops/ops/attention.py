@@ -1,8 +1,8 @@
 """Attention over a paged KV cache: GQA and weight-absorbed MLA, decode and varlen prefill, cache writes.
 
-Public API: ``reshape_and_cache``, ``gqa_decode``, ``gqa_prefill``, ``mla_cache``, ``mla_decode``.
-Custom ops: ``omni::reshape_and_cache``, ``omni::gqa_decode``, ``omni::gqa_prefill``, ``omni::mla_cache``,
-``omni::mla_decode``. Kernels: ``ascendc/kernels/attention/`` (cpu), ``omniops/triton/attention.py``;
+Public API: ``reshape_and_cache``, ``gqa_decode``, ``gqa_prefill``, ``mla_cache``, ``mla_decode``, and
+``gqa_attention`` over contiguous K/V (SDPA / HF DynamicCache layout). Custom ops: ``omni::<name>`` for each.
+Kernels: ``ascendc/kernels/attention/`` (cpu), ``omniops/triton/attention.py``;
 oracle ``omniops/reference/attention.py``.
 
 Cache layouts (vLLM's): ``k_cache/v_cache [num_blocks, block_size, kv_heads, head_dim]``, MLA
@@ -412,6 +412,155 @@ def gqa_prefill(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *, causal: 
     sc = _scale(scale, q.shape[-1] if isinstance(q, Tensor) and q.dim() else 0)
     return call(_gqa_prefill_op, q, k, v, cu_seqlens, bool(causal), sc, k_cache, v_cache, block_table, context_lens,
                 bool(validate))
+
+
+# ---- gqa_attention (contiguous K/V, SDPA layout) --------------------------------------------------------------
+def _mask_shape(attn_mask: Tensor, B: int, hq: int, S: int, L: int) -> tuple[int, ...]:
+    """attn_mask's shape padded to 4 dims, after checking it broadcasts to [B, Hq, S, L]."""
+    if attn_mask.dim() > 4 or attn_mask.dim() < 1:
+        raise ValueError(f"attn_mask: expected 1-4 dims broadcastable to [{B}, {hq}, {S}, {L}], got "
+                         f"{list(attn_mask.shape)}")
+    shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+    for i, (n, want, what) in enumerate(zip(shape, (B, hq, S, L), ("batch", "q_heads", "q_len", "kv_len"),
+                                            strict=True)):
+        if n not in (1, want):
+            raise ValueError(f"attn_mask: dim {i} ({what}) must be 1 or {want}, got shape {list(attn_mask.shape)}")
+    return shape
+
+
+def _mask_4d(attn_mask: Tensor, B: int, hq: int, S: int, L: int) -> Tensor:
+    """attn_mask as a [B|1, Hq|1, S|1, L] view with a unit key stride (a broadcast key dim is materialised)."""
+    m = attn_mask.reshape(_mask_shape(attn_mask, B, hq, S, L))
+    if m.shape[3] != L or (L > 1 and m.stride(3) != 1):
+        m = m.expand(m.shape[0], m.shape[1], m.shape[2], L).contiguous()
+    return m
+
+
+def _validate_gqa_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, causal: bool) -> None:
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, dim=4)
+    check_tensor("k", k, dim=4)
+    check_tensor("v", v, dim=4)
+    _same("k", k, "q", q)
+    _same("v", v, "q", q)
+    B, hq, S, d = q.shape
+    hk, L = k.shape[1], k.shape[2]
+    _dims("k", k, (B, None, None, d), "batch of q, kv_heads, kv_len, head_dim of q")
+    _dims("v", v, (B, hk, L, None), "batch, kv_heads, kv_len as k")
+    if hk <= 0 or hq % hk:
+        raise ValueError(f"q: q_heads={hq} (dim 1) must be a multiple of kv_heads={hk} (k dim 1)")
+    if d <= 0 or v.shape[-1] <= 0:
+        raise ValueError(f"q: head dims must be > 0, got head_dim={d}, v_dim={v.shape[-1]}")
+    if S > L:
+        raise ValueError(f"q: query length {S} (dim 2) exceeds the key length {L} (k dim 2); the keys include the "
+                         "queries' own positions (KV-cache attention)")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"attn_mask: expected a Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attn_mask: expected bool (True = attend) or a float dtype (added), got {attn_mask.dtype}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"attn_mask: expected device {q.device} (as q), got {attn_mask.device}")
+        _mask_shape(attn_mask, B, hq, S, L)
+
+
+def _gqa_attention_ref(out, q, k, v, attn_mask, causal, scale) -> None:
+    out.copy_(ref.gqa_attention(q, k, v, attn_mask, causal, scale))
+
+
+def _gqa_attention_cpu(out, q, k, v, attn_mask, causal, scale) -> None:
+    B, hq, S, _ = q.shape
+    m = None
+    if attn_mask is not None:
+        m = _mask_4d(attn_mask, B, hq, S, k.shape[2])
+        if m.dtype != torch.bool and m.dtype != torch.float32:
+            m = m.float()
+    _ext.cpp().dense_attention(out, _inner_contig(q), _inner_contig(k), _inner_contig(v), m, causal, scale)
+
+
+def _gqa_attention_triton(out, q, k, v, attn_mask, causal, scale) -> None:
+    # The paged kernels over a "cache" of one block per sequence (no copy of the keys): decode for S == 1, one
+    # prefill launch per sequence otherwise (its first L - S keys are the cached prefix).
+    from omniops.triton.attention import gqa_decode_forward, gqa_prefill_forward
+
+    B, hq, S, _ = q.shape
+    L = k.shape[2]
+    q, k, v = _inner_contig(q), _inner_contig(k), _inner_contig(v)
+    i32 = dict(dtype=torch.int32, device=q.device)
+    kc, vc = k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+    if S == 1:
+        table = torch.arange(B, **i32)[:, None]
+        gqa_decode_forward(out[:, :, 0], q[:, :, 0], kc, vc, table, torch.full((B,), L, **i32), scale, 0.0, 0)
+        return
+    table, ctx, cu = torch.zeros(1, 1, **i32), torch.full((1,), L - S, **i32), torch.tensor([0, S], **i32)
+    for b in range(B):
+        gqa_prefill_forward(out[b].transpose(0, 1), q[b].transpose(0, 1), k[b, :, L - S:].transpose(0, 1),
+                            v[b, :, L - S:].transpose(0, 1), cu, causal, scale, kc[b:b + 1], vc[b:b + 1], table, ctx)
+
+
+def _attention_cpu_reason(out, q, k, v, attn_mask) -> str | None:
+    limit = CPU_MAX_DECODE_DIM if q.shape[2] == 1 else CPU_MAX_PREFILL_DIM
+    if max(q.shape[-1], v.shape[-1]) > limit:
+        return f"head dims above {limit} are not supported by the cpu kernels"
+    return None
+
+
+GQA_ATTENTION = OpFamily(
+    "gqa_attention", {"reference": _gqa_attention_ref, "cpu": _gqa_attention_cpu, "triton": _gqa_attention_triton},
+    supports={"cpu": _attention_cpu_reason,
+              "triton": lambda out, q, k, v, m: None if m is None else "attn_mask is not supported by the triton "
+                                                                        "kernels (causal and no mask only)"},
+)
+
+
+def _attention_out(q: Tensor, v: Tensor) -> Tensor:
+    # [B, Hq, S, Dv] laid out as [B, S, Hq, Dv]: what SDPA callers transpose(1, 2) to next, so that is free.
+    B, hq, S, _ = q.shape
+    return q.new_empty(B, S, hq, v.shape[-1]).transpose(1, 2)
+
+
+def _fake_gqa_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, causal: bool,
+                        scale: float) -> Tensor:
+    _validate_gqa_attention(q, k, v, attn_mask, causal)
+    return _attention_out(q, v)
+
+
+@omni_op("gqa_attention", fake=_fake_gqa_attention)
+def _gqa_attention_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, causal: bool,
+                      scale: float) -> Tensor:
+    _validate_gqa_attention(q, k, v, attn_mask, causal)
+    out = _attention_out(q, v)
+    if out.numel() == 0:
+        return out
+    if k.shape[2] == 0:
+        return out.zero_()
+    impl = GQA_ATTENTION.select(q.device, q.dtype, out, q, k, v, attn_mask)
+    impl(out, q, k, v, attn_mask, causal, scale)
+    return out
+
+
+def gqa_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, *, causal: bool = False,
+                  scale: float | None = None) -> Tensor:
+    """Attention over contiguous K/V in SDPA's layout (HF's DynamicCache), GQA without repeating K/V.
+
+    Args:
+        q: ``[B, Hq, S, D]``; k: ``[B, Hk, L, D]``; v: ``[B, Hk, L, Dv]`` with ``Hq % Hk == 0`` and ``S <= L``
+            (the keys include the queries' positions, as in a KV cache). Any strides with a unit inner one.
+        attn_mask: broadcastable to ``[B, Hq, S, L]``: bool (True = attend) or float (added to the scaled scores),
+            as ``torch.nn.functional.scaled_dot_product_attention`` takes it.
+        causal: bottom-right aligned (FlashAttention-2's convention): query s sees keys ``<= L - S + s``; the
+            same as SDPA's ``is_causal`` when ``S == L``.
+        scale: default ``1 / sqrt(D)``.
+
+    Returns ``[B, Hq, S, Dv]`` (memory laid out as ``[B, S, Hq, Dv]``). A row that sees no key gives zeros
+    (SDPA: NaN). Backends: cpu (the paged kernels of ``ascendc/kernels/attention`` over one block per sequence),
+    triton (no ``attn_mask``), reference.
+
+    Example::
+
+        out = omniops.gqa_attention(q, k_cache, v_cache, causal=True)  # q [2, 8, 5, 64], k/v [2, 2, 37, 64]
+    """
+    sc = _scale(scale, q.shape[-1] if isinstance(q, Tensor) and q.dim() else 0)
+    return call(_gqa_attention_op, q, k, v, attn_mask, bool(causal), sc)
 
 
 # ---- reshape_and_cache / mla_cache --------------------------------------------------------------------------

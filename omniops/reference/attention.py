@@ -120,3 +120,24 @@ def mla_decode(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tenso
 
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
+
+
+def gqa_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, causal: bool, scale: float) -> Tensor:
+    """Contiguous K/V in SDPA layout: q [B, Hq, S, D], k [B, Hk, L, D], v [B, Hk, L, Dv] -> [B, Hq, S, Dv] in q's
+    dtype (computed in fp32).
+
+    ``causal``: bottom-right aligned (query s sees keys <= L - S + s). ``attn_mask`` broadcastable to
+    [B, Hq, S, L]: bool (True = attend) or added to the scaled scores. Rows with no visible key give zeros."""
+    B, hq, S, _ = q.shape
+    hk, L = k.shape[1], k.shape[2]
+    g = hq // hk if hk else 1
+    kf = k.float().repeat_interleave(g, dim=1)
+    vf = v.float().repeat_interleave(g, dim=1)
+    s = torch.einsum("bhsd,bhld->bhsl", q.float(), kf) * scale
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.float()
+    if causal:
+        vis = torch.arange(L, device=q.device)[None, :] <= (L - S + torch.arange(S, device=q.device))[:, None]
+        s = s.masked_fill(~vis, float("-inf"))
+    p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
+    return torch.einsum("bhsl,bhld->bhsd", p, vf).to(q.dtype)

@@ -53,6 +53,11 @@ def qwen3_moe():
 
 
 @pytest.fixture(scope="module")
+def mixtral():
+    return Compiled(M.mixtral_config(layers=L))
+
+
+@pytest.fixture(scope="module")
 def deepseek_v3():
     return Compiled(M.deepseek_v3_config(layers=L, dense_layers=0))
 
@@ -71,8 +76,9 @@ def _check_numerics(c: Compiled) -> None:
 
 def test_llama(llama):
     # layer 0's input norm has no residual add before it; every later norm (post-attention, final) has one
-    _check_ops(llama, {"rms_norm": 1, "fused_add_rms_norm": 2 * L})
-    assert "attention" in llama.report.missed  # SDPA stays Inductor's (no contiguous-KV omni attention yet)
+    # SDPA (native GQA, is_causal at prefill, no mask at decode) -> gqa_attention
+    # linears (q, k, v, o, gate, up, down per layer + lm_head) with <= linear_max_rows rows -> grouped_gemm
+    _check_ops(llama, {"rms_norm": 1, "fused_add_rms_norm": 2 * L, "gqa_attention": L, "grouped_gemm": 7 * L + 1})
     _check_numerics(llama)
 
 
@@ -91,15 +97,30 @@ def test_qwen3_moe(qwen3_moe):
     # q_norm / k_norm per layer are RMSNorms too; the experts' merged gate_up SiLU-and-mul becomes part of
     # fused_moe when the MoE ops exist
     moe = {"moe_route": L, "fused_moe": L} if HAS_MOE_OPS else {"silu_and_mul": L}
-    _check_ops(qwen3_moe, {"rms_norm": 1 + 2 * L, "fused_add_rms_norm": 2 * L, **moe})
+    # linears: q, k, v, o and the router per layer, lm_head
+    _check_ops(qwen3_moe, {"rms_norm": 1 + 2 * L, "fused_add_rms_norm": 2 * L, "gqa_attention": L,
+                           "grouped_gemm": 5 * L + 1, **moe})
     _check_numerics(qwen3_moe)
 
 
+def test_mixtral(mixtral):
+    # softmax top-k router (renormalised) + grouped_mm experts; linears: q, k, v, o and the router, lm_head
+    _check_ops(mixtral, {"rms_norm": 1, "fused_add_rms_norm": 2 * L, "gqa_attention": L, "grouped_gemm": 5 * L + 1,
+                         "moe_route": L, "fused_moe": L})
+    _check_numerics(mixtral)
+
+
 def test_deepseek_v3(deepseek_v3):
-    # q_a_layernorm / kv_a_layernorm per layer; the grouped sigmoid router is not pattern-matched (prepare())
-    moe = {"fused_moe": L} if HAS_MOE_OPS else {"silu_and_mul": L}
-    _check_ops(deepseek_v3, {"rms_norm": 1 + 2 * L, "fused_add_rms_norm": 2 * L, **moe})
-    assert "moe_route" in deepseek_v3.report.missed
+    # q_a_layernorm / kv_a_layernorm per layer; the grouped sigmoid router (sigmoid, correction bias, group
+    # top-2 sums, masked top-k) becomes one moe_route per MoE layer, whose int32 ids fused_moe takes
+    moe = {"moe_route": L, "fused_moe": L} if HAS_MOE_OPS else {"silu_and_mul": L}
+    # MLA's q head dim (nope + rope) differs from v's: SDPA takes its math path, decomposed in the graph
+    # (q and k^T scaled by sqrt(scale), bmm, additive causal mask, softmax, "safe" zero rows) -> gqa_attention
+    # linears: q_a, q_b, kv_a, kv_b, o, router, shared expert's gate, up, down per layer, lm_head
+    _check_ops(deepseek_v3, {"rms_norm": 1 + 2 * L, "fused_add_rms_norm": 2 * L, "gqa_attention": L,
+                             "grouped_gemm": 9 * L + 1, **moe})
+    if HAS_MOE_OPS:
+        assert deepseek_v3.report.matched["moe_route"] == 2 * L and "moe_route" not in deepseek_v3.report.missed
     _check_numerics(deepseek_v3)
 
 
@@ -133,5 +154,6 @@ def test_prepare_then_compile_deepseek_v3():
         reset_report()
         out = torch.compile(model, backend="omni", fullgraph=True, options={"min_rows": 0})(ids).logits
     ops = report().ops
-    assert ops["moe_route"] == L and ops["fused_moe"] == L, report().format()
+    # attention: the "omni" AttentionInterface calls gqa_attention itself (one per layer)
+    assert ops["moe_route"] == L and ops["fused_moe"] == L and ops["gqa_attention"] == L, report().format()
     assert_close(out, ref)

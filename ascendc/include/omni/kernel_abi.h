@@ -10,7 +10,7 @@
 #pragma once
 #include <stdint.h>
 
-#define OMNI_KERNEL_ABI_VERSION 2
+#define OMNI_KERNEL_ABI_VERSION 3
 
 #if defined(__GNUC__)
 #define OMNI_EXPORT __attribute__((visibility("default")))

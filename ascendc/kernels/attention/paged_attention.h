@@ -207,6 +207,41 @@ struct KeySource {
   }
 };
 
+// The mask rows of one work item: row r of the item is query row tok0 + r / heads_per_tok of its sequence and
+// q head head0 + r % heads_per_tok; its mask row starts at base + that * strides (column = key position).
+struct MaskRows {
+  const char* base = nullptr;  // already offset to the item's sequence; nullptr = no mask
+  int32_t kind = OMNI_MASK_NONE;
+  int64_t head_stride = 0, q_stride = 0, tok0 = 0, head0 = 0;
+  int64_t heads_per_tok = 1;
+
+  // Apply to the scores s[i] of keys c0 + i, i in [i0, i1) (the only columns the row may read).
+  OMNI_INLINE void Apply(int64_t r, int64_t c0, int i0, int i1, float* s) const {
+    const int64_t off = (tok0 + r / heads_per_tok) * q_stride + (head0 + r % heads_per_tok) * head_stride + c0;
+    if (kind == OMNI_MASK_BOOL) {
+      const uint8_t* m = reinterpret_cast<const uint8_t*>(base) + off;
+      for (int i = i0; i < i1; ++i) s[i] = m[i] ? s[i] : kNegInf;
+    } else {
+      const float* m = reinterpret_cast<const float*>(base) + off;
+      for (int i = i0; i < i1; ++i) s[i] += m[i];
+    }
+  }
+};
+
+inline MaskRows MakeMask(const OmniPagedAttnArgs& a, int64_t b, int64_t tok0, int64_t head0, int64_t heads_per_tok) {
+  MaskRows mk;
+  if (a.mask == nullptr || a.mask_kind == OMNI_MASK_NONE) return mk;
+  const int64_t esize = a.mask_kind == OMNI_MASK_BOOL ? 1 : 4;
+  mk.base = static_cast<const char*>(a.mask) + b * a.mask_batch_stride * esize;
+  mk.kind = a.mask_kind;
+  mk.head_stride = a.mask_head_stride;
+  mk.q_stride = a.mask_q_stride;
+  mk.tok0 = tok0;
+  mk.head0 = head0;
+  mk.heads_per_tok = heads_per_tok;
+  return mk;
+}
+
 template <typename T>
 OMNI_INLINE void RowToFloat(float* OMNI_RESTRICT dst, const T* OMNI_RESTRICT src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = ToFloat(src[i]);
@@ -228,7 +263,7 @@ class KernelPagedAttention {
   // Rows share keys [lo, hi); row r sits at position pos0 + r / rows_per_pos (causal only). State: q [rows, D]
   // (pre-scaled fp32), o [rows, Dv], m [rows], l [rows].
   void Attend(const KeySource<T>& src, int64_t lo, int64_t hi, int rows, int rows_per_pos, int64_t pos0,
-              bool causal, float* q, float* o, float* m, float* l) {
+              bool causal, float* q, float* o, float* m, float* l, const MaskRows& mask = MaskRows()) {
     if (lo >= hi || rows == 0) return;
     float* kr = kr_.Get<float>().GetPhyAddr();
     float* kt = kt_.Get<float>().GetPhyAddr();
@@ -260,6 +295,7 @@ class KernelPagedAttention {
             const float inv = 1.0f / cap;
             for (int i = 0; i < kKC; ++i) sr[i] = cap * (1.0f - 2.0f / (VecExpF(2.0f * sr[i] * inv) + 1.0f));
           }
+          if (mask.base != nullptr) mask.Apply(r0 + r, c0, i0, hi_i, sr);
           float mx = kNegInf;
           for (int i = 0; i < kKC; ++i) {
             const bool ok = i >= i0 && i < hi_i;
@@ -402,7 +438,8 @@ void Decode(const OmniPagedAttnArgs* ap, const OmniRuntime* rt) {
       int64_t lo = a.window > 0 ? std::max<int64_t>(0, n - a.window) : 0;
       lo = std::max(lo, s * a.split_len);
       const int64_t hi = std::min(n, (s + 1) * a.split_len);
-      k.Attend(MakeSource<T>(a, b, kvh), lo, hi, static_cast<int>(G), 1, n - 1, false, q, o, m, l);
+      k.Attend(MakeSource<T>(a, b, kvh), lo, hi, static_cast<int>(G), 1, n - 1, false, q, o, m, l,
+               MakeMask(a, b, 0, kvh * G, G));
     }
   };
   LaunchBlocks(std::min<int64_t>(items, rt->num_cores), rt, body);
@@ -498,7 +535,7 @@ void Prefill(const OmniPagedAttnArgs* ap, const OmniRuntime* rt) {
       const int64_t pos0 = ctx + j0;
       const int64_t hi = a.causal ? pos0 + ntok : ctx + len;
       k.Attend(MakeSource<T>(a, b, kvh), 0, hi, static_cast<int>(rows), static_cast<int>(hn), pos0, a.causal != 0,
-               q, o, m, l);
+               q, o, m, l, MakeMask(a, b, j0, kvh * G + g0, hn));
       for (int64_t j = 0; j < ntok; ++j) {
         for (int64_t g = 0; g < hn; ++g) {
           const int64_t r = j * hn + g;

@@ -43,7 +43,16 @@ typedef struct {
   float scale, soft_cap;  // soft_cap 0 = none
   int32_t causal;      // prefill
   int32_t dtype;       // OmniDType of q, out, caches, k, v
+  // Optional attention mask (contiguous-KV attention, where key position p is column p): element (sequence b,
+  // q head h, query row s of the sequence, key p) at mask + b*mask_batch_stride + h*mask_head_stride +
+  // s*mask_q_stride + p (strides may be 0 to broadcast). kind: 0 none, 1 bool (uint8, nonzero = attend),
+  // 2 fp32 added to the scaled (and soft-capped) scores. Decode rows have s = 0.
+  const void* mask;
+  int64_t mask_batch_stride, mask_head_stride, mask_q_stride;
+  int32_t mask_kind;
 } OmniPagedAttnArgs;
+
+enum { OMNI_MASK_NONE = 0, OMNI_MASK_BOOL = 1, OMNI_MASK_ADD_F32 = 2 };
 
 // Head-dim limits of the cpu kernels (tiles of the 192 KiB UB).
 #define OMNI_ATTN_MAX_DECODE_DIM 768

@@ -1,0 +1,74 @@
+"""Decode-sized dense linears -> ``omni::grouped_gemm`` with one group (CPU).
+
+``F.linear(x, W)`` reaches the post-grad graph as ``mm(x, permute(W, [1, 0]))`` (``addmm`` with a bias). With
+few rows (decode: one per sequence) the GEMM only streams the weight, and torch's CPU mm does that well below
+the memory bandwidth on some CPUs (AMD EPYC, bench/RESULTS.md: fp32 ~9 GB/s, bf16 ~2.6 GB/s at 4 rows vs
+~18 GB/s for the omni kernel, 1 thread). The omni grouped GEMM over a single "expert" ``W[None]`` is that
+weight-streaming kernel. Rows are bounded by ``linear_max_rows`` (the compile-time hint of a symbolic row count):
+prefill-sized GEMMs are compute-bound and stay with torch's BLAS.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omniops.graph_passes.moe import _is, _splice
+from omniops.graph_passes.report import PassReport
+
+aten = torch.ops.aten
+
+
+def _hint(n: Any) -> int | None:
+    if isinstance(n, int):
+        return n
+    return n.node.hint if isinstance(n, torch.SymInt) else None
+
+
+def _weight(wt: Any) -> Any:
+    """``W`` [N, K] for ``wt = permute(W, [1, 0])`` / ``W.t()``, else None."""
+    if _is(wt, aten.permute.default) and list(wt.args[1]) == [1, 0]:
+        return wt.args[0]
+    if _is(wt, aten.t.default):
+        return wt.args[0]
+    return None
+
+
+def _gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    import omniops
+
+    offsets = torch.arange(2, device=x.device) * x.shape[0]  # one group: all rows
+    return omniops.grouped_gemm(x, w.unsqueeze(0), offsets)
+
+
+def _gemm_bias(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return _gemm(x, w) + b
+
+
+def linear_pass(graph: torch.fx.Graph, rep: PassReport, max_rows: int) -> None:
+    for node in list(graph.nodes):
+        if _is(node, aten.mm.default):
+            x, wt, bias = node.args[0], node.args[1], None
+        elif _is(node, aten.addmm.default) and not node.kwargs:
+            bias, x, wt = node.args[:3]
+        else:
+            continue
+        w = _weight(wt)
+        xv, wv = (n.meta.get("val") if isinstance(n, torch.fx.Node) else None for n in (x, w))
+        if xv is None or wv is None or xv.device.type != "cpu" or xv.dtype not in (torch.float32, torch.bfloat16,
+                                                                                    torch.float16):
+            continue
+        if wv.dtype != xv.dtype or wv.dim() != 2 or not wv.is_contiguous():
+            continue
+        rows = _hint(xv.shape[0])
+        if rows is None or rows > max_rows:
+            continue
+        if bias is not None:
+            bv = bias.meta.get("val") if isinstance(bias, torch.fx.Node) else None
+            if bv is None or bv.dtype != xv.dtype or bv.dim() != 1:
+                continue
+        args = [x, w] + ([bias] if bias is not None else [])
+        (out,) = _splice(graph, node, _gemm_bias if bias is not None else _gemm, args)
+        node.replace_all_uses_with(out)
+        rep.add("linear")
+    graph.eliminate_dead_code()

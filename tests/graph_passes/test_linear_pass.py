@@ -1,0 +1,31 @@
+"""The linear pass: decode-sized F.linear (with and without bias) -> omni::grouped_gemm over one group; a linear
+with more rows than linear_max_rows (prefill-sized, compute-bound) stays torch's mm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omniops.testing import assert_close
+from tests.graph_passes._util import compile_omni, omni_ops
+
+pytestmark = pytest.mark.compile
+
+
+def linears(x, big, w, b, w2):
+    return F.linear(x, w), F.linear(x, w2, b), F.linear(big, w)  # the last: 40 rows > linear_max_rows=16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_pass(dtype):
+    g = torch.Generator().manual_seed(0)
+    x, big = torch.randn(4, 96, generator=g).to(dtype), torch.randn(40, 96, generator=g).to(dtype)
+    w, w2 = torch.randn(80, 96, generator=g).to(dtype), torch.randn(48, 96, generator=g).to(dtype)
+    b = torch.randn(48, generator=g).to(dtype)
+    args = (x, big, w, b, w2)
+    _, out, rep = compile_omni(linears, *args)
+    for o, r in zip(out, linears(*args), strict=True):
+        assert_close(o, r)
+    assert rep.matched["linear"] == 2, rep.format()
+    assert omni_ops(rep)["grouped_gemm"] == 2
