@@ -5,7 +5,10 @@ Shapes: ``quick`` M in {1, 16, 64}, (N, K) = (4096, 4096); ``full`` M in {1, 16,
   eager            torch.mm fp32 (x @ W.T, the float weight)
   torch.mm bf16    torch.mm in bf16
   omni[b]          our GEMM from pre-quantized activations (W4A16: bf16 x; "fp32 x": float32 x)
-  omni[b]+quant    W8A8 / FP8: per-token activation quantization + GEMM, from the float x (what a layer runs)
+  omni[b]+quant    W8A8 / FP8: per-token activation quantization + GEMM, from the float x (two calls: what
+                   QuantLinear runs eagerly)
+  omni[b] fused    W8A8 / FP8: the same from the float x in one call (w8a8_linear / fp8_block_linear: what the
+                   quant_linear graph pass turns the two calls into)
   vllm             vLLM-CPU: W8A8 dynamic_scaled_int8_quant + onednn_scaled_mm (oneDNN, from float x);
                    W4A16 cpu_gemm_wna16 (bf16 x, GPTQ-style blocked int4)
 GB/s = the scheme's weight bytes read / time; TFLOP/s = 2*M*N*K / time (TOP/s for int8).
@@ -128,6 +131,8 @@ def _cases_nk(n: int, k: int, ms: list[int], backends: list[str], device: str) -
                 x_q, x_s, q8.qweight, q8.scale, out_dtype=torch.bfloat16))
             c.impls[f"omni[{b}]+quant"] = _on(b, lambda xb=xb: omniops.w8a8_gemm(
                 *quantize_activation_per_token_int8(xb), q8.qweight, q8.scale, out_dtype=torch.bfloat16))
+            c.impls[f"omni[{b}] fused"] = _on(b, lambda xb=xb: omniops.w8a8_linear(
+                xb, q8.qweight, q8.scale, out_dtype=torch.bfloat16))
         out.append(c)
 
         c = Case("w4a16 g128", shape, "int4", n * k // 2 + 4 * n * k // 128, flops=flops, device=device)
@@ -152,6 +157,8 @@ def _cases_nk(n: int, k: int, ms: list[int], backends: list[str], device: str) -
                 xf_q, xf_s, qf.qweight, qf.scale, out_dtype=torch.bfloat16))
             c.impls[f"omni[{b}]+quant"] = _on(b, lambda xb=xb: omniops.fp8_block_gemm(
                 *quantize_activation_fp8_group(xb), qf.qweight, qf.scale, out_dtype=torch.bfloat16))
+            c.impls[f"omni[{b}] fused"] = _on(b, lambda xb=xb: omniops.fp8_block_linear(
+                xb, qf.qweight, qf.scale, out_dtype=torch.bfloat16))
         out.append(c)
     return out
 

@@ -23,7 +23,7 @@ log = logging.getLogger("omniops.graph_passes")
 
 _HERE = Path(__file__).resolve().parent
 _ORDER = ("moe", "attention", "linear", "fused_add_rms_norm", "rms_norm", "rotary", "silu_and_mul",
-          "silu_and_mul_split")
+          "silu_and_mul_split", "quant_linear")
 
 
 @torch.compiler.disable
@@ -48,7 +48,7 @@ class OmniGraphPass(CustomGraphPass):
         self.last = PassReport()
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        from omniops.graph_passes import attention, linear, moe, patterns, rotary
+        from omniops.graph_passes import attention, linear, moe, patterns, quant, rotary
         from omniops.graph_passes.patterns import pattern_passes
         from torch._inductor.fx_passes.post_grad import remove_noop_ops
 
@@ -68,6 +68,8 @@ class OmniGraphPass(CustomGraphPass):
                 linear.linear_pass(graph, rep, self.cfg.linear_max_rows)
             elif name == "rotary":
                 rotary.rotary_pass(graph, rep)
+            elif name == "quant_linear":
+                quant.quant_linear_pass(graph, rep)
             else:
                 n = passes[name].apply(graph)
                 if n:
@@ -122,6 +124,14 @@ def _diagnose(graph: torch.fx.Graph, rep: PassReport, cfg: PassConfig) -> None:
         from omniops.graph_passes import moe
 
         rep.miss("fused_moe", f"{moe_left} x grouped_mm left: {moe.why_not_fused() if cfg.moe else 'switched off'}")
+    from omniops.graph_passes.quant import separate_quantizations
+
+    n_q = separate_quantizations(graph)
+    if n_q:
+        why = ("switched off" if not cfg.quant_linear else "the activation quantization is not the "
+               "quantize_activation_per_token_int8 / quantize_activation_fp8_group formula (other divisor, rounding "
+               "or clamp), or the GEMM returns raw int32 accumulators")
+        rep.miss("quant_linear", f"{n_q} x quantized GEMM left with a separate activation quantization: {why}")
     if any(n.op == "call_function" and n.target is aten.topk.default for n in graph.nodes) and cfg.moe:
         rep.miss("moe_route", "a top-k is left: only softmax top-k (+ renormalise) and DeepSeek-V3's grouped "
                               "sigmoid router (with its correction bias, weights from the unbiased scores) are "

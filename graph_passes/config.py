@@ -36,6 +36,9 @@ class PassConfig:
     # for every head and materialises rotate_half's cat); decode sizes fall under min_rows (the op's fixed
     # ~0.1 ms extra would lose there).
     rotary: bool = True
+    # quantize_activation_{per_token_int8,fp8_group} + omni w8a8_gemm / fp8_block_gemm -> omni::w8a8_linear /
+    # omni::fp8_block_linear (QuantLinear's two steps as one call)
+    quant_linear: bool = True
     # CPU only: leave norms / SiLU-and-mul with fewer rows (tokens) than this to Inductor's own fused loops. A
     # compiled graph calls an omni op through the dispatcher and its Python wrapper (~0.1-0.3 ms here), more
     # than the whole fused loop costs at decode sizes; at prefill sizes both run at memory speed. Symbolic
@@ -56,7 +59,7 @@ class PassConfig:
 
 
 PASS_NAMES = ("fused_add_rms_norm", "rms_norm", "silu_and_mul", "silu_and_mul_split", "moe", "attention",
-              "linear", "rotary")
+              "linear", "rotary", "quant_linear")
 
 _GLOBAL = PassConfig()
 

@@ -12,7 +12,7 @@ from omniops.ops.activation import silu_and_mul
 from omniops.ops.attention import gqa_attention, gqa_decode, gqa_prefill, mla_cache, mla_decode, reshape_and_cache
 from omniops.ops.moe import MoEDispatch, fused_moe, grouped_gemm, moe_combine, moe_dispatch, moe_route
 from omniops.ops.norm import rms_norm, rms_norm_
-from omniops.ops.quant_gemm import fp8_block_gemm, w4a16_gemm, w8a8_gemm
+from omniops.ops.quant_gemm import fp8_block_gemm, fp8_block_linear, w4a16_gemm, w8a8_gemm, w8a8_linear
 from omniops.ops.rotary import rotary_embedding, rotary_embedding_
 from omniops.quant import (
     QuantLinear,
@@ -31,6 +31,7 @@ __all__ = [
     "cpu_info",
     "dequantize_weight",
     "fp8_block_gemm",
+    "fp8_block_linear",
     "fused_moe",
     "gqa_decode",
     "gqa_attention",
@@ -56,4 +57,5 @@ __all__ = [
     "use_backend",
     "w4a16_gemm",
     "w8a8_gemm",
+    "w8a8_linear",
 ]

@@ -3,7 +3,11 @@
 // directly through omniops._C), so no input can make a kernel read or write outside the tensors.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Half.h>
 
+#include <cmath>
 #include <tuple>
 
 #include "bindings/common.h"
@@ -190,6 +194,144 @@ void Fp8BlockGemm(at::Tensor out, const at::Tensor& x, const at::Tensor& x_scale
   Table()->fp8_block_gemm(&a, &rt);
 }
 
+// ---- fused linears: quantize the float activation into scratch, then the GEMM kernel, in one call --------------
+// The A-tile loads of the GEMM kernels read quantized bytes through the kernel ABI (OmniW8A8Args /
+// OmniFp8BlockArgs), so the quantization runs as its own grid over the rows first; what the fusion saves is the
+// Python round trip, the second set of checks and the extra allocations of the two-step path.
+
+// Checks of the float activation x [M, K] and the quantized weight w_q [N, K] / w_scale of a fused linear.
+// Returns {M, K, N}.
+std::tuple<int64_t, int64_t, int64_t> CheckLinearOperands(const at::Tensor& out, const at::Tensor& x,
+                                                          const at::Tensor& w, const at::Tensor& w_scale,
+                                                          at::ScalarType qtype) {
+  CheckCpu(out, "out");
+  CheckCpu(x, "x");
+  CheckCpu(w, "w_q");
+  CheckCpu(w_scale, "w_scale");
+  FloatDType(x, "x");
+  CheckDtype(w, qtype, "w_q");
+  CheckDtype(w_scale, at::kFloat, "w_scale");
+  if (x.dim() != 2) ValueError("x: expected a 2-D tensor [M, K], got shape " + Shape(x));
+  if (w.dim() != 2) ValueError("w_q: expected a 2-D tensor [N, K], got shape " + Shape(w));
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  if (K < 1) ValueError("x: K must be > 0");
+  CheckMatrix(x, "x", M, K, false);
+  CheckMatrix(w, "w_q", N, K, false);
+  return {M, K, N};
+}
+
+// out[M, N] = w8a8_gemm(quantize_per_token_int8(x[M, K] float), w_q, w_scale, bias): the two-step result.
+void W8A8Linear(at::Tensor out, const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                const std::optional<at::Tensor>& bias) {
+  const auto [M, K, N] = CheckLinearOperands(out, x, w, w_scale, at::kChar);
+  if (K > kMaxK8) ValueError("x: K=" + std::to_string(K) + " exceeds 131071 (int32 accumulation could overflow)");
+  CheckContiguousShape(w_scale, "w_scale", {N});
+  const int32_t odt = OutDType(out, false);
+  CheckMatrix(out, "out", M, N, true);
+  for (auto [t, n] : {std::pair{&x, "x"}, {&w, "w_q"}, {&w_scale, "w_scale"}}) CheckNoOverlap(out, *t, n);
+  OmniW8A8Args a{};
+  a.bias = Bias(bias, out, N);
+  if (M == 0 || N == 0) return;
+  at::Tensor x_q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor x_scale = at::empty({M}, x.options().dtype(at::kFloat));
+  const OmniQuantGemmKernels* table = Table();
+  OmniRuntime rt = Runtime();
+  OmniQuantI8Args q{x.data_ptr(), static_cast<int8_t*>(x_q.data_ptr()), x_scale.data_ptr<float>(), x.stride(0), M, K,
+                    FloatDType(x, "x")};
+  table->quantize_per_token_int8(&q, &rt);
+  a.x = static_cast<const int8_t*>(x_q.data_ptr());
+  a.x_scale = x_scale.data_ptr<float>();
+  a.w = static_cast<const int8_t*>(w.data_ptr());
+  a.w_scale = w_scale.data_ptr<float>();
+  a.out = out.data_ptr();
+  a.x_stride = K;
+  a.w_stride = w.stride(0);
+  a.out_stride = out.stride(0);
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  a.out_dtype = odt;
+  table->w8a8_gemm(&a, &rt);
+}
+
+// Per token, per 128 of K: scale = amax / 448, code = e4m3(clamp(x / scale, +-448)) (round to nearest even,
+// c10's conversion = torch's .to(float8_e4m3fn)); the arithmetic of quantize_activation_fp8_group.
+struct Fp8QuantCtx {
+  const void* x;
+  int64_t x_stride, M, K, KB, rows_per_block;
+  uint8_t* q;
+  float* scale;
+};
+
+template <typename T>
+void QuantFp8Rows(void* ctx, int64_t block) {
+  const auto* c = static_cast<const Fp8QuantCtx*>(ctx);
+  const int64_t m0 = block * c->rows_per_block;
+  const int64_t m1 = std::min(c->M, m0 + c->rows_per_block);
+  for (int64_t m = m0; m < m1; ++m) {
+    const T* src = static_cast<const T*>(c->x) + m * c->x_stride;
+    uint8_t* q = c->q + m * c->K;
+    for (int64_t kb = 0; kb < c->KB; ++kb) {
+      const int64_t k0 = kb * 128, k1 = std::min(c->K, k0 + 128);
+      float amax = 0.0f;
+      for (int64_t k = k0; k < k1; ++k) {
+        const float v = std::fabs(static_cast<float>(src[k]));
+        amax = v > amax ? v : amax;
+      }
+      const float s = amax / 448.0f;
+      const float d = s == 0.0f ? 1.0f : s;
+      for (int64_t k = k0; k < k1; ++k) {
+        float v = static_cast<float>(src[k]) / d;
+        v = v < -448.0f ? -448.0f : (v > 448.0f ? 448.0f : v);
+        q[k] = c10::Float8_e4m3fn(v).x;
+      }
+      c->scale[m * c->KB + kb] = s;
+    }
+  }
+}
+
+// out[M, N] = fp8_block_gemm(quantize_activation_fp8_group(x[M, K] float), w_q, w_scale, bias).
+void Fp8BlockLinear(at::Tensor out, const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                    const std::optional<at::Tensor>& bias) {
+  const auto [M, K, N] = CheckLinearOperands(out, x, w, w_scale, at::kFloat8_e4m3fn);
+  const int64_t KB = (K + 127) / 128, NB = (N + 127) / 128;
+  CheckContiguousShape(w_scale, "w_scale", {NB, KB});
+  const int32_t odt = OutDType(out, false);
+  CheckMatrix(out, "out", M, N, true);
+  for (auto [t, n] : {std::pair{&x, "x"}, {&w, "w_q"}, {&w_scale, "w_scale"}}) CheckNoOverlap(out, *t, n);
+  OmniFp8BlockArgs a{};
+  a.bias = Bias(bias, out, N);
+  if (M == 0 || N == 0) return;
+  at::Tensor x_q = at::empty({M, K}, x.options().dtype(at::kByte));
+  at::Tensor x_scale = at::empty({M, KB}, x.options().dtype(at::kFloat));
+  at::Tensor work = at::empty({M, K}, x.options().dtype(at::kFloat));
+  OmniRuntime rt = Runtime();
+  // Small activations in one block: a pool launch costs more than quantizing a few thousand values.
+  const int64_t blocks = M * K < (int64_t{1} << 15) ? 1 : std::min<int64_t>(M, std::max<int64_t>(rt.num_cores, 1));
+  Fp8QuantCtx c{x.data_ptr(), x.stride(0), M, K, KB, (M + blocks - 1) / blocks,
+                static_cast<uint8_t*>(x_q.data_ptr()), x_scale.data_ptr<float>()};
+  const int64_t nblk = (M + c.rows_per_block - 1) / c.rows_per_block;
+  switch (x.scalar_type()) {
+    case at::kHalf: rt.launch(nblk, &c, &QuantFp8Rows<c10::Half>); break;
+    case at::kBFloat16: rt.launch(nblk, &c, &QuantFp8Rows<c10::BFloat16>); break;
+    default: rt.launch(nblk, &c, &QuantFp8Rows<float>); break;
+  }
+  a.x = static_cast<const uint8_t*>(x_q.data_ptr());
+  a.x_scale = x_scale.data_ptr<float>();
+  a.w = static_cast<const uint8_t*>(w.data_ptr());
+  a.w_scale = w_scale.data_ptr<float>();
+  a.out = out.data_ptr();
+  a.work = work.data_ptr<float>();
+  a.x_stride = K;
+  a.w_stride = w.stride(0);
+  a.out_stride = out.stride(0);
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  a.out_dtype = odt;
+  Table()->fp8_block_gemm(&a, &rt);
+}
+
 // (x_q [M, K] int8, x_scale [M, 1] fp32) = per-token symmetric int8 quantization of x [M, K].
 std::tuple<at::Tensor, at::Tensor> QuantizePerTokenInt8(const at::Tensor& x) {
   CheckCpu(x, "x");
@@ -218,6 +360,12 @@ void Register(py::module_& m) {
   m.def("fp8_block_gemm", &Fp8BlockGemm, py::arg("out"), py::arg("x_q"), py::arg("x_scale"), py::arg("w_q"),
         py::arg("w_scale"), py::arg("bias") = py::none(),
         "out[M,N] = dequant(x_q, x_scale[M,K/128]) @ dequant(w_q, w_scale[N/128,K/128]).T + bias");
+  m.def("w8a8_linear", &W8A8Linear, py::arg("out"), py::arg("x"), py::arg("w_q"), py::arg("w_scale"),
+        py::arg("bias") = py::none(),
+        "out[M,N] = w8a8_gemm(quantize_per_token_int8(x[M,K] float), w_q, w_scale, bias) in one call");
+  m.def("fp8_block_linear", &Fp8BlockLinear, py::arg("out"), py::arg("x"), py::arg("w_q"), py::arg("w_scale"),
+        py::arg("bias") = py::none(),
+        "out[M,N] = fp8_block_gemm(quantize_fp8_group(x[M,K] float), w_q, w_scale[N/128,K/128], bias) in one call");
   m.def("quant_gemm_int8_path", []() { return std::string(Table()->int8_path); },
         "which int8 inner loop the active kernel library uses (avx512-vnni, avx2, scalar)");
 }

@@ -3,6 +3,9 @@
 Public API: ``w8a8_gemm``, ``w4a16_gemm``, ``fp8_block_gemm`` (``out = x @ dequant(w).T + bias``, weights in
 nn.Linear layout [N, K]; layouts documented in ``omniops/quant/formats.py``). Custom ops: ``omni::w8a8_gemm``,
 ``omni::w4a16_gemm``, ``omni::fp8_block_gemm``.
+Fused linears ``w8a8_linear`` / ``fp8_block_linear`` (``omni::w8a8_linear``, ``omni::fp8_block_linear``) take the
+float activation and quantize it (per token int8 / per token per 128 fp8) inside the same call, with exactly the
+arithmetic of the two-step ``quantize_activation_*`` + GEMM path (same codes, same scales, same GEMM).
 Kernels: ``ascendc/kernels/quant_gemm/`` (cpu), ``omniops/triton/quant_gemm.py``; oracle
 ``omniops/reference/quant_gemm.py``.
 
@@ -88,9 +91,41 @@ def _fp8_triton(out: Tensor, x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale:
     fp8_block_gemm_forward(out, x_q, x_scale, w_q, w_scale, bias)
 
 
+def _w8a8_linear_reference(out: Tensor, x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
+    out.copy_(ref.w8a8_linear(x, w_q, w_scale, bias, out.dtype))
+
+
+def _w8a8_linear_cpu(out: Tensor, x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
+    _ext.cpp().w8a8_linear(out, x, w_q, w_scale, bias)
+
+
+def _w8a8_linear_triton(out: Tensor, x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
+    from omniops.triton.quant_gemm import w8a8_linear_forward
+
+    w8a8_linear_forward(out, x, w_q, w_scale, bias)
+
+
+def _fp8_linear_reference(out: Tensor, x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
+    out.copy_(ref.fp8_block_linear(x, w_q, w_scale, bias, out.dtype))
+
+
+def _fp8_linear_cpu(out: Tensor, x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
+    _ext.cpp().fp8_block_linear(out, x, w_q, w_scale, bias)
+
+
+def _fp8_linear_triton(out: Tensor, x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
+    from omniops.triton.quant_gemm import fp8_block_linear_forward
+
+    fp8_block_linear_forward(out, x, w_q, w_scale, bias)
+
+
 W8A8 = OpFamily("w8a8_gemm", {"reference": _w8a8_reference, "cpu": _w8a8_cpu, "triton": _w8a8_triton})
 W4A16 = OpFamily("w4a16_gemm", {"reference": _w4a16_reference, "cpu": _w4a16_cpu, "triton": _w4a16_triton})
 FP8_BLOCK_GEMM = OpFamily("fp8_block_gemm", {"reference": _fp8_reference, "cpu": _fp8_cpu, "triton": _fp8_triton})
+W8A8_LINEAR = OpFamily("w8a8_linear", {"reference": _w8a8_linear_reference, "cpu": _w8a8_linear_cpu,
+                                        "triton": _w8a8_linear_triton})
+FP8_BLOCK_LINEAR = OpFamily("fp8_block_linear", {"reference": _fp8_linear_reference, "cpu": _fp8_linear_cpu,
+                                                 "triton": _fp8_linear_triton})
 
 
 # ---- validation (metadata only) ---------------------------------------------------------------------------
@@ -177,6 +212,31 @@ def _validate_fp8(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bi
     _check_bias(bias, n, out_dtype, w_q)
 
 
+def _validate_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype,
+                     fp8: bool) -> None:
+    """The fused linears: float x [..., K]; the weight operands and bias as in the two-step GEMM."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_dim=1)
+    k = x.shape[-1]
+    if fp8:
+        n = _check_w("w_q", w_q, torch.float8_e4m3fn, x, k, "K of x")
+        check_tensor("w_scale", w_scale, dtypes=(torch.float32,), dim=2)
+        check_same("w_scale", w_scale, "w_q", w_q, dtype=False)
+        check_shape("w_scale", w_scale, (math.ceil(n / FP8_BLOCK), math.ceil(k / FP8_BLOCK)),
+                    "[ceil(N/128), ceil(K/128)]")
+    else:
+        if k > INT8_MAX_K:
+            raise ValueError(f"x: K={k} exceeds {INT8_MAX_K}, beyond which int32 accumulation can overflow")
+        n = _check_w("w_q", w_q, torch.int8, x, k, "K of x")
+        check_tensor("w_scale", w_scale, dtypes=(torch.float32,))
+        check_same("w_scale", w_scale, "w_q", w_q, dtype=False)
+        if tuple(w_scale.shape) not in ((n,), (n, 1)):
+            raise ValueError(f"w_scale: expected shape [{n}] (one scale per output channel), "
+                             f"got {list(w_scale.shape)}")
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype: expected float32, float16 or bfloat16, got {out_dtype}")
+    _check_bias(bias, n, out_dtype, w_q)
+
+
 def _out(x: Tensor, n: int, dtype: torch.dtype) -> Tensor:
     return torch.empty(*x.shape[:-1], n, dtype=dtype, device=x.device)
 
@@ -254,6 +314,40 @@ def _fp8_op(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Te
     return out
 
 
+def _fake_w8a8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    _validate_linear(x, w_q, w_scale, bias, out_dtype, fp8=False)
+    return _out(x, w_q.shape[0], out_dtype)
+
+
+def _run_linear(family: OpFamily, x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
+                out_dtype: torch.dtype) -> Tensor:
+    out = _out(x, w_q.shape[0], out_dtype)
+    if out.numel() == 0:
+        return out
+    if x.shape[-1] == 0:
+        return _finish_empty(out, bias)
+    impl = family.select(x.device, x.dtype, out)
+    impl(out.view(-1, out.shape[-1]), _rows(x), _c2(w_q), _c2(w_scale), None if bias is None else _c2(bias))
+    return out
+
+
+@omni_op("w8a8_linear", fake=_fake_w8a8_linear)
+def _w8a8_linear_op(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    _validate_linear(x, w_q, w_scale, bias, out_dtype, fp8=False)
+    return _run_linear(W8A8_LINEAR, x, w_q, w_scale.reshape(-1), bias, out_dtype)
+
+
+def _fake_fp8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    _validate_linear(x, w_q, w_scale, bias, out_dtype, fp8=True)
+    return _out(x, w_q.shape[0], out_dtype)
+
+
+@omni_op("fp8_block_linear", fake=_fake_fp8_linear)
+def _fp8_linear_op(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    _validate_linear(x, w_q, w_scale, bias, out_dtype, fp8=True)
+    return _run_linear(FP8_BLOCK_LINEAR, x, w_q, w_scale, bias, out_dtype)
+
+
 # ---- public API -------------------------------------------------------------------------------------------
 def w8a8_gemm(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None,
               out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
@@ -296,3 +390,41 @@ def fp8_block_gemm(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, b
     Returns ``[..., N]`` in ``out_dtype``.
     """
     return call(_fp8_op, x_q, x_scale, w_q, w_scale, bias, out_dtype)
+
+
+def _out_dtype(x: Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
+    if out_dtype is not None:
+        return out_dtype
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    return x.dtype
+
+
+def w8a8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None,
+                out_dtype: torch.dtype | None = None) -> Tensor:
+    """``w8a8_gemm(*quantize_activation_per_token_int8(x), w_q, w_scale, bias, out_dtype)`` in one call.
+
+    Args:
+        x: float32/float16/bfloat16 ``[..., K]`` (K <= 131071), quantized per token inside the op (symmetric
+            int8, ``scale = amax / 127``, round half to even) - the same codes and scales as the helper.
+        w_q: int8 ``[N, K]``; w_scale: float32 ``[N]`` or ``[N, 1]`` (``Int8ChannelWeight``).
+        bias: optional ``[N]`` in ``out_dtype``.
+        out_dtype: float32 / float16 / bfloat16; None (default): x's dtype (what ``QuantLinear`` returns).
+    Returns ``[..., N]``, equal to the two-step path on the same backend.
+    """
+    return call(_w8a8_linear_op, x, w_q, w_scale, bias, _out_dtype(x, out_dtype))
+
+
+def fp8_block_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None,
+                     out_dtype: torch.dtype | None = None) -> Tensor:
+    """``fp8_block_gemm(*quantize_activation_fp8_group(x), w_q, w_scale, bias, out_dtype)`` in one call.
+
+    Args:
+        x: float32/float16/bfloat16 ``[..., K]``, quantized per token per 128 of K inside the op
+            (``scale = amax / 448``, e4m3 round to nearest even) - the same codes and scales as the helper.
+        w_q: float8_e4m3fn ``[N, K]``; w_scale: float32 ``[ceil(N/128), ceil(K/128)]`` (``weight_scale_inv``).
+        bias: optional ``[N]`` in ``out_dtype``.
+        out_dtype: float32 / float16 / bfloat16; None (default): x's dtype.
+    Returns ``[..., N]``, equal to the two-step path on the same backend.
+    """
+    return call(_fp8_linear_op, x, w_q, w_scale, bias, _out_dtype(x, out_dtype))

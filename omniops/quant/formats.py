@@ -131,6 +131,12 @@ def quantize_activation_per_token_int8(x: Tensor) -> tuple[Tensor, Tensor]:
             and x.shape[-1] > 0 and eager_direct((x,))):
         q, s = C.quantize_per_token_int8(x.reshape(-1, x.shape[-1]))
         return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
+    return quantize_per_token_int8_torch(x)
+
+
+def quantize_per_token_int8_torch(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The torch-op form of :func:`quantize_activation_per_token_int8` (what the oracles and traced graphs run;
+    the ``quant_linear`` graph pass matches exactly this formula)."""
     xf = x.float()
     scale = xf.abs().amax(dim=-1, keepdim=True) / 127.0 if x.shape[-1] > 0 else xf.new_zeros(*x.shape[:-1], 1)
     q = torch.round(xf / _safe(scale)).clamp_(-127, 127).to(torch.int8)
@@ -223,7 +229,9 @@ def quantize_activation_fp8_group(x: Tensor, group: int = FP8_BLOCK) -> tuple[Te
     xf = torch.zeros(*lead, kb * group, dtype=torch.float32, device=x.device)
     xf[..., :k] = x.float()
     g = xf.reshape(*lead, kb, group)
-    scale = g.abs().amax(dim=-1) / FP8_MAX
+    # A literal, not FP8_MAX: with dynamic=True Dynamo turns a module-level float into a graph input, and the
+    # quant_linear graph pass recognises this quantizer by its constant divisor.
+    scale = g.abs().amax(dim=-1) / 448.0
     q = (g / _safe(scale)[..., None]).clamp_(-FP8_MAX, FP8_MAX).reshape(*lead, kb * group)[..., :k]
     return q.to(torch.float8_e4m3fn).contiguous(), scale.contiguous()
 

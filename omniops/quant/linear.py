@@ -1,8 +1,11 @@
 """``QuantLinear``: an nn.Linear replacement that stores a quantized weight and runs the quantized GEMMs, and
 ``quantize_model`` that swaps a model's nn.Linear layers for it.
 
-Activation quantization (W8A8: per token int8; FP8: per token per 128 of K) runs as a separate op before the
-GEMM here; the graph passes fuse it into the GEMM later.
+Activation quantization (W8A8: per token int8; FP8: per token per 128 of K) + GEMM: in eager mode one fused call
+(``w8a8_linear`` / ``fp8_block_linear``); under torch.compile the two steps (``quantize_activation_*`` in torch
+ops, then ``w8a8_gemm`` / ``fp8_block_gemm``), which the omni backend's ``quant_linear`` pass turns back into the
+fused call (and which plain Inductor compiles as a fused quantization loop + the GEMM). Both give identical
+results on a given backend.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Iterable
 
+import torch
 from torch import Tensor, nn
 
 from omniops.ops import quant_gemm as _qg  # module import: omniops.ops.quant_gemm imports this package
@@ -74,11 +78,18 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        # Traced: the two steps, so the graph shows the quantization (the quant_linear pass fuses it, or Inductor
+        # compiles it); eager: one call, no Python between quantization and GEMM.
+        fused = not torch.compiler.is_compiling()
         if self.scheme == "int8_channel":
+            if fused:
+                return _qg.w8a8_linear(x, self.qweight, self.scale, bias, out_dtype=x.dtype)
             x_q, x_scale = quantize_activation_per_token_int8(x)
             return _qg.w8a8_gemm(x_q, x_scale, self.qweight, self.scale, bias, out_dtype=x.dtype)
         if self.scheme == "int4_group":
             return _qg.w4a16_gemm(x, self.packed, self.scales, self.zeros, self.group_size, bias)
+        if fused:
+            return _qg.fp8_block_linear(x, self.qweight, self.weight_scale_inv, bias, out_dtype=x.dtype)
         x_q, x_scale = quantize_activation_fp8_group(x)
         return _qg.fp8_block_gemm(x_q, x_scale, self.qweight, self.weight_scale_inv, bias, out_dtype=x.dtype)
 

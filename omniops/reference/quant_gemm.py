@@ -10,7 +10,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from omniops.quant.formats import dequantize_activation_fp8_group, dequantize_fp8_block, dequantize_int4_group
+from omniops.quant.formats import (
+    dequantize_activation_fp8_group,
+    dequantize_fp8_block,
+    dequantize_int4_group,
+    quantize_activation_fp8_group,
+    quantize_per_token_int8_torch,
+)
 
 
 def w8a8_accumulate(x_q: Tensor, w_q: Tensor) -> Tensor:
@@ -47,3 +53,17 @@ def fp8_block_gemm(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, b
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype)
+
+
+# ---- fused linears: quantize the float activation, then the GEMM above (the two-step arithmetic, one call) ----
+def w8a8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """x float [M, K]: per-token int8 quantization (amax / 127, round half to even), then ``w8a8_gemm``."""
+    x_q, x_scale = quantize_per_token_int8_torch(x)
+    return w8a8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+
+
+def fp8_block_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
+                     out_dtype: torch.dtype) -> Tensor:
+    """x float [M, K]: per-token per-128 fp8 quantization, then ``fp8_block_gemm``."""
+    x_q, x_scale = quantize_activation_fp8_group(x)
+    return fp8_block_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
