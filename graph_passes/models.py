@@ -51,10 +51,14 @@ def deepseek_v3_config(hidden: int = 64, layers: int = 2, experts: int = 8, voca
 def build(config, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
     """A causal LM from ``config`` with random weights, eval mode. Router biases get small random values so that
     DeepSeek-V3's correction bias is exercised."""
+    import copy
+
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    # A copy per model: transformers keeps the config object, and prepare() / set_*_implementation() write the
+    # attention / experts implementation into it, which would switch every model built from the same config.
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype).eval()
     with torch.no_grad():
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
