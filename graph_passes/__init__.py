@@ -8,9 +8,11 @@ Two routes, usable together:
   softmax top-k routers and DeepSeek-V3's grouped sigmoid router -> ``omni::moe_route``, HF grouped_mm
   experts -> ``omni::fused_moe``, HF rotary embedding (``apply_rotary_pos_emb`` / ``rotate_half``, q and k
   together) -> ``omni::rotary_embedding``, attention (CPU: SDPA, its math path, HF's eager form; repeat_kv
-  stripped) -> ``omni::gqa_attention``, decode-sized dense linears (CPU) -> ``omni::grouped_gemm``.
+  stripped) -> ``omni::gqa_attention``, decode-sized dense linears (CPU) -> ``omni::grouped_gemm``,
+  QuantLinear's activation quantization + GEMM -> ``omni::w8a8_linear`` / ``omni::fp8_block_linear``.
 * ``prepare(model)`` — switches an HF model's experts / attention implementation to the "omni" entries of
-  transformers' ``ALL_EXPERTS_FUNCTIONS`` / ``ALL_ATTENTION_FUNCTIONS`` and its routers to ``moe_route``.
+  transformers' ``ALL_EXPERTS_FUNCTIONS`` / ``ALL_ATTENTION_FUNCTIONS``, its routers to ``moe_route`` and
+  DeepSeek-V3's MLA decode steps to the weight-absorbed form.
 
 ``configure(...)`` / ``options={...}`` turn passes on and off; ``report()`` (or ``OMNI_LOG=passes``) says
 what matched and what did not.
