@@ -5,7 +5,9 @@ few rows (decode: one per sequence) the GEMM only streams the weight, and torch'
 the memory bandwidth on some CPUs (AMD EPYC, bench/RESULTS.md: fp32 ~9 GB/s, bf16 ~2.6 GB/s at 4 rows vs
 ~18 GB/s for the omni kernel, 1 thread). The omni grouped GEMM over a single "expert" ``W[None]`` is that
 weight-streaming kernel. Rows are bounded by ``linear_max_rows`` (the compile-time hint of a symbolic row count):
-prefill-sized GEMMs are compute-bound and stay with torch's BLAS.
+prefill-sized GEMMs are compute-bound and stay with torch's BLAS. A graph compiled at a small batch keeps the omni
+GEMM when later called with more rows: measured 2.2x / 1.4x / 1.1x / 0.83x torch's mm at 16 / 32 / 64 / 256 rows
+(fp32, 2048 x 2048, 2 threads), a mild slope rather than a cliff.
 """
 
 from __future__ import annotations
