@@ -56,27 +56,52 @@ const void* Bias(const std::optional<at::Tensor>& bias, const at::Tensor& out, i
   return b.data_ptr();
 }
 
-// Checks shared by the scaled GEMMs (W8A8, FP8 block): CPU tensors, x_q [M, K] and w_q [N, K] of the quantized
-// dtype with unit inner stride, fp32 scales. Returns {M, K, N}; each GEMM then checks its own scale shapes.
+// The activation x [M, K] (named x_name) and quantized weight w_q [N, K] of every quantized GEMM / fused linear:
+// CPU, 2-D, unit inner stride; the weight of qtype with fp32 scales. Returns {M, K, N}.
+std::tuple<int64_t, int64_t, int64_t> CheckXW(const at::Tensor& out, const at::Tensor& x, const char* x_name,
+                                              const at::Tensor& w, const at::Tensor& w_scale, at::ScalarType qtype) {
+  CheckCpu(out, "out");
+  CheckCpu(x, x_name);
+  CheckCpu(w, "w_q");
+  CheckCpu(w_scale, "w_scale");
+  CheckDtype(w, qtype, "w_q");
+  CheckDtype(w_scale, at::kFloat, "w_scale");
+  if (x.dim() != 2) ValueError(std::string(x_name) + ": expected a 2-D tensor [M, K], got shape " + Shape(x));
+  if (w.dim() != 2) ValueError("w_q: expected a 2-D tensor [N, K], got shape " + Shape(w));
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  if (K < 1) ValueError(std::string(x_name) + ": K must be > 0");
+  CheckMatrix(x, x_name, M, K, false);
+  CheckMatrix(w, "w_q", N, K, false);
+  return {M, K, N};
+}
+
+// Operands of the quantized GEMMs: x_q / w_q of qtype, fp32 scales. Returns {M, K, N}; each GEMM then checks its
+// own scale shapes.
 std::tuple<int64_t, int64_t, int64_t> CheckQuantOperands(const at::Tensor& out, const at::Tensor& x,
                                                          const at::Tensor& x_scale, const at::Tensor& w,
                                                          const at::Tensor& w_scale, at::ScalarType qtype) {
-  CheckCpu(out, "out");
-  CheckCpu(x, "x_q");
   CheckCpu(x_scale, "x_scale");
-  CheckCpu(w, "w_q");
-  CheckCpu(w_scale, "w_scale");
   CheckDtype(x, qtype, "x_q");
-  CheckDtype(w, qtype, "w_q");
   CheckDtype(x_scale, at::kFloat, "x_scale");
-  CheckDtype(w_scale, at::kFloat, "w_scale");
-  if (x.dim() != 2) ValueError("x_q: expected a 2-D tensor [M, K], got shape " + Shape(x));
-  if (w.dim() != 2) ValueError("w_q: expected a 2-D tensor [N, K], got shape " + Shape(w));
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  if (K < 1) ValueError("x_q: K must be > 0");
-  CheckMatrix(x, "x_q", M, K, false);
-  CheckMatrix(w, "w_q", N, K, false);
-  return {M, K, N};
+  return CheckXW(out, x, "x_q", w, w_scale, qtype);
+}
+
+// The fields the W8A8 and FP8 GEMM args share: quantized activation rows, weight, output.
+template <typename Args, typename Q>
+void FillGemmArgs(Args& a, const Q* x, int64_t x_stride, const float* x_scale, const at::Tensor& w,
+                  const at::Tensor& w_scale, at::Tensor& out, int64_t M, int64_t N, int64_t K, int32_t out_dtype) {
+  a.x = x;
+  a.x_scale = x_scale;
+  a.w = static_cast<const Q*>(w.data_ptr());
+  a.w_scale = w_scale.data_ptr<float>();
+  a.out = out.data_ptr();
+  a.x_stride = x_stride;
+  a.w_stride = w.stride(0);
+  a.out_stride = out.stride(0);
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  a.out_dtype = out_dtype;
 }
 
 const OmniQuantGemmKernels* Table() { return Kernels<OmniQuantGemmKernels>("omni_quant_gemm_kernels"); }
@@ -95,18 +120,8 @@ void W8A8Gemm(at::Tensor out, const at::Tensor& x, const at::Tensor& x_scale, co
   OmniW8A8Args a{};
   a.bias = Bias(bias, out, N);
   if (M == 0 || N == 0) return;
-  a.x = static_cast<const int8_t*>(x.data_ptr());
-  a.x_scale = x_scale.data_ptr<float>();
-  a.w = static_cast<const int8_t*>(w.data_ptr());
-  a.w_scale = w_scale.data_ptr<float>();
-  a.out = out.data_ptr();
-  a.x_stride = x.stride(0);
-  a.w_stride = w.stride(0);
-  a.out_stride = out.stride(0);
-  a.M = M;
-  a.N = N;
-  a.K = K;
-  a.out_dtype = odt;
+  FillGemmArgs(a, static_cast<const int8_t*>(x.data_ptr()), x.stride(0), x_scale.data_ptr<float>(), w, w_scale, out, M,
+               N, K, odt);
   OmniRuntime rt = Runtime();
   Table()->w8a8_gemm(&a, &rt);
 }
@@ -177,19 +192,9 @@ void Fp8BlockGemm(at::Tensor out, const at::Tensor& x, const at::Tensor& x_scale
   a.bias = Bias(bias, out, N);
   if (M == 0 || N == 0) return;
   at::Tensor work = at::empty({M, K}, x.options().dtype(at::kFloat));
-  a.x = static_cast<const uint8_t*>(x.data_ptr());
-  a.x_scale = x_scale.data_ptr<float>();
-  a.w = static_cast<const uint8_t*>(w.data_ptr());
-  a.w_scale = w_scale.data_ptr<float>();
-  a.out = out.data_ptr();
+  FillGemmArgs(a, static_cast<const uint8_t*>(x.data_ptr()), x.stride(0), x_scale.data_ptr<float>(), w, w_scale, out,
+               M, N, K, odt);
   a.work = work.data_ptr<float>();
-  a.x_stride = x.stride(0);
-  a.w_stride = w.stride(0);
-  a.out_stride = out.stride(0);
-  a.M = M;
-  a.N = N;
-  a.K = K;
-  a.out_dtype = odt;
   OmniRuntime rt = Runtime();
   Table()->fp8_block_gemm(&a, &rt);
 }
@@ -200,24 +205,11 @@ void Fp8BlockGemm(at::Tensor out, const at::Tensor& x, const at::Tensor& x_scale
 // Python round trip, the second set of checks and the extra allocations of the two-step path.
 
 // Checks of the float activation x [M, K] and the quantized weight w_q [N, K] / w_scale of a fused linear.
-// Returns {M, K, N}.
 std::tuple<int64_t, int64_t, int64_t> CheckLinearOperands(const at::Tensor& out, const at::Tensor& x,
                                                           const at::Tensor& w, const at::Tensor& w_scale,
                                                           at::ScalarType qtype) {
-  CheckCpu(out, "out");
-  CheckCpu(x, "x");
-  CheckCpu(w, "w_q");
-  CheckCpu(w_scale, "w_scale");
   FloatDType(x, "x");
-  CheckDtype(w, qtype, "w_q");
-  CheckDtype(w_scale, at::kFloat, "w_scale");
-  if (x.dim() != 2) ValueError("x: expected a 2-D tensor [M, K], got shape " + Shape(x));
-  if (w.dim() != 2) ValueError("w_q: expected a 2-D tensor [N, K], got shape " + Shape(w));
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  if (K < 1) ValueError("x: K must be > 0");
-  CheckMatrix(x, "x", M, K, false);
-  CheckMatrix(w, "w_q", N, K, false);
-  return {M, K, N};
+  return CheckXW(out, x, "x", w, w_scale, qtype);
 }
 
 // out[M, N] = w8a8_gemm(quantize_per_token_int8(x[M, K] float), w_q, w_scale, bias): the two-step result.
@@ -239,18 +231,8 @@ void W8A8Linear(at::Tensor out, const at::Tensor& x, const at::Tensor& w, const 
   OmniQuantI8Args q{x.data_ptr(), static_cast<int8_t*>(x_q.data_ptr()), x_scale.data_ptr<float>(), x.stride(0), M, K,
                     FloatDType(x, "x")};
   table->quantize_per_token_int8(&q, &rt);
-  a.x = static_cast<const int8_t*>(x_q.data_ptr());
-  a.x_scale = x_scale.data_ptr<float>();
-  a.w = static_cast<const int8_t*>(w.data_ptr());
-  a.w_scale = w_scale.data_ptr<float>();
-  a.out = out.data_ptr();
-  a.x_stride = K;
-  a.w_stride = w.stride(0);
-  a.out_stride = out.stride(0);
-  a.M = M;
-  a.N = N;
-  a.K = K;
-  a.out_dtype = odt;
+  FillGemmArgs(a, static_cast<const int8_t*>(x_q.data_ptr()), K, x_scale.data_ptr<float>(), w, w_scale, out, M, N, K,
+               odt);
   table->w8a8_gemm(&a, &rt);
 }
 
@@ -316,19 +298,9 @@ void Fp8BlockLinear(at::Tensor out, const at::Tensor& x, const at::Tensor& w, co
     case at::kBFloat16: rt.launch(nblk, &c, &QuantFp8Rows<c10::BFloat16>); break;
     default: rt.launch(nblk, &c, &QuantFp8Rows<float>); break;
   }
-  a.x = static_cast<const uint8_t*>(x_q.data_ptr());
-  a.x_scale = x_scale.data_ptr<float>();
-  a.w = static_cast<const uint8_t*>(w.data_ptr());
-  a.w_scale = w_scale.data_ptr<float>();
-  a.out = out.data_ptr();
+  FillGemmArgs(a, static_cast<const uint8_t*>(x_q.data_ptr()), K, x_scale.data_ptr<float>(), w, w_scale, out, M, N, K,
+               odt);
   a.work = work.data_ptr<float>();
-  a.x_stride = K;
-  a.w_stride = w.stride(0);
-  a.out_stride = out.stride(0);
-  a.M = M;
-  a.N = N;
-  a.K = K;
-  a.out_dtype = odt;
   Table()->fp8_block_gemm(&a, &rt);
 }
 
