@@ -129,6 +129,19 @@ void LaunchDecode(OmniPagedAttnArgs& a, int64_t max_len) {
   Kernels<OmniAttentionKernels>("omni_attention_kernels")->paged_attention(&a, &rt);
 }
 
+// q (float, q_dim dims) and k / v (or the k / v caches; kv_dim dims): readable, k and v of q's dtype.
+// Returns q's OmniDType.
+int32_t CheckQKV(const at::Tensor& q, int64_t q_dim, const at::Tensor& k, const char* k_name, const at::Tensor& v,
+                 const char* v_name, int64_t kv_dim) {
+  CheckReadable(q, "q", q_dim);
+  const int32_t dt = FloatDType(q, "q");
+  CheckReadable(k, k_name, kv_dim);
+  CheckReadable(v, v_name, kv_dim);
+  CheckSameDtype(k, q, k_name, "q");
+  CheckSameDtype(v, q, v_name, "q");
+  return dt;
+}
+
 // Argument setup shared by the entry points (after their checks).
 // q / out rows: the (token, head) strides of dims tok and head.
 void SetRows(OmniPagedAttnArgs& a, const at::Tensor& q, const at::Tensor& out, int tok, int head) {
@@ -183,12 +196,7 @@ void SetShape(OmniPagedAttnArgs& a, int64_t batch, int64_t q_heads, int64_t kv_h
 void GqaDecode(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                const at::Tensor& block_table, const at::Tensor& seq_lens, double scale, double soft_cap,
                int64_t window) {
-  CheckReadable(q, "q", 3);
-  const int32_t dt = FloatDType(q, "q");
-  CheckReadable(k_cache, "k_cache", 4);
-  CheckReadable(v_cache, "v_cache", 4);
-  CheckSameDtype(k_cache, q, "k_cache", "q");
-  CheckSameDtype(v_cache, q, "v_cache", "q");
+  const int32_t dt = CheckQKV(q, 3, k_cache, "k_cache", v_cache, "v_cache", 4);
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t nb = k_cache.size(0), bs = k_cache.size(1), Hkv = k_cache.size(2), Dv = v_cache.size(3);
   CheckDims(k_cache, "k_cache", {-1, -1, Hkv, D}, "num_blocks, block_size, kv_heads, head_dim of q");
@@ -242,12 +250,7 @@ void GqaPrefill(at::Tensor out, const at::Tensor& q, const at::Tensor& k, const 
                 const at::Tensor& cu_seqlens, bool causal, double scale, const std::optional<at::Tensor>& k_cache,
                 const std::optional<at::Tensor>& v_cache, const std::optional<at::Tensor>& block_table,
                 const std::optional<at::Tensor>& context_lens) {
-  CheckReadable(q, "q", 3);
-  const int32_t dt = FloatDType(q, "q");
-  CheckReadable(k, "k", 3);
-  CheckReadable(v, "v", 3);
-  CheckSameDtype(k, q, "k", "q");
-  CheckSameDtype(v, q, "v", "q");
+  const int32_t dt = CheckQKV(q, 3, k, "k", v, "v", 3);
   const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), Dv = v.size(2);
   CheckDims(k, "k", {T, Hkv, D}, "tokens, kv_heads, head_dim of q");
   CheckDims(v, "v", {T, Hkv, -1}, "tokens, kv_heads as k");
@@ -303,12 +306,7 @@ void GqaPrefill(at::Tensor out, const at::Tensor& q, const at::Tensor& k, const 
 // S, L]: bool (true = attend) or fp32 added to the scaled scores.
 void DenseAttention(at::Tensor out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const std::optional<at::Tensor>& mask, bool causal, double scale) {
-  CheckReadable(q, "q", 4);
-  const int32_t dt = FloatDType(q, "q");
-  CheckReadable(k, "k", 4);
-  CheckReadable(v, "v", 4);
-  CheckSameDtype(k, q, "k", "q");
-  CheckSameDtype(v, q, "v", "q");
+  const int32_t dt = CheckQKV(q, 4, k, "k", v, "v", 4);
   const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), L = k.size(2), Dv = v.size(3);
   CheckDims(k, "k", {B, -1, -1, D}, "batch of q, kv_heads, kv_len, head_dim of q");
