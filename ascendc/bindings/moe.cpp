@@ -196,9 +196,10 @@ void GroupedGemm(at::Tensor out, const at::Tensor& x, const at::Tensor& w, const
   CheckDtype(expert_offsets, at::kLong, "expert_offsets");
   CheckContig(expert_offsets, "expert_offsets", {E + 1});
   const int64_t* o = expert_offsets.data_ptr<int64_t>();
-  if (o[0] < 0 || o[E] > M) ValueError("expert_offsets: values must lie in [0, " + std::to_string(M) + "]");
+  const std::string bad = "expert_offsets: must be non-decreasing within [0, " + std::to_string(M) + "] (rows of x_sorted)";
+  if (o[0] < 0 || o[E] > M) ValueError(bad);
   for (int64_t e = 0; e < E; ++e)
-    if (o[e + 1] < o[e]) ValueError("expert_offsets: must be non-decreasing");
+    if (o[e + 1] < o[e]) ValueError(bad);
   CheckSameDtype(out, x, "out", "x_sorted");
   CheckMatrix(out, "out", M, N, true);
   CheckNoOverlap(out, x, "out", "x_sorted");
