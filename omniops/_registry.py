@@ -7,8 +7,9 @@ with the function as its kernel for every device and a fake impl, so Dynamo trac
 Why ``Library.define`` + a ``CompositeExplicitAutograd`` kernel rather than ``torch.library.custom_op``: the
 ops are for inference, and custom_op's autograd / version-counter wrapper costs 15-40 us per call through the
 dispatcher on this CPU (measured with 3 tensor arguments), against ~2 us for a plain kernel registration —
-and compiled graphs call every omni op through the dispatcher. Without an autograd formula a backward
-through an omni op raises (the autograd-not-implemented fallback).
+and compiled graphs call every omni op through the dispatcher. There is no autograd formula: through the
+public functions a forward on inputs that require grad runs and its backward raises (as with ``custom_op``);
+``torch.ops.omni.<name>`` itself refuses such inputs.
 
 ``call`` is how the public functions invoke an op: in plain eager mode (no tracing, no torch dispatch or
 function modes, plain tensors) it runs the implementation directly; under torch.compile, FakeTensor or any
@@ -32,7 +33,17 @@ def omni_op(name: str, *, mutates_args: Sequence[str] = (), fake: Callable[..., 
 
     def deco(fn: Callable[..., Any]):
         _LIB.define(name + torch.library.infer_schema(fn, mutates_args=tuple(mutates_args)))
-        _LIB.impl(name, fn, "CompositeExplicitAutograd")
+
+        def kernel(*args: Any, **kwargs: Any) -> Any:
+            # Without an autograd formula the dispatcher would return outputs whose backward gives no gradient
+            # (a warning, not an error): refuse instead.
+            if _needs_grad(args):
+                raise RuntimeError(f"omni::{name} is an inference op without an autograd formula: call it under "
+                                   "torch.no_grad() / torch.inference_mode(), on detached tensors, or through "
+                                   f"omniops.{name.rstrip('_')} (whose backward raises)")
+            return fn(*args, **kwargs)
+
+        _LIB.impl(name, kernel, "CompositeExplicitAutograd")
         if fake is not None:
             torch.library.register_fake(f"omni::{name}", fake, lib=_LIB)
         op = getattr(torch.ops.omni, name).default
@@ -59,9 +70,29 @@ def eager_direct(args: tuple) -> bool:
     )
 
 
+class _NoBackward(torch.autograd.Function):
+    """An omni op on inputs that require grad: the forward runs (grad is off inside), a backward raises — what
+    ``custom_op`` without ``register_autograd`` does."""
+
+    @staticmethod
+    def forward(ctx: Any, op: Any, *args: Any) -> Any:
+        ctx.name = str(op)
+        return op(*args)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        raise RuntimeError(f"{ctx.name}: omni ops are inference ops without an autograd formula")
+
+
+def _needs_grad(args: tuple) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(a, _TENSOR) and a.requires_grad for a in args)
+
+
 def call(op: Any, *args: Any) -> Any:
-    """Run custom op ``op`` on ``args``: its Python implementation directly in plain eager mode, else
-    through the dispatcher (``torch.ops.omni.<name>``)."""
+    """Run op ``op`` on ``args``: its Python implementation directly in plain eager mode, else through the
+    dispatcher (``torch.ops.omni.<name>``)."""
     if eager_direct(args):
         return _DIRECT[id(op)](*args)
+    if _needs_grad(args) and not torch.compiler.is_compiling() and not op._schema.is_mutable:
+        return _NoBackward.apply(op, *args)
     return op(*args)

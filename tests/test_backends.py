@@ -68,3 +68,16 @@ def test_unrunnable_isa_is_refused() -> None:
         pytest.skip("this CPU runs the AVX-512 library")
     with pytest.raises(ValueError, match="cannot run on this CPU"):
         _ext.cpp().set_isa("avx512")
+
+
+def test_ops_have_no_autograd_and_say_so() -> None:
+    """Inference ops: through the public function a forward on inputs that require grad runs and its backward
+    raises (custom_op's behaviour without register_autograd); the raw dispatcher op refuses such inputs."""
+    x, w = torch.randn(4, 8, requires_grad=True), torch.ones(8)
+    y = omniops.rms_norm(x, w)
+    with torch.no_grad():
+        assert torch.equal(y, omniops.rms_norm(x, w))
+    with pytest.raises(RuntimeError, match="without an autograd formula"):
+        y.sum().backward()
+    with pytest.raises(RuntimeError, match="without an autograd formula"):
+        torch.ops.omni.rms_norm.default(x, w, 1e-6)

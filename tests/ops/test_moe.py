@@ -410,7 +410,7 @@ def test_dispatch_gemm_combine_bad_input() -> None:
                                      torch.empty(3, 2, dtype=torch.int32), a["hidden"], a["ids"] + 9, 4),
          ValueError, "topk_ids: values"),
         (lambda C, a: C.grouped_gemm(torch.empty(3, 5), a["hidden"], torch.randn(2, 5, 8),
-                                     torch.tensor([0, 2, 4])), ValueError, "expert_offsets: must be non-decreasing within"),
+                                     torch.tensor([0, 2, 4])), ValueError, "expert_offsets: must be non-decr"),
         (lambda C, a: C.moe_combine(torch.empty(3, 8), a["hidden"], a["w"], a["ids"] + 3), ValueError,
          "inverse_index: values"),
         (lambda C, a: C.moe_combine(torch.empty(3, 8), a["hidden"], a["w"], a["ids"] - 2), ValueError,
