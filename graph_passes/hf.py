@@ -114,7 +114,7 @@ def _mla_forward(self: torch.nn.Module, hidden_states: torch.Tensor, position_em
     import omniops
 
     B, S = hidden_states.shape[:-1]
-    if S != 1 or hidden_states.device.type != "cpu" or self._omni_mla_orig is None:
+    if S != 1 or hidden_states.device.type != "cpu":
         return self._omni_mla_orig(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
     H, dn, dr, dv, R = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim, self.kv_lora_rank
     mod = sys.modules[type(self).__module__]
