@@ -25,7 +25,8 @@ class PassConfig:
     # router softmax + top-k (+ renormalisation) -> omni::moe_route; grouped_mm experts -> omni::fused_moe
     moe: bool = True
     # CPU: dense linears with at most linear_max_rows rows (decode) -> omni::grouped_gemm over one group (torch's
-    # mm streams a weight at well below the memory bandwidth at few rows on some CPUs; see graph_passes/linear.py)
+    # mm streams a weight at well below the memory bandwidth at few rows on some CPUs; see graph_passes/linear.py).
+    # bf16 / fp16 linears at any row count when the CPU has no AMX-BF16 / AVX512-BF16 (torch's are 3-7x slower).
     linear: bool = True
     linear_max_rows: int = 16
     # SDPA (CPU) and HF's eager matmul-softmax-matmul attention, repeat_kv GQA stripped -> omni::gqa_attention

@@ -5,13 +5,16 @@ few rows (decode: one per sequence) the GEMM only streams the weight, and torch'
 the memory bandwidth on some CPUs (AMD EPYC, bench/RESULTS.md: fp32 ~9 GB/s, bf16 ~2.6 GB/s at 4 rows vs
 ~18 GB/s for the omni kernel, 1 thread). The omni grouped GEMM over a single "expert" ``W[None]`` is that
 weight-streaming kernel. Rows are bounded by ``linear_max_rows`` (the compile-time hint of a symbolic row count):
-prefill-sized GEMMs are compute-bound and stay with torch's BLAS. A graph compiled at a small batch keeps the omni
-GEMM when later called with more rows: measured 2.2x / 1.4x / 1.1x / 0.83x torch's mm at 16 / 32 / 64 / 256 rows
-(fp32, 2048 x 2048, 2 threads), a mild slope rather than a cliff.
+prefill-sized fp32 GEMMs are compute-bound and stay with torch's BLAS. bf16 / fp16 linears are rewritten at any
+row count on CPUs without AMX-BF16 / AVX512-BF16: there torch's 16-bit GEMMs are 3-7x slower than the omni
+kernel at every size (measured 6.5-7.3x bf16, 3.0-3.5x fp16, M = 64..1024). An fp32 graph compiled at a small
+batch keeps the omni GEMM when later called with more rows: measured 2.2x / 1.4x / 1.1x / 0.83x torch's mm at
+16 / 32 / 64 / 256 rows (2048 x 2048, 2 threads), a mild slope rather than a cliff.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -47,7 +50,22 @@ def _gemm_bias(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tenso
     return _gemm(x, w) + b
 
 
+@functools.cache
+def _native_half_matmul() -> bool:
+    """Whether torch's CPU matmul has native 16-bit units here (AMX-BF16 / AVX512-BF16). Without them (AVX2
+    machines) its bf16 / fp16 GEMMs run 3-7x slower than the omni kernel at every size (bench/RESULTS.md)."""
+    import omniops
+
+    feats = omniops.cpu_info()["features"]
+    return bool(feats.get("amx_bf16") or feats.get("avx512_bf16"))
+
+
 def linear_pass(graph: torch.fx.Graph, rep: PassReport, max_rows: int) -> None:
+    from omniops import _ext
+
+    if _ext.cpp() is None:  # no omni CPU GEMM kernel to move the linears to
+        rep.miss("linear", "omniops._C is not built")
+        return
     for node in list(graph.nodes):
         if _is(node, aten.mm.default):
             x, wt, bias = node.args[0], node.args[1], None
@@ -63,7 +81,8 @@ def linear_pass(graph: torch.fx.Graph, rep: PassReport, max_rows: int) -> None:
         if wv.dtype != xv.dtype or wv.dim() != 2 or not wv.is_contiguous():
             continue
         rows = _hint(xv.shape[0])
-        if rows is None or rows > max_rows:
+        half_slow = xv.dtype != torch.float32 and not _native_half_matmul()
+        if rows is None or (rows > max_rows and not half_slow):
             continue
         if bias is not None:
             bv = bias.meta.get("val") if isinstance(bias, torch.fx.Node) else None
