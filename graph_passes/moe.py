@@ -360,16 +360,21 @@ def _weight_of(t: Any) -> Any:
 
 
 def _is_silu_of(a: Any, g: Any) -> bool:
+    """``a = silu(g)``: aten.silu, Inductor's ``g / (1 + exp(-g))`` or ``g * sigmoid(g)``; dtype casts of g allowed
+    (half-precision experts compute it in fp32: ``convert(g, f32) / (1 + exp(-convert(g, f32)))``)."""
+    def same(x: Any) -> bool:
+        return _strip(x) is g
+
     if _is(a, aten.silu.default):
-        return a.args[0] is g
-    if _is(a, aten.div.Tensor) and a.args[0] is g:  # g / (1 + exp(-g)), Inductor's decomposition
+        return same(a.args[0])
+    if _is(a, aten.div.Tensor) and same(a.args[0]):
         d = a.args[1]
         if _is(d, aten.add.Tensor) and d.args[1] == 1 and _is(d.args[0], aten.exp.default):
             neg = d.args[0].args[0]
-            return _is(neg, aten.neg.default) and neg.args[0] is g
+            return _is(neg, aten.neg.default) and same(neg.args[0])
     if _is(a, aten.mul.Tensor):  # g * sigmoid(g)
         x, s = a.args
-        return x is g and _is(s, aten.sigmoid.default) and s.args[0] is g
+        return same(x) and _is(s, aten.sigmoid.default) and same(s.args[0])
     return False
 
 

@@ -24,10 +24,10 @@ L = 1  # layers: one is enough to see every pattern (2 norms + residual adds per
 
 
 class Compiled:
-    def __init__(self, config):
+    def __init__(self, config, dtype: torch.dtype = torch.float32):
         from omniops.graph_passes import report, reset_report
 
-        self.model = M.build(config)
+        self.model = M.build(config, dtype)
         g = torch.Generator().manual_seed(0)
         self.ids = torch.randint(0, config.vocab_size, (2, 5), generator=g)
         self.eager_logits, self.eager_tokens = M.greedy(self.model, self.model, self.ids.clone(), STEPS, False)
@@ -124,6 +124,18 @@ def test_deepseek_v3(deepseek_v3):
     if HAS_MOE_OPS:
         assert deepseek_v3.report.matched["moe_route"] == 2 * L and "moe_route" not in deepseek_v3.report.missed
     _check_numerics(deepseek_v3)
+
+
+def test_deepseek_v3_bf16():
+    """bf16: the experts' SiLU runs in fp32 between casts and grouped_mm is aten._grouped_mm — still one
+    fused_moe; every linear becomes grouped_gemm on CPUs without native bf16 matmul."""
+    c = Compiled(M.deepseek_v3_config(layers=L, dense_layers=0), torch.bfloat16)
+    assert c.graphs == 2
+    ops = c.report.ops
+    assert ops["fused_moe"] == 2 * L and ops["moe_route"] == 2 * L and ops["gqa_attention"] == 2 * L, c.report.format()
+    assert "fused_moe" not in c.report.missed
+    assert_close(c.logits, c.eager_logits)
+    assert torch.equal(c.tokens, c.eager_tokens)
 
 
 # ---- prepare(): the registry route ---------------------------------------------------------------------------
