@@ -171,16 +171,23 @@ def _decode_logits(model, ids):
 
 @needs_moe
 def test_prepare_then_compile_deepseek_v3():
+    """prepare() then backend="omni", fullgraph: prefill and the weight-absorbed MLA decode compile without
+    graph breaks (two graphs) and generate eager's tokens."""
     from omniops.graph_passes import prepare, report, reset_report
 
     model = M.build(M.deepseek_v3_config(layers=L, dense_layers=0))
     ids = torch.randint(0, 256, (2, 5))
-    with torch.no_grad():
-        ref = model(ids).logits
-        prepare(model)
-        reset_report()
-        out = torch.compile(model, backend="omni", fullgraph=True, options={"min_rows": 0})(ids).logits
+    ref_logits, ref_tokens = M.greedy(model, model, ids.clone(), STEPS, False)
+    prepare(model)
+    torch._dynamo.reset()
+    reset_report()
+    graphs0 = counters["stats"]["unique_graphs"]
+    fn = torch.compile(model, backend="omni", fullgraph=True, options={"min_rows": 0})
+    logits, tokens = M.greedy(fn, model, ids.clone(), STEPS)
+    assert counters["stats"]["unique_graphs"] - graphs0 == 2
     ops = report().ops
-    # attention: the "omni" AttentionInterface calls gqa_attention itself (one per layer)
-    assert ops["moe_route"] == L and ops["fused_moe"] == L and ops["gqa_attention"] == L, report().format()
-    assert_close(out, ref)
+    # attention: the "omni" AttentionInterface (prefill) and the absorbed MLA (decode) call gqa_attention
+    assert ops["moe_route"] == 2 * L and ops["fused_moe"] == 2 * L and ops["gqa_attention"] == 2 * L, \
+        report().format()
+    assert_close(logits, ref_logits)
+    assert torch.equal(tokens, ref_tokens)
