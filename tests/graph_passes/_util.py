@@ -4,14 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-import pytest
 import torch
 from omniops.graph_passes import report, reset_report
-
-import omniops
-
-HAS_MOE_OPS = hasattr(omniops, "fused_moe") and hasattr(omniops, "moe_route")
-needs_moe = pytest.mark.skipif(not HAS_MOE_OPS, reason="fused_moe not merged yet")
 
 
 def compile_omni(fn, *args, options: dict | None = None, **kwargs):

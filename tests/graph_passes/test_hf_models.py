@@ -15,7 +15,7 @@ from omniops.graph_passes import models as M
 from torch._dynamo.utils import counters
 
 from omniops.testing import assert_close
-from tests.graph_passes._util import HAS_MOE_OPS, _copy, needs_moe
+from tests.graph_passes._util import _copy
 
 pytestmark = pytest.mark.compile
 
@@ -98,7 +98,7 @@ def test_llama_dynamic_shapes_no_recompile(llama):
 def test_qwen3_moe(qwen3_moe):
     # q_norm / k_norm per layer are RMSNorms too; the experts' merged gate_up SiLU-and-mul becomes part of
     # fused_moe when the MoE ops exist
-    moe = {"moe_route": L, "fused_moe": L} if HAS_MOE_OPS else {"silu_and_mul": L}
+    moe = {"moe_route": L, "fused_moe": L}
     # linears: q, k, v, o and the router per layer, lm_head; rotary: q/k after q_norm / k_norm, one per layer
     _check_ops(qwen3_moe, {"rms_norm": 1 + 2 * L, "fused_add_rms_norm": 2 * L, "gqa_attention": L,
                            "grouped_gemm": 5 * L + 1, "rotary_embedding": L, **moe})
@@ -115,14 +115,13 @@ def test_mixtral(mixtral):
 def test_deepseek_v3(deepseek_v3):
     # q_a_layernorm / kv_a_layernorm per layer; the grouped sigmoid router (sigmoid, correction bias, group
     # top-2 sums, masked top-k) becomes one moe_route per MoE layer, whose int32 ids fused_moe takes
-    moe = {"moe_route": L, "fused_moe": L} if HAS_MOE_OPS else {"silu_and_mul": L}
+    moe = {"moe_route": L, "fused_moe": L}
     # MLA's q head dim (nope + rope) differs from v's: SDPA takes its math path, decomposed in the graph
     # (q and k^T scaled by sqrt(scale), bmm, additive causal mask, softmax, "safe" zero rows) -> gqa_attention
     # linears: q_a, q_b, kv_a, kv_b, o, router, shared expert's gate, up, down per layer, lm_head
     _check_ops(deepseek_v3, {"rms_norm": 1 + 2 * L, "fused_add_rms_norm": 2 * L, "gqa_attention": L,
                              "grouped_gemm": 9 * L + 1, **moe})
-    if HAS_MOE_OPS:
-        assert deepseek_v3.report.matched["moe_route"] == 2 * L and "moe_route" not in deepseek_v3.report.missed
+    assert deepseek_v3.report.matched["moe_route"] == 2 * L and "moe_route" not in deepseek_v3.report.missed
     _check_numerics(deepseek_v3)
 
 
@@ -169,7 +168,6 @@ def _decode_logits(model, ids):
     return model(input_ids=ids[:, :1], cache=cache, use_cache=True).logits
 
 
-@needs_moe
 def test_prepare_then_compile_deepseek_v3():
     """prepare() then backend="omni", fullgraph: prefill and the weight-absorbed MLA decode compile without
     graph breaks (two graphs) and generate eager's tokens."""

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from omniops.testing import assert_close
-from tests.graph_passes._util import compile_omni, needs_moe
+from tests.graph_passes._util import compile_omni
 
-pytestmark = [pytest.mark.compile, needs_moe]
+pytestmark = pytest.mark.compile
 
 E, H, T = 16, 32, 7
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from omniops.testing import assert_close
-from tests.graph_passes._util import compile_omni, needs_moe, omni_ops
+from tests.graph_passes._util import compile_omni, omni_ops
 
 pytestmark = pytest.mark.compile
 
@@ -164,7 +164,6 @@ def _mixtral_moe_block():
     return m
 
 
-@needs_moe
 @pytest.mark.parametrize("block", ["qwen3_moe", "qwen3_moe_no_renorm", "mixtral"])
 def test_moe_block_to_fused_moe(block):
     m = _mixtral_moe_block() if block == "mixtral" else _qwen_moe_block(block == "qwen3_moe")
@@ -176,7 +175,6 @@ def test_moe_block_to_fused_moe(block):
         assert_close(out, m(x))
 
 
-@needs_moe
 def test_moe_near_miss_sigmoid_router_not_matched():
     # a sigmoid top-k is not a softmax router: left alone
     def f(logits):
