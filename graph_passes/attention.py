@@ -20,16 +20,12 @@ import math
 from typing import Any
 
 import torch
-from omniops.graph_passes.moe import _getitem_index, _is, _softmax_input, _splice, _strip
+from omniops.graph_passes.moe import _getitem_index, _is, _softmax_input, _splice, _strip, _val
 from omniops.graph_passes.report import PassReport
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 aten = torch.ops.aten
 _VIEWS = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
-
-
-def _val(n: Any) -> Any:
-    return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -18,16 +18,10 @@ import functools
 from typing import Any
 
 import torch
-from omniops.graph_passes.moe import _is, _splice
+from omniops.graph_passes.moe import _hint, _is, _splice, _val
 from omniops.graph_passes.report import PassReport
 
 aten = torch.ops.aten
-
-
-def _hint(n: Any) -> int | None:
-    if isinstance(n, int):
-        return n
-    return n.node.hint if isinstance(n, torch.SymInt) else None
 
 
 def _weight(wt: Any) -> Any:
@@ -74,7 +68,7 @@ def linear_pass(graph: torch.fx.Graph, rep: PassReport, max_rows: int) -> None:
         else:
             continue
         w = _weight(wt)
-        xv, wv = (n.meta.get("val") if isinstance(n, torch.fx.Node) else None for n in (x, w))
+        xv, wv = _val(x), _val(w)
         if xv is None or wv is None or xv.device.type != "cpu" or xv.dtype not in (torch.float32, torch.bfloat16,
                                                                                     torch.float16):
             continue
@@ -85,7 +79,7 @@ def linear_pass(graph: torch.fx.Graph, rep: PassReport, max_rows: int) -> None:
         if rows is None or (rows > max_rows and not half_slow):
             continue
         if bias is not None:
-            bv = bias.meta.get("val") if isinstance(bias, torch.fx.Node) else None
+            bv = _val(bias)
             if bv is None or bv.dtype != xv.dtype or bv.dim() != 1:
                 continue
         args = [x, w] + ([bias] if bias is not None else [])

@@ -42,6 +42,18 @@ def _is(n: Any, *targets: Any) -> bool:
     return isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target in targets
 
 
+def _val(n: Any) -> Any:
+    """The fake value (meta["val"]) of an FX node, else None."""
+    return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+
+
+def _hint(d: Any) -> int | None:
+    """A size as an int: itself, or a symbolic size's compile-time hint (None when it has none)."""
+    if isinstance(d, int):
+        return d
+    return d.node.hint if isinstance(d, torch.SymInt) else None
+
+
 def _strip(n: Any) -> Any:
     """Skip dtype casts and no-op reshapes that do not change what a value is."""
     while _is(n, torch.ops.prims.convert_element_type.default, aten._to_copy.default):
@@ -179,7 +191,7 @@ def _topk_args(n: Any) -> tuple[Any, int, int, bool] | None:
 
 
 def _shape(n: Any) -> tuple | None:
-    v = n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+    v = _val(n)
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
 

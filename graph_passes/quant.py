@@ -21,16 +21,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from omniops.graph_passes.moe import _is, _splice
+from omniops.graph_passes.moe import _is, _splice, _val
 from omniops.graph_passes.report import PassReport
 
 aten = torch.ops.aten
 prims = torch.ops.prims
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _val(n: Any) -> Any:
-    return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
 
 
 def _skip_clone(n: Any) -> Any:

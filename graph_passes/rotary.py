@@ -28,17 +28,13 @@ from typing import Any
 
 import torch
 from omniops.graph_passes import patterns
-from omniops.graph_passes.moe import _is, _splice
+from omniops.graph_passes.moe import _hint, _is, _splice, _val
 from omniops.graph_passes.report import PassReport
 
 aten = torch.ops.aten
 prims = torch.ops.prims
 
 _ELEMENTWISE = (aten.cos.default, aten.sin.default, prims.convert_element_type.default)
-
-
-def _val(n: Any) -> Any:
-    return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
 
 
 def _dim_is(d: Any, ndim: int, want: int) -> bool:
@@ -150,12 +146,6 @@ def _parse(add: torch.fx.Node) -> tuple[Any, Any, Any] | None:
                     if cos is not None and sin is not None:
                         return x.args[0], cos, sin
     return None
-
-
-def _hint(d: Any) -> int | None:
-    if isinstance(d, int):
-        return d
-    return d.node.hint
 
 
 def _static_one(d: Any) -> bool:
