@@ -154,7 +154,9 @@ void SetRows(OmniPagedAttnArgs& a, const at::Tensor& q, const at::Tensor& out, i
 }
 
 // Paged k / v caches: the (block, token, head) strides of dims blk, tok, head (head < 0: one shared head).
-void SetCache(OmniPagedAttnArgs& a, const at::Tensor& kc, const at::Tensor& vc, int blk, int tok, int head) {
+// Args: OmniPagedAttnArgs (read) or OmniReshapeAndCacheArgs (written), which name these fields alike.
+template <typename Args>
+void SetCache(Args& a, const at::Tensor& kc, const at::Tensor& vc, int blk, int tok, int head) {
   a.k_cache = kc.data_ptr();
   a.v_cache = vc.data_ptr();
   a.k_block_stride = kc.stride(blk);
@@ -423,14 +425,7 @@ void ReshapeAndCache(const at::Tensor& key, const at::Tensor& value, at::Tensor 
   a.key_head_stride = key.stride(1);
   a.value_token_stride = value.stride(0);
   a.value_head_stride = value.stride(1);
-  a.k_cache = k_cache.data_ptr();
-  a.v_cache = v_cache.data_ptr();
-  a.k_block_stride = k_cache.stride(0);
-  a.k_token_stride = k_cache.stride(1);
-  a.k_head_stride = k_cache.stride(2);
-  a.v_block_stride = v_cache.stride(0);
-  a.v_token_stride = v_cache.stride(1);
-  a.v_head_stride = v_cache.stride(2);
+  SetCache(a, k_cache, v_cache, 0, 1, 2);
   a.slot_mapping = slot_mapping.data_ptr<int64_t>();
   a.tokens = T;
   a.kv_heads = H;
