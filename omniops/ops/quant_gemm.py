@@ -249,6 +249,20 @@ def _finish_empty(out: Tensor, bias: Tensor | None) -> Tensor:
     return out
 
 
+def _run(family: OpFamily, x: Tensor, n: int, out_dtype: torch.dtype, sel_dtype: torch.dtype, bias: Tensor | None,
+         *operands: object) -> Tensor:
+    """``out [..., n]`` = the selected backend of ``family`` on (out rows, x rows, *operands, bias); the empty
+    cases (no output, K == 0) without a kernel."""
+    out = _out(x, n, out_dtype)
+    if out.numel() == 0:
+        return out
+    if x.shape[-1] == 0:
+        return _finish_empty(out, bias)
+    impl = family.select(x.device, sel_dtype, out)
+    impl(out.view(-1, n), _rows(x), *operands, None if bias is None else _c2(bias))
+    return out
+
+
 # ---- custom ops -------------------------------------------------------------------------------------------
 def _fake_w8a8(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
                out_dtype: torch.dtype) -> Tensor:
@@ -260,16 +274,9 @@ def _fake_w8a8(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias:
 def _w8a8_op(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
              out_dtype: torch.dtype) -> Tensor:
     _validate_w8a8(x_q, x_scale, w_q, w_scale, bias, out_dtype)
-    out = _out(x_q, w_q.shape[0], out_dtype)
-    if out.numel() == 0:
-        return out
-    if x_q.shape[-1] == 0:
-        return _finish_empty(out, bias)
     sel_dtype = torch.float32 if out_dtype == torch.int32 else out_dtype
-    impl = W8A8.select(x_q.device, sel_dtype, out)
-    impl(out.view(-1, out.shape[-1]), _rows(x_q), _c2(x_scale.reshape(-1)), _c2(w_q), _c2(w_scale.reshape(-1)),
-         None if bias is None else _c2(bias))
-    return out
+    return _run(W8A8, x_q, w_q.shape[0], out_dtype, sel_dtype, bias, _c2(x_scale.reshape(-1)), _c2(w_q),
+                _c2(w_scale.reshape(-1)))
 
 
 def _fake_w4a16(x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
@@ -282,15 +289,8 @@ def _fake_w4a16(x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor | Non
 def _w4a16_op(x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
               bias: Tensor | None) -> Tensor:
     _validate_w4a16(x, w_packed, scales, zeros, group_size, bias)
-    out = _out(x, w_packed.shape[0], x.dtype)
-    if out.numel() == 0:
-        return out
-    if x.shape[-1] == 0:
-        return _finish_empty(out, bias)
-    impl = W4A16.select(x.device, x.dtype, out)
-    impl(out.view(-1, out.shape[-1]), _rows(x), _c2(w_packed), _c2(scales), None if zeros is None else _c2(zeros),
-         group_size, None if bias is None else _c2(bias))
-    return out
+    return _run(W4A16, x, w_packed.shape[0], x.dtype, x.dtype, bias, _c2(w_packed), _c2(scales),
+                None if zeros is None else _c2(zeros), group_size)
 
 
 def _fake_fp8(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
@@ -303,15 +303,8 @@ def _fake_fp8(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: 
 def _fp8_op(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
             out_dtype: torch.dtype) -> Tensor:
     _validate_fp8(x_q, x_scale, w_q, w_scale, bias, out_dtype)
-    out = _out(x_q, w_q.shape[0], out_dtype)
-    if out.numel() == 0:
-        return out
-    if x_q.shape[-1] == 0:
-        return _finish_empty(out, bias)
-    impl = FP8_BLOCK_GEMM.select(x_q.device, out_dtype, out)
-    impl(out.view(-1, out.shape[-1]), _rows(x_q), _c2(x_scale.reshape(-1, x_scale.shape[-1])), _c2(w_q),
-         _c2(w_scale), None if bias is None else _c2(bias))
-    return out
+    return _run(FP8_BLOCK_GEMM, x_q, w_q.shape[0], out_dtype, out_dtype, bias,
+                _c2(x_scale.reshape(-1, x_scale.shape[-1])), _c2(w_q), _c2(w_scale))
 
 
 def _fake_w8a8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
@@ -319,22 +312,10 @@ def _fake_w8a8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | No
     return _out(x, w_q.shape[0], out_dtype)
 
 
-def _run_linear(family: OpFamily, x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
-                out_dtype: torch.dtype) -> Tensor:
-    out = _out(x, w_q.shape[0], out_dtype)
-    if out.numel() == 0:
-        return out
-    if x.shape[-1] == 0:
-        return _finish_empty(out, bias)
-    impl = family.select(x.device, x.dtype, out)
-    impl(out.view(-1, out.shape[-1]), _rows(x), _c2(w_q), _c2(w_scale), None if bias is None else _c2(bias))
-    return out
-
-
 @omni_op("w8a8_linear", fake=_fake_w8a8_linear)
 def _w8a8_linear_op(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
     _validate_linear(x, w_q, w_scale, bias, out_dtype, fp8=False)
-    return _run_linear(W8A8_LINEAR, x, w_q, w_scale.reshape(-1), bias, out_dtype)
+    return _run(W8A8_LINEAR, x, w_q.shape[0], out_dtype, x.dtype, bias, _c2(w_q), _c2(w_scale.reshape(-1)))
 
 
 def _fake_fp8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
@@ -345,7 +326,7 @@ def _fake_fp8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | Non
 @omni_op("fp8_block_linear", fake=_fake_fp8_linear)
 def _fp8_linear_op(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
     _validate_linear(x, w_q, w_scale, bias, out_dtype, fp8=True)
-    return _run_linear(FP8_BLOCK_LINEAR, x, w_q, w_scale, bias, out_dtype)
+    return _run(FP8_BLOCK_LINEAR, x, w_q.shape[0], out_dtype, x.dtype, bias, _c2(w_q), _c2(w_scale))
 
 
 # ---- public API -------------------------------------------------------------------------------------------
