@@ -1,0 +1,185 @@
+"""What every model runner shares: the batch's attention metadata, linears (plain or quantized), RoPE tables,
+the paged-attention calls for GQA caches, and the MoE block on ``fused_moe``.
+
+A step's tokens are one flat list (vLLM v1 style): first the decode tokens (one per sequence, attending to
+the paged cache through ``gqa_decode`` / ``mla_decode``), then the prefill chunks (``gqa_prefill`` over the new
+tokens after the sequence's cached context).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import omniops
+
+
+@dataclass
+class AttentionMetadata:
+    positions: Tensor  # [T] int64
+    slot_mapping: Tensor  # [T] int64: block * block_size + offset
+    num_decode: int  # the first num_decode tokens are decode tokens, one per sequence
+    decode_block_table: Tensor  # [Bd, max_blocks] int32
+    decode_seq_lens: Tensor  # [Bd] int32, the new token included
+    prefill_cu_seqlens: Tensor  # [Bp + 1] int32, offsets into the prefill tokens
+    prefill_block_table: Tensor  # [Bp, max_blocks] int32
+    prefill_context_lens: Tensor  # [Bp] int32: tokens already cached before this chunk
+    prefill_context: list[int] = field(default_factory=list)  # the same, as ints
+    prefill_query: list[int] = field(default_factory=list)  # chunk lengths, as ints
+
+    @property
+    def num_tokens(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def num_prefill(self) -> int:
+        return len(self.prefill_query)
+
+    @property
+    def any_context(self) -> bool:
+        return any(self.prefill_context)
+
+
+class Linear:
+    """``y = x @ W.T`` on torch's GEMM (oneDNN / MKL on CPU), or a QuantLinear with the project's formats."""
+
+    def __init__(self, weight: Tensor, quantization: str | None = None, bias: Tensor | None = None):
+        self.out_features, self.in_features = weight.shape
+        self.weight, self.bias = weight, bias
+        self.quant = None
+        if quantization is not None:
+            scheme = {"w8a8": "int8_channel", "fp8_block": "fp8_block", "w4a16": "int4_group"}[quantization]
+            qw = omniops.quantize_weight(weight.float(), scheme)
+            self.quant = omniops.QuantLinear(qw, bias).to(weight.device)
+            self.weight = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.quant is not None:
+            return self.quant(x)
+        return F.linear(x, self.weight, self.bias)
+
+
+def rope_cache(config, head_dim: int, max_positions: int, dtype: torch.dtype) -> Tensor:
+    """vLLM's ``cos_sin_cache [max_pos, rotary_dim]`` = cat(cos, sin), from transformers' RoPE parameter code
+    (default, linear, dynamic-free yarn, llama3, ...): the same inv_freq and attention scaling as HF."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        scaling = 1.0
+    else:
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]
+    # HF rounds cos/sin to the model dtype before rotating; do the same so bf16 runs match it
+    return torch.cat((freqs.cos() * scaling, freqs.sin() * scaling), -1).to(dtype)
+
+
+def paged_gqa(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
+              scale: float) -> Tensor:
+    """Attention of the step's tokens (q [T, Hq, D], k/v [T, Hkv, D]) after writing k/v into the paged cache.
+    Returns [T, Hq, Dv]."""
+    omniops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping, validate=False)
+    nd = meta.num_decode
+    parts = []
+    if nd:
+        parts.append(omniops.gqa_decode(q[:nd], k_cache, v_cache, meta.decode_block_table, meta.decode_seq_lens,
+                                        scale, validate=False))
+    if nd < q.shape[0]:
+        ctx = meta.any_context
+        parts.append(omniops.gqa_prefill(
+            q[nd:], k[nd:], v[nd:], meta.prefill_cu_seqlens, causal=True, scale=scale,
+            k_cache=k_cache if ctx else None, v_cache=v_cache if ctx else None,
+            block_table=meta.prefill_block_table if ctx else None,
+            context_lens=meta.prefill_context_lens if ctx else None, validate=False))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class DenseMLP:
+    """SwiGLU MLP: gate and up merged into one GEMM, then silu_and_mul and down."""
+
+    def __init__(self, gate: Tensor, up: Tensor, down: Tensor, quantization: str | None):
+        self.gate_up = Linear(torch.cat([gate, up]), quantization)
+        self.down = Linear(down, quantization)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.down(omniops.silu_and_mul(self.gate_up(x)))
+
+
+class FusedMoE:
+    """Routed experts on one ``fused_moe`` call. ``route(x) -> (topk_weights, topk_ids)`` is the family's router.
+
+    Shared experts (DeepSeek) ride along as extra experts that every token picks with weight 1: one kernel call
+    instead of a separate MLP (a shared expert of n * I intermediate is n experts of I, SwiGLU being
+    elementwise and the down projection a sum)."""
+
+    def __init__(self, w13: Tensor, w2: Tensor, route: Callable[[Tensor], tuple[Tensor, Tensor]],
+                 shared: tuple[Tensor, Tensor, Tensor] | None = None):
+        self.num_routed = w13.shape[0]
+        self.num_shared = 0
+        if shared is not None:
+            g, u, d = shared
+            inter = w13.shape[1] // 2
+            if g.shape[0] % inter:
+                raise ValueError(f"shared experts: intermediate {g.shape[0]} is not a multiple of {inter}")
+            n = g.shape[0] // inter
+            sw13 = torch.cat([g.view(n, inter, -1), u.view(n, inter, -1)], dim=1)
+            sw2 = d.view(d.shape[0], n, inter).transpose(0, 1)
+            w13, w2 = torch.cat([w13, sw13]), torch.cat([w2, sw2])
+            self.num_shared = n
+        self.w13, self.w2 = w13.contiguous(), w2.contiguous()
+        self.route = route
+
+    def __call__(self, x: Tensor) -> Tensor:
+        w, ids = self.route(x)
+        if self.num_shared:
+            T = x.shape[0]
+            sid = torch.arange(self.num_routed, self.num_routed + self.num_shared, dtype=ids.dtype)
+            ids = torch.cat([ids, sid.expand(T, -1)], dim=1)
+            w = torch.cat([w, w.new_ones(T, self.num_shared)], dim=1)
+        return omniops.fused_moe(x, self.w13, self.w2, w, ids)
+
+
+class DecoderModel:
+    """A pre-norm decoder: ``layers`` (dicts with in_norm / post_norm / mlp) and ``_attention`` come from the
+    family; the residual stream runs through fused add + RMSNorm."""
+
+    embed: Tensor
+    norm: Tensor
+    lm_head: Linear
+    eps: float
+    layers: list[dict]
+    num_layers: int
+    dtype: torch.dtype
+
+    def _attention(self, layer: dict, i: int, x: Tensor, meta: AttentionMetadata) -> Tensor:
+        raise NotImplementedError
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        raise NotImplementedError
+
+    def allocate_kv(self, num_blocks: int, block_size: int) -> None:
+        raise NotImplementedError
+
+    def forward(self, input_ids: Tensor, meta: AttentionMetadata) -> Tensor:
+        h = self.embed[input_ids]
+        residual = None
+        for i, layer in enumerate(self.layers):
+            if residual is None:
+                residual, x = h, omniops.rms_norm(h, layer["in_norm"], self.eps)
+            else:
+                x, residual = omniops.rms_norm(h, layer["in_norm"], self.eps, residual)
+            h = self._attention(layer, i, x, meta)
+            x, residual = omniops.rms_norm(h, layer["post_norm"], self.eps, residual)
+            h = layer["mlp"](x)
+        out, _ = omniops.rms_norm(h, self.norm, self.eps, residual)
+        return out
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(hidden).float()
