@@ -53,7 +53,10 @@ class Linear:
         self.quant = None
         if quantization is not None:
             scheme = {"w8a8": "int8_channel", "fp8_block": "fp8_block", "w4a16": "int4_group"}[quantization]
-            qw = omniops.quantize_weight(weight.float(), scheme)
+            group = next((g for g in (128, 64, 32) if self.in_features % g == 0), None)
+            if scheme == "int4_group" and group is None:
+                raise ValueError(f"quantization: w4a16 needs in_features divisible by 32, got {self.in_features}")
+            qw = omniops.quantize_weight(weight.float(), scheme, group_size=group or 128)
             self.quant = omniops.QuantLinear(qw, bias).to(weight.device)
             self.weight = None
 
@@ -120,7 +123,7 @@ class FusedMoE:
     elementwise and the down projection a sum)."""
 
     def __init__(self, w13: Tensor, w2: Tensor, route: Callable[[Tensor], tuple[Tensor, Tensor]],
-                 shared: tuple[Tensor, Tensor, Tensor] | None = None):
+                 shared: tuple[Tensor, Tensor, Tensor] | None = None, quantization: str | None = None):
         self.num_routed = w13.shape[0]
         self.num_shared = 0
         if shared is not None:
@@ -133,8 +136,12 @@ class FusedMoE:
             sw2 = d.view(d.shape[0], n, inter).transpose(0, 1)
             w13, w2 = torch.cat([w13, sw13]), torch.cat([w2, sw2])
             self.num_shared = n
-        self.w13, self.w2 = w13.contiguous(), w2.contiguous()
         self.route = route
+        self.quant = None
+        if quantization is not None:  # per-expert quantized GEMMs between moe_dispatch and moe_combine
+            self.quant = [(Linear(a, quantization), Linear(b, quantization)) for a, b in zip(w13, w2, strict=True)]
+            w13 = w2 = None
+        self.w13, self.w2 = (w13.contiguous(), w2.contiguous()) if w13 is not None else (None, None)
 
     def __call__(self, x: Tensor) -> Tensor:
         w, ids = self.route(x)
@@ -143,7 +150,16 @@ class FusedMoE:
             sid = torch.arange(self.num_routed, self.num_routed + self.num_shared, dtype=ids.dtype)
             ids = torch.cat([ids, sid.expand(T, -1)], dim=1)
             w = torch.cat([w, w.new_ones(T, self.num_shared)], dim=1)
-        return omniops.fused_moe(x, self.w13, self.w2, w, ids)
+        if self.quant is None:
+            return omniops.fused_moe(x, self.w13, self.w2, w, ids)
+        d = omniops.moe_dispatch(x, ids, len(self.quant))
+        y = torch.zeros_like(d.x_sorted)
+        offs = d.expert_offsets.tolist()
+        for e, (w13, w2) in enumerate(self.quant):
+            lo, hi = offs[e], offs[e + 1]
+            if hi > lo:
+                y[lo:hi] = w2(omniops.silu_and_mul(w13(d.x_sorted[lo:hi])))
+        return omniops.moe_combine(y, w, d.inverse_index)
 
 
 class DecoderModel:

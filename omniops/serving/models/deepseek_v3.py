@@ -75,10 +75,10 @@ class DeepseekV3ForCausalLM(DecoderModel):
             layer["mlp"] = DenseMLP(w.get(f"{m}.gate_proj.weight"), w.get(f"{m}.up_proj.weight"),
                                     w.get(f"{m}.down_proj.weight"), quant)
         else:
-            layer["mlp"] = self._moe(w, m)
+            layer["mlp"] = self._moe(w, m, quant)
         return layer
 
-    def _moe(self, w: WeightStore, m: str) -> FusedMoE:
+    def _moe(self, w: WeightStore, m: str, quant: str | None) -> FusedMoE:
         c = self.config
         gate = w.get(f"{m}.gate.weight", torch.float32)  # HF keeps the router in fp32
         bias = w.get(f"{m}.gate.e_score_correction_bias", torch.float32)
@@ -94,7 +94,7 @@ class DeepseekV3ForCausalLM(DecoderModel):
         shared = None
         if getattr(c, "n_shared_experts", 0):
             shared = tuple(w.get(f"{m}.shared_experts.{n}_proj.weight") for n in ("gate", "up", "down"))
-        return FusedMoE(w13, w2, route, shared)
+        return FusedMoE(w13, w2, route, shared, quant)
 
     # ---- KV cache ------------------------------------------------------------------------------------------
     def kv_bytes_per_block(self, block_size: int) -> int:

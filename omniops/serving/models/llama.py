@@ -112,4 +112,4 @@ class Qwen3MoeForCausalLM(GQADecoder):
             return tw.to(logits.dtype), ids  # HF rounds the weights to the model dtype
 
         w13, w2 = w.experts(f"{p}.experts", c.num_experts)
-        return FusedMoE(w13, w2, route)
+        return FusedMoE(w13, w2, route, quantization=quant)
