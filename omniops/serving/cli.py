@@ -1,0 +1,103 @@
+"""``omni-serve MODEL_DIR``: an OpenAI-compatible HTTP server on the omniops engine (flags spelled as vLLM's
+``vllm serve``).
+
+    omni-serve ./ckpt --port 8000 --served-model-name tiny --max-model-len 2048 --kv-cache-memory 2
+
+``--port 0`` picks a free port; the URL is logged ("ready on http://..."). SIGINT / SIGTERM shut down
+gracefully (open streams get 5 s). Also runnable as ``python -m omniops.serving.cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+
+log = logging.getLogger("omniops.serving.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="omni-serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="a local Hugging Face checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port (logged)")
+    p.add_argument("--served-model-name", default=None, help="the model name of the API (default: MODEL as given)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--max-model-len", type=int, default=None, help="default: the model's max_position_embeddings")
+    p.add_argument("--kv-cache-memory", type=float, default=1.0, metavar="GIB", help="KV cache size in GiB")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="(vLLM's spelling; --no-prefix-caching also disables it)")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help=argparse.SUPPRESS)
+    p.add_argument("--quantization", default=None, choices=("w8a8", "fp8_block", "w4a16"))
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--api-key", default=os.environ.get("OMNI_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $OMNI_API_KEY)")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="answer 503 when more than N requests wait for a seat in the batch (default: no limit)")
+    p.add_argument("--disable-log-requests", action="store_true", help="no INFO line per request")
+    p.add_argument("--disable-uvicorn-access-log", action="store_true")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    # bound here rather than by uvicorn: the real port of --port 0 is known before serving, for the log line
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def _isa() -> str:
+    import omniops
+
+    info = omniops.cpu_info()
+    return f"omni kernels {info['isa']}" if info.get("isa") else f"reference ops ({info.get('reason', 'no _C')})"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from omniops.serving import EngineConfig, LLMEngine
+    from omniops.serving.api import build_app
+
+    try:
+        cfg = EngineConfig.from_kwargs(
+            args.model, dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
+            block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
+            quantization=args.quantization, enforce_eager=args.enforce_eager, seed=args.seed)
+        if args.max_queue is not None and args.max_queue < 0:
+            raise ValueError(f"max_queue: must be >= 0, got {args.max_queue}")
+        engine = LLMEngine(cfg)
+        sock = _bind(args.host, args.port)
+    except (ValueError, TypeError, OSError) as e:
+        sys.exit(f"omni-serve: {e}")
+    engine.warmup()  # first-call costs of the kernels, before the first client pays them
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    name = args.served_model_name or args.model
+    log.info("omni-serve: model %s as %r, %s, dtype %s, %s, %d KV blocks of %d tokens, max_model_len %d, "
+             "prefix caching %s, %s", args.model, name, type(engine.model).__name__, engine.model.dtype, _isa(),
+             engine.kv.num_blocks, cfg.block_size, cfg.max_model_len, "on" if cfg.enable_prefix_caching else "off",
+             url)
+    app = build_app(engine, served_model_name=name, api_key=args.api_key, max_queue=args.max_queue,
+                    log_requests=not args.disable_log_requests, url=url)
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=not args.disable_uvicorn_access_log,
+                            timeout_graceful_shutdown=5, lifespan="on")
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    main()
