@@ -47,17 +47,15 @@ class ModelRunner:
             slots.extend(blocks[p // bs] * bs + p % bs for p in rng)
             last.append(len(ids) - 1)
         cu = [0]
-        for _, n in prefill:
+        for _, n in decode + prefill:
             cu.append(cu[-1] + n)
         meta = AttentionMetadata(
             positions=torch.tensor(pos, dtype=torch.long),
             slot_mapping=torch.tensor(slots, dtype=torch.long),
+            cu_seqlens=torch.tensor(cu, dtype=torch.int32),
+            block_table=_table([r.block_ids for r, _ in decode + prefill]),
+            context_lens=torch.tensor([r.num_computed_tokens for r, _ in decode + prefill], dtype=torch.int32),
             num_decode=len(decode),
-            decode_block_table=_table([r.block_ids for r, _ in decode]),
-            decode_seq_lens=torch.tensor([r.num_computed_tokens + 1 for r, _ in decode], dtype=torch.int32),
-            prefill_cu_seqlens=torch.tensor(cu, dtype=torch.int32),
-            prefill_block_table=_table([r.block_ids for r, _ in prefill]),
-            prefill_context_lens=torch.tensor([r.num_computed_tokens for r, _ in prefill], dtype=torch.int32),
             prefill_context=[r.num_computed_tokens for r, _ in prefill],
             prefill_query=[n for _, n in prefill],
         )

@@ -189,7 +189,10 @@ class OpenAIServing:
             tok = self.piece(tid)
             lp.tokens.append(tok)
             lp.token_logprobs.append(d[tid].logprob)
-            lp.top_logprobs.append({self.piece(t): v.logprob for t, v in sorted(d.items(), key=lambda x: x[1].rank)})
+            top: dict[str, float] = {}
+            for t, v in sorted(d.items(), key=lambda x: x[1].rank):
+                top.setdefault(self.piece(t), v.logprob)  # pieces can collide ("\ufffd"): keep the likelier
+            lp.top_logprobs.append(top)
             lp.text_offset.append(offset)
             offset += len(tok)
         return lp

@@ -20,28 +20,46 @@ import omniops
 
 @dataclass
 class AttentionMetadata:
+    """The step's batch: sequences in flat order (decodes first), each with its new tokens after its cached
+    context. The tensors alone drive GQA attention (what a compiled forward sees); the ints are host-side
+    copies for the MLA paths that split decode from prefill."""
+
     positions: Tensor  # [T] int64
     slot_mapping: Tensor  # [T] int64: block * block_size + offset
-    num_decode: int  # the first num_decode tokens are decode tokens, one per sequence
-    decode_block_table: Tensor  # [Bd, max_blocks] int32
-    decode_seq_lens: Tensor  # [Bd] int32, the new token included
-    prefill_cu_seqlens: Tensor  # [Bp + 1] int32, offsets into the prefill tokens
-    prefill_block_table: Tensor  # [Bp, max_blocks] int32
-    prefill_context_lens: Tensor  # [Bp] int32: tokens already cached before this chunk
-    prefill_context: list[int] = field(default_factory=list)  # the same, as ints
-    prefill_query: list[int] = field(default_factory=list)  # chunk lengths, as ints
+    cu_seqlens: Tensor  # [B + 1] int32: sequence b owns new tokens cu[b]:cu[b+1]
+    block_table: Tensor  # [B, max_blocks] int32
+    context_lens: Tensor  # [B] int32: tokens already cached before this step's
+    num_decode: int = 0  # the first num_decode sequences have one new token each
+    prefill_context: list[int] = field(default_factory=list)  # context_lens of the others, as ints
+    prefill_query: list[int] = field(default_factory=list)  # their new-token counts, as ints
 
     @property
     def num_tokens(self) -> int:
         return self.positions.shape[0]
 
     @property
-    def num_prefill(self) -> int:
-        return len(self.prefill_query)
-
-    @property
     def any_context(self) -> bool:
         return any(self.prefill_context)
+
+    @property
+    def decode_block_table(self) -> Tensor:
+        return self.block_table[:self.num_decode]
+
+    @property
+    def decode_seq_lens(self) -> Tensor:
+        return self.context_lens[:self.num_decode] + 1
+
+    @property
+    def prefill_block_table(self) -> Tensor:
+        return self.block_table[self.num_decode:]
+
+    @property
+    def prefill_context_lens(self) -> Tensor:
+        return self.context_lens[self.num_decode:]
+
+    @property
+    def prefill_cu_seqlens(self) -> Tensor:
+        return self.cu_seqlens[self.num_decode:] - self.num_decode
 
 
 class Linear:
@@ -86,22 +104,14 @@ def rope_cache(config, head_dim: int, max_positions: int, dtype: torch.dtype) ->
 
 def paged_gqa(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
               scale: float) -> Tensor:
-    """Attention of the step's tokens (q [T, Hq, D], k/v [T, Hkv, D]) after writing k/v into the paged cache.
+    """Attention of the step's tokens (q [T, Hq, D], k/v [T, Hkv, D]) after writing k/v into the paged cache:
+    one varlen ``gqa_prefill`` over every sequence, a decode being a 1-token chunk after its context (as fast as
+    ``gqa_decode`` at serving batch sizes, measured, and one graph node with no host-side branch).
     Returns [T, Hq, Dv]."""
     omniops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping, validate=False)
-    nd = meta.num_decode
-    parts = []
-    if nd:
-        parts.append(omniops.gqa_decode(q[:nd], k_cache, v_cache, meta.decode_block_table, meta.decode_seq_lens,
-                                        scale, validate=False))
-    if nd < q.shape[0]:
-        ctx = meta.any_context
-        parts.append(omniops.gqa_prefill(
-            q[nd:], k[nd:], v[nd:], meta.prefill_cu_seqlens, causal=True, scale=scale,
-            k_cache=k_cache if ctx else None, v_cache=v_cache if ctx else None,
-            block_table=meta.prefill_block_table if ctx else None,
-            context_lens=meta.prefill_context_lens if ctx else None, validate=False))
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    return omniops.gqa_prefill(q, k, v, meta.cu_seqlens, causal=True, scale=scale, k_cache=k_cache,
+                               v_cache=v_cache, block_table=meta.block_table, context_lens=meta.context_lens,
+                               validate=False)
 
 
 class DenseMLP:
