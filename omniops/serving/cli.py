@@ -88,10 +88,11 @@ def main(argv: list[str] | None = None) -> None:
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     name = args.served_model_name or args.model
+    runner = getattr(engine.runner, "compile_report", None)  # eager / compiled, and why
     log.info("omni-serve: model %s as %r, %s, dtype %s, %s, %d KV blocks of %d tokens, max_model_len %d, "
-             "prefix caching %s, %s", args.model, name, type(engine.model).__name__, engine.model.dtype, _isa(),
+             "prefix caching %s%s, %s", args.model, name, type(engine.model).__name__, engine.model.dtype, _isa(),
              engine.kv.num_blocks, cfg.block_size, cfg.max_model_len, "on" if cfg.enable_prefix_caching else "off",
-             url)
+             f", runner {runner}" if runner else "", url)
     app = build_app(engine, served_model_name=name, api_key=args.api_key, max_queue=args.max_queue,
                     log_requests=not args.disable_log_requests, url=url)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=not args.disable_uvicorn_access_log,

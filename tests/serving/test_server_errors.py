@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from omniops.serving import EngineConfig, LLMEngine, SamplingParams
+from omniops.serving.api import build_app
 from omniops.serving.async_engine import AsyncEngine, EngineError
 from tests.serving._server import OmniServer, metrics
 
@@ -30,7 +31,7 @@ def server(checkpoint, tmp_path_factory):
     # one seat in the batch and one in the queue: the 503 path is reachable with three requests
     srv = OmniServer(checkpoint("llama"), tmp_path_factory.mktemp("serve-errors") / "server.log",
                      "--served-model-name", "tiny", "--max-model-len", str(MAX_LEN), "--kv-cache-memory", "0.05",
-                     "--api-key", KEY, "--max-num-seqs", "1", "--max-queue", "1").start()
+                     "--api-key", KEY, "--max-num-seqs", "1", "--max-queue", "1", "--enforce-eager").start()
     yield srv
     srv.stop()
 
@@ -174,7 +175,7 @@ def test_queue_full_503(server, http):
 @pytest.fixture(scope="module")
 def engine(checkpoint):
     return LLMEngine(EngineConfig.from_kwargs(checkpoint("llama"), dtype="float32", max_model_len=256,
-                                              kv_cache_memory=0.05))
+                                              kv_cache_memory=0.05, enforce_eager=True))
 
 
 async def _run(ae: AsyncEngine, rid: str, n: int) -> list[int]:
@@ -185,14 +186,20 @@ async def _run(ae: AsyncEngine, rid: str, n: int) -> list[int]:
     return last.outputs[0].token_ids
 
 
-def test_step_exception_fails_requests_and_keeps_serving(engine):
+def _flaky(engine, fail_at: int):
     real_step, calls = engine.step, {"n": 0}
 
     def flaky_step():
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == fail_at:
             raise RuntimeError("injected kernel failure")
         return real_step()
+
+    return real_step, flaky_step
+
+
+def test_step_exception_fails_requests_and_keeps_serving(engine):
+    real_step, flaky_step = _flaky(engine, 3)
 
     async def main():
         ae = AsyncEngine(engine)
@@ -228,6 +235,37 @@ def test_idle_thread_does_not_spin_and_slow_reader_does_not_stall(engine):
             await asyncio.sleep(0.5)
             assert time.clock_gettime(clock) - t0 < 0.05, "the idle engine thread burns CPU"
         finally:
+            ae.stop()
+
+    asyncio.run(main())
+    engine.kv.check_all_free()
+
+
+def test_step_exception_over_http(engine):
+    """The HTTP side of a failed step (in process, through ASGI): a 500 in OpenAI's shape for a plain request,
+    an error event then [DONE] for a stream; the next request succeeds."""
+    app = build_app(engine, served_model_name="tiny")
+    ae = app.state.engine
+    body = {"prompt": [5, 6, 7], "max_tokens": 20, "ignore_eos": True}
+
+    async def main():
+        ae.start()  # the lifespan's job; httpx's ASGITransport does not run it
+        real_step = engine.step
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
+                                         timeout=30) as c:
+                engine.step = _flaky(engine, 3)[1]
+                r = await c.post("/v1/completions", json=body)
+                assert r.status_code == 500 and "injected" in r.json()["error"]["message"], r.text
+                engine.step = _flaky(engine, 3)[1]
+                r = await c.post("/v1/completions", json={**body, "stream": True})
+                events = [ln[6:] for ln in r.text.splitlines() if ln.startswith("data: ")]
+                assert "injected" in json.loads(events[-2])["error"]["message"] and events[-1] == "[DONE]"
+                engine.step = real_step
+                r = await c.post("/v1/completions", json=body)
+                assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 20
+        finally:
+            engine.step = real_step
             ae.stop()
 
     asyncio.run(main())
