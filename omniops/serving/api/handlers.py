@@ -63,6 +63,9 @@ async def until_disconnect(request: Request, work: Awaitable):
     watcher = asyncio.ensure_future(watch())
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this handler was cancelled (shutdown): the work must not outlive it
+        task.cancel()
+        raise
     finally:
         watcher.cancel()
     if not task.done():
