@@ -13,6 +13,7 @@ VLLM_ENABLE_V1_MULTIPROCESSING=0 (set by the parent) so that its engine core is 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -80,12 +81,13 @@ def measure(job: dict) -> dict:
     res["prefill_tok_s"] = res["prompt_tokens"] / res["prefill_s"]
     res["output_tok_s"] = res["output_tokens"] / res["generate_s"]
     res["num_prompts"] = len(job["generate"])
-    try:
-        import torch
+    import torch
 
-        res["threads"] = torch.get_num_threads()
-    except ImportError:
-        pass
+    # vLLM-CPU binds its OpenMP threads to cores (on 2 cores it reserves one): the affinity tells what ran
+    res["threads"] = min(torch.get_num_threads(), len(os.sched_getaffinity(0)))
+    runner = getattr(getattr(getattr(eng, "llm", None), "engine", None), "runner", None)
+    if isinstance(getattr(runner, "compile_report", None), str):
+        res["compile"] = runner.compile_report
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return res
 

@@ -66,7 +66,7 @@ def run_worker(target: str, job: dict, log: Path, timeout: float = 1800.0) -> di
 def table(rows: list[dict], title: str) -> Table:
     t = Table(title=title)
     for col in ("target", "prompts", "prompt tok", "prefill tok/s", "output tok/s", "x vLLM out", "x HF out",
-                "load s", "peak RSS MiB", "threads"):
+                "load s", "peak RSS MiB", "threads", "load avg"):
         t.add_column(col, justify="left" if col == "target" else "right")
     by = {r["backend"]: r for r in rows}
 
@@ -77,7 +77,7 @@ def table(rows: list[dict], title: str) -> Table:
     for r in rows:
         t.add_row(r["backend"], str(r["num_prompts"]), str(r["prompt_tokens"]), f"{r['prefill_tok_s']:.0f}",
                   f"{r['output_tok_s']:.1f}", ratio(r, "vllm"), ratio(r, "hf"), f"{r['load_s']:.1f}",
-                  f"{r['peak_rss_mib']:.0f}", str(r.get("threads", "-")))
+                  f"{r['peak_rss_mib']:.0f}", str(r.get("threads", "-")), f"{r.get('load_avg', float('nan')):.1f}")
     return t
 
 
@@ -106,7 +106,7 @@ def run(opts: BenchOptions, console: Console) -> list[dict]:
             continue
         console.print(f"  prefill {r['prefill_tok_s']:.0f} tok/s, output {r['output_tok_s']:.1f} tok/s, "
                       f"peak RSS {r['peak_rss_mib']:.0f} MiB")
-        rows.append({**r, "model": model})
+        rows.append({**r, "model": model, "load_avg": os.getloadavg()[0]})
     title = (f"engine: {Path(model).name}, {n} prompts of ~{PROMPT_WORDS} words, {OUTPUT_TOKENS} new tokens, "
              f"bf16 greedy")
     console.print(table(rows, title))

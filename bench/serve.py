@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 from pathlib import Path
 
 from omniops.bench.common import BenchOptions
@@ -49,7 +50,7 @@ def bench_target(target: str, model: str, concurrencies: list[int], opts: BenchO
             results, duration = asyncio.run(run_load(HOST, srv.port, srv.model_id, prompts, OUTPUT_TOKENS, c))
             row = {"target": target, "model": model, "concurrency": c, **summarize(results, duration),
                    "prompt_tokens_mean": _mean([r.prompt_tokens for r in results if r.prompt_tokens]),
-                   "startup_s": srv.startup_s}
+                   "startup_s": srv.startup_s, "load_avg": os.getloadavg()[0]}
             console.print(f"  c={c}: {row['output_tok_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms, "
                           f"ITL p50 {row['itl_p50_ms']:.1f} ms" + (f", {row['errors']} errors: "
                                                                      f"{row['first_error']}" if row["errors"] else ""))
@@ -68,7 +69,7 @@ def _fmt(v: float, digits: int = 1) -> str:
 def table(rows: list[dict], title: str) -> Table:
     t = Table(title=title)
     for col in ("target", "conc", "requests", "out tok/s", "req/s", "TTFT p50 ms", "TTFT p99 ms",
-                "ITL p50 ms", "ITL p99 ms", "errors", "tok/s omni/vLLM"):
+                "ITL p50 ms", "ITL p99 ms", "errors", "tok/s omni/vLLM", "load avg"):
         t.add_column(col, justify="left" if col == "target" else "right")
     vllm = {r["concurrency"]: r for r in rows if r["target"] == "vllm"}
     for r in rows:
@@ -78,7 +79,7 @@ def table(rows: list[dict], title: str) -> Table:
         t.add_row(r["target"], str(r["concurrency"]), str(r["requests"]), _fmt(r["output_tok_s"]),
                   _fmt(r["req_s"], 2), _fmt(r["ttft_p50_ms"], 0), _fmt(r["ttft_p99_ms"], 0),
                   _fmt(r["itl_p50_ms"]), _fmt(r["itl_p99_ms"]), str(r["errors"]),
-                  "-" if ratio is None else f"{ratio:.2f}x")
+                  "-" if ratio is None else f"{ratio:.2f}x", _fmt(r.get("load_avg")))
     return t
 
 
