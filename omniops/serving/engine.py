@@ -82,6 +82,8 @@ class LLMEngine:
                                    max_model_len=config.max_model_len,
                                    enable_chunked_prefill=config.enable_chunked_prefill)
         self.runner = ModelRunner(self.model, bs)
+        if not config.enforce_eager:
+            self.runner.choose_compile(config.max_num_seqs, num_blocks)
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, Request] = {}
         self.detok: dict[str, IncrementalDetokenizer] = {}
@@ -144,6 +146,7 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     # ---- one step ------------------------------------------------------------------------------------------
+    @torch.inference_mode()  # the batch tensors too: compiled graphs guard on inference vs normal tensors
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch.requests:

@@ -6,6 +6,9 @@ Python lists and converted once per step (a few small tensors), so the per-step 
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 from torch import Tensor
 
@@ -23,10 +26,81 @@ def _table(rows: list[list[int]]) -> Tensor:
     return t
 
 
+log = logging.getLogger("omniops.serving")
+
+
 class ModelRunner:
     def __init__(self, model: DecoderModel, block_size: int):
         self.model = model
         self.block_size = block_size
+        self.compiled = None  # torch.compile(backend="omni") of the flat forward, when chosen
+        self.compiled_fn = None  # the compiled forward, chosen or not
+        self.compile_report = "eager (enforce_eager)"
+
+    # ---- torch.compile ---------------------------------------------------------------------------------
+    def _flat_forward(self, input_ids: Tensor, positions: Tensor, slot_mapping: Tensor, cu_seqlens: Tensor,
+                      block_table: Tensor, context_lens: Tensor) -> Tensor:
+        meta = AttentionMetadata(positions, slot_mapping, cu_seqlens, block_table, context_lens)
+        return self.model.forward(input_ids, meta)
+
+    def _forward(self, input_ids: Tensor, meta: AttentionMetadata) -> Tensor:
+        if self.compiled is None:
+            return self.model.forward(input_ids, meta)
+        args = (input_ids, meta.positions, meta.slot_mapping, meta.cu_seqlens, meta.block_table, meta.context_lens)
+        for a in args:  # token count, batch and table width are dynamic: one graph, not one per batch size
+            torch._dynamo.maybe_mark_dynamic(a, 0)
+        torch._dynamo.maybe_mark_dynamic(meta.block_table, 1)
+        return self.compiled(*args)
+
+    def _synthetic(self, chunks: list[int], context: int) -> tuple[Tensor, AttentionMetadata]:
+        """A step of sequences with ``chunks[i]`` new tokens after ``context`` cached ones, over the first KV
+        blocks (their content is garbage; called before any request owns a block)."""
+        bs, B = self.block_size, len(chunks)
+        per = (context + max(chunks)) // bs + 1
+        table = torch.arange(B * per, dtype=torch.int32).view(B, per)
+        pos = torch.cat([torch.arange(context, context + n) for n in chunks])
+        seq = torch.repeat_interleave(torch.arange(B), torch.tensor(chunks))
+        slots = table[seq, pos // bs].long() * bs + pos % bs
+        cu = torch.tensor([0, *torch.tensor(chunks).cumsum(0).tolist()], dtype=torch.int32)
+        meta = AttentionMetadata(pos, slots, cu, table, torch.full((B,), context, dtype=torch.int32))
+        return torch.randint(0, 100, (len(pos),)), meta
+
+    # shapes whose graphs serving needs: dynamo specialises sizes 0/1 and gives equal sizes one symbol, so
+    # warm up with one token, one sequence, and batches whose token count, sequence count and table width differ
+    WARMUP = ([1], [7], [1, 1, 1], [5, 1, 1, 1], [9, 3])
+
+    @torch.inference_mode()
+    def choose_compile(self, max_batch: int, num_blocks: int) -> str:
+        """Compile the forward with backend="omni" and keep it only if it is faster here: per-step time of a
+        decode batch, eager vs compiled, measured after warming both (the graphs for 1-token and larger
+        batches are built here, not under load). Returns what was decided and why."""
+        if not getattr(self.model, "compilable", False):
+            self.compile_report = f"eager ({type(self.model).__name__}: {self.model.compile_skip_reason})"
+            return self.compile_report
+        batch = max(2, min(max_batch, 8, num_blocks // 6))
+        compiled = self.compiled_fn = torch.compile(self._flat_forward, backend="omni", dynamic=False)
+        self.compiled = compiled
+        t0 = time.perf_counter()
+        for chunks in self.WARMUP:
+            self._forward(*self._synthetic(chunks, 40))
+        compile_s = time.perf_counter() - t0
+        timings = {}
+        for name, fn in (("eager", None), ("compiled", compiled)):
+            self.compiled = fn
+            ids, meta = self._synthetic([1] * batch, 40)
+            runs = []
+            for _ in range(6):
+                t = time.perf_counter()
+                self._forward(ids, meta)
+                runs.append(time.perf_counter() - t)
+            timings[name] = min(runs)
+        use = timings["compiled"] < timings["eager"]
+        self.compiled = compiled if use else None
+        self.compile_report = (f"{'compiled (omni backend)' if use else 'eager'}: decode step at batch {batch} "
+                               f"{timings['compiled'] * 1e3:.2f} ms compiled vs {timings['eager'] * 1e3:.2f} ms "
+                               f"eager (compile {compile_s:.0f} s)")
+        log.info("runner: %s", self.compile_report)
+        return self.compile_report
 
     def prepare(self, batch: ScheduledBatch) -> tuple[Tensor, AttentionMetadata, list[Request], list[int]]:
         """Returns (input_ids, metadata, requests in flat order, index of each request's last token)."""
@@ -64,7 +138,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, input_ids: Tensor, meta: AttentionMetadata, sample_rows: list[int]) -> Tensor:
         """The forward over the flat batch; fp32 logits of the rows in ``sample_rows``."""
-        hidden = self.model.forward(input_ids, meta)
+        hidden = self._forward(input_ids, meta)
         if not sample_rows:
             return hidden.new_empty(0, 0, dtype=torch.float32)
         return self.model.logits(hidden[torch.tensor(sample_rows, dtype=torch.long)])

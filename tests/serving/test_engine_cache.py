@@ -16,7 +16,7 @@ def _shared_prefix_prompts() -> list[str]:
 
 
 def _run(path: str, prompts: list[str], **kw) -> tuple[list[list[int]], LLM]:
-    llm = LLM(path, dtype="float32", max_model_len=512, **{"kv_cache_memory": 0.05, **kw})
+    llm = LLM(path, dtype="float32", max_model_len=512, enforce_eager=True, **{"kv_cache_memory": 0.05, **kw})
     first = llm.generate(prompts[:3], GREEDY)  # fills the prefix cache for the rest
     rest = llm.generate(prompts[3:], GREEDY)
     llm.engine.kv.check_all_free()
@@ -49,9 +49,9 @@ def test_chunked_prefill_same_outputs(baseline):
 def test_preemption_same_outputs(baseline):
     path, prompts, ref = baseline
     # ~512 tokens of KV for 12 requests of up to ~230 tokens each: the scheduler must preempt and recompute
-    llm = LLM(path, dtype="float32", max_model_len=512, kv_cache_memory=1.0)
+    llm = LLM(path, dtype="float32", max_model_len=512, enforce_eager=True, kv_cache_memory=1.0)
     blocks = 512 // 16 + 2
-    llm = LLM(path, dtype="float32", max_model_len=512,
+    llm = LLM(path, dtype="float32", max_model_len=512, enforce_eager=True,
               kv_cache_memory=blocks * llm.engine.model.kv_bytes_per_block(16) / 2**30)
     assert llm.engine.kv.num_blocks == blocks
     outs = llm.generate(prompts, GREEDY)

@@ -9,7 +9,7 @@ from omniops.serving import LLM, EngineConfig, SamplingParams
 
 @pytest.fixture(scope="module")
 def llm(checkpoint):
-    return LLM(checkpoint("qwen3_moe"), dtype="float32", max_model_len=64, kv_cache_memory=0.05)
+    return LLM(checkpoint("qwen3_moe"), dtype="float32", max_model_len=64, kv_cache_memory=0.05, enforce_eager=True)
 
 
 @pytest.mark.parametrize("kwargs, field", [

@@ -26,8 +26,8 @@ def prefill_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("scheme", sorted(MIN_COSINE))
 def test_quantized_close_to_float(arch, scheme, checkpoint):
     path = checkpoint(arch)
-    ref = LLM(path, max_model_len=256, kv_cache_memory=0.02)
-    q = LLM(path, max_model_len=256, kv_cache_memory=0.02, quantization=scheme)
+    ref = LLM(path, max_model_len=256, enforce_eager=True, kv_cache_memory=0.02)
+    q = LLM(path, max_model_len=256, enforce_eager=True, kv_cache_memory=0.02, quantization=scheme)
     layer = q.engine.model.layers[-1]
     assert layer["o"].quant is not None and layer["o"].weight is None  # really stored quantized
     assert layer["mlp"].quant is not None and layer["mlp"].w13 is None

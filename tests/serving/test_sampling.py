@@ -12,7 +12,7 @@ from tests.serving.conftest import mixed_prompts
 
 @pytest.fixture(scope="module")
 def llm(checkpoint):
-    return LLM(checkpoint("llama"), dtype="float32", max_model_len=512, kv_cache_memory=0.05)
+    return LLM(checkpoint("llama"), dtype="float32", max_model_len=512, kv_cache_memory=0.05, enforce_eager=True)
 
 
 def test_filters():

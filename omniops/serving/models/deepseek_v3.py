@@ -29,6 +29,8 @@ def _yarn_mscale(scale: float, mscale: float) -> float:
 
 
 class DeepseekV3ForCausalLM(DecoderModel):
+    compilable = False
+    compile_skip_reason = "the MLA decode / prefill split and the per-sequence context path are host-side"
     def __init__(self, config, weights: WeightStore, *, quantization: str | None = None, max_positions: int):
         c = self.config = config
         self.dtype = weights.dtype
