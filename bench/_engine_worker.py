@@ -13,7 +13,6 @@ VLLM_ENABLE_V1_MULTIPROCESSING=0 (set by the parent) so that its engine core is 
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time
@@ -67,6 +66,11 @@ class _HF:
 BACKENDS = {"omni": _Omni, "hf": _HF, "vllm": _VLLM}
 
 
+def _cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def measure(job: dict) -> dict:
     t0 = time.perf_counter()
     eng = BACKENDS[job["backend"]](job["model"], job.get("max_model_len", 1024))
@@ -75,16 +79,14 @@ def measure(job: dict) -> dict:
     t0 = time.perf_counter()
     res["prompt_tokens"], _ = eng.generate(job["prefill"], 1)
     res["prefill_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_s()
     _, res["output_tokens"] = eng.generate(job["generate"], job["max_tokens"])
     res["generate_s"] = time.perf_counter() - t0
+    # cores kept busy while generating (CPU time / wall time; spin-waiting OpenMP threads count as busy)
+    res["cpu_util"] = (_cpu_s() - c0) / res["generate_s"]
     res["prefill_tok_s"] = res["prompt_tokens"] / res["prefill_s"]
     res["output_tok_s"] = res["output_tokens"] / res["generate_s"]
     res["num_prompts"] = len(job["generate"])
-    import torch
-
-    # vLLM-CPU binds its OpenMP threads to cores (on 2 cores it reserves one): the affinity tells what ran
-    res["threads"] = min(torch.get_num_threads(), len(os.sched_getaffinity(0)))
     runner = getattr(getattr(getattr(eng, "llm", None), "engine", None), "runner", None)
     if isinstance(getattr(runner, "compile_report", None), str):
         res["compile"] = runner.compile_report

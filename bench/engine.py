@@ -66,9 +66,10 @@ def run_worker(target: str, job: dict, log: Path, timeout: float = 1800.0) -> di
 def table(rows: list[dict], title: str) -> Table:
     t = Table(title=title)
     for col in ("target", "prompts", "prompt tok", "prefill tok/s", "output tok/s", "x vLLM out", "x HF out",
-                "load s", "peak RSS MiB", "threads", "load avg"):
+                "load s", "peak RSS MiB", "CPU util", "load avg"):
         t.add_column(col, justify="left" if col == "target" else "right")
     by = {r["backend"]: r for r in rows}
+    nan = float("nan")
 
     def ratio(r: dict, peer: str) -> str:
         p = by.get(peer)
@@ -77,7 +78,7 @@ def table(rows: list[dict], title: str) -> Table:
     for r in rows:
         t.add_row(r["backend"], str(r["num_prompts"]), str(r["prompt_tokens"]), f"{r['prefill_tok_s']:.0f}",
                   f"{r['output_tok_s']:.1f}", ratio(r, "vllm"), ratio(r, "hf"), f"{r['load_s']:.1f}",
-                  f"{r['peak_rss_mib']:.0f}", str(r.get("threads", "-")), f"{r.get('load_avg', float('nan')):.1f}")
+                  f"{r['peak_rss_mib']:.0f}", f"{r.get('cpu_util', nan):.2f}", f"{r.get('load_avg', nan):.1f}")
     return t
 
 
