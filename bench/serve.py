@@ -96,8 +96,10 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         a.plot(cs, [r["output_tok_s"] for r in rs], "o-", label=target)
         b.plot(cs, [r["itl_p50_ms"] for r in rs], "o-", label=f"{target} ITL p50")
         b.plot(cs, [r["ttft_p50_ms"] for r in rs], "s--", label=f"{target} TTFT p50")
+    ticks = sorted({r["concurrency"] for r in rows})
     for ax in (a, b):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(c) for c in ticks])
         ax.set_xlabel("concurrency")
         ax.grid(alpha=0.3)
         ax.legend()
