@@ -217,7 +217,12 @@ class LLMEngine:
 
     @torch.inference_mode()
     def warmup(self) -> None:
-        """One tiny request through the whole path (first-call costs of the kernels, allocator growth)."""
+        """One tiny request through the whole path (first-call costs of the kernels, allocator growth); the
+        counters and the prefix cache are left as they were."""
+        counters, queries, hits = self.counters, self.kv.queries, self.kv.hits
+        self.counters = EngineCounters()
         self.add_request("__warmup__", [0, 1, 2], SamplingParams(max_tokens=2, temperature=0.0))
         while "__warmup__" in self.requests:
             self.step()
+        self.counters, self.kv.queries, self.kv.hits = counters, queries, hits
+        self.kv.pool.reset_prefix_cache()
