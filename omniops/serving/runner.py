@@ -35,21 +35,30 @@ class ModelRunner:
         self.block_size = block_size
         self.compiled = None  # torch.compile(backend="omni") of the flat forward, when chosen
         self.compiled_fn = None  # the compiled forward, chosen or not
+        self.compiled_steps = 0
         self.compile_report = "eager (enforce_eager)"
 
     # ---- torch.compile ---------------------------------------------------------------------------------
     def _flat_forward(self, input_ids: Tensor, positions: Tensor, slot_mapping: Tensor, cu_seqlens: Tensor,
                       block_table: Tensor, context_lens: Tensor) -> Tensor:
-        meta = AttentionMetadata(positions, slot_mapping, cu_seqlens, block_table, context_lens)
+        # a decode-only graph (MLA) knows every sequence has one new token: num_decode = the token count
+        nd = input_ids.shape[0] if self.model.compile_scope == "decode" else 0
+        meta = AttentionMetadata(positions, slot_mapping, cu_seqlens, block_table, context_lens, num_decode=nd)
         return self.model.forward(input_ids, meta)
 
-    def _forward(self, input_ids: Tensor, meta: AttentionMetadata) -> Tensor:
+    def _compiled_serves(self, meta: AttentionMetadata) -> bool:
         if self.compiled is None:
+            return False
+        return self.model.compile_scope == "all" or not meta.prefill_query
+
+    def _forward(self, input_ids: Tensor, meta: AttentionMetadata) -> Tensor:
+        if not self._compiled_serves(meta):
             return self.model.forward(input_ids, meta)
         args = (input_ids, meta.positions, meta.slot_mapping, meta.cu_seqlens, meta.block_table, meta.context_lens)
         for a in args:  # token count, batch and table width are dynamic: one graph, not one per batch size
             torch._dynamo.maybe_mark_dynamic(a, 0)
         torch._dynamo.maybe_mark_dynamic(meta.block_table, 1)
+        self.compiled_steps += 1
         return self.compiled(*args)
 
     def _synthetic(self, chunks: list[int], context: int) -> tuple[Tensor, AttentionMetadata]:
@@ -67,27 +76,28 @@ class ModelRunner:
 
     # shapes whose graphs serving needs: dynamo specialises sizes 0/1 and gives equal sizes one symbol, so
     # warm up with one token, one sequence, and batches whose token count, sequence count and table width differ
-    WARMUP = ([1], [7], [1, 1, 1], [5, 1, 1, 1], [9, 3])
+    WARMUP = {"all": ([1], [7], [1, 1, 1], [5, 1, 1, 1], [9, 3]), "decode": ([1], [1, 1, 1], [1] * 5)}
 
     @torch.inference_mode()
     def choose_compile(self, max_batch: int, num_blocks: int) -> str:
         """Compile the forward with backend="omni" and keep it only if it is faster here: per-step time of a
         decode batch, eager vs compiled, measured after warming both (the graphs for 1-token and larger
         batches are built here, not under load). Returns what was decided and why."""
-        if not getattr(self.model, "compilable", False):
-            self.compile_report = f"eager ({type(self.model).__name__}: {self.model.compile_skip_reason})"
-            return self.compile_report
+        scope = getattr(self.model, "compile_scope", None)
         batch = max(2, min(max_batch, 8, num_blocks // 6))
         compiled = self.compiled_fn = torch.compile(self._flat_forward, backend="omni", dynamic=False)
         self.compiled = compiled
         t0 = time.perf_counter()
-        for chunks in self.WARMUP:
-            self._forward(*self._synthetic(chunks, 40))
+        for chunks in self.WARMUP[scope]:
+            ids, meta = self._synthetic(chunks, 40)
+            meta.num_decode = len(chunks) if scope == "decode" else 0
+            self._forward(ids, meta)
         compile_s = time.perf_counter() - t0
         timings = {}
         for name, fn in (("eager", None), ("compiled", compiled)):
             self.compiled = fn
             ids, meta = self._synthetic([1] * batch, 40)
+            meta.num_decode = batch
             runs = []
             for _ in range(6):
                 t = time.perf_counter()
@@ -96,7 +106,8 @@ class ModelRunner:
             timings[name] = min(runs)
         use = timings["compiled"] < timings["eager"]
         self.compiled = compiled if use else None
-        self.compile_report = (f"{'compiled (omni backend)' if use else 'eager'}: decode step at batch {batch} "
+        what = "compiled (omni backend)" + (", decode-only steps" if scope == "decode" else "")
+        self.compile_report = (f"{what if use else 'eager'}: decode step at batch {batch} "
                                f"{timings['compiled'] * 1e3:.2f} ms compiled vs {timings['eager'] * 1e3:.2f} ms "
                                f"eager (compile {compile_s:.0f} s)")
         log.info("runner: %s", self.compile_report)

@@ -29,8 +29,9 @@ def _yarn_mscale(scale: float, mscale: float) -> float:
 
 
 class DeepseekV3ForCausalLM(DecoderModel):
-    compilable = False
-    compile_skip_reason = "the MLA decode / prefill split and the per-sequence context path are host-side"
+    # steps with prefill chunks split decode from prefill and loop over sequences with context on the host: only
+    # decode-only steps (the steady state of serving) run compiled, like decode-only CUDA graphs in vLLM
+    compile_scope = "decode"
     def __init__(self, config, weights: WeightStore, *, quantization: str | None = None, max_positions: int):
         c = self.config = config
         self.dtype = weights.dtype

@@ -26,7 +26,7 @@ from omniops.serving.models.loader import WeightStore
 class GQADecoder(DecoderModel):
     """The shared model; subclasses say which layers carry a MoE block."""
 
-    compilable = True  # the forward reads only the metadata's tensors: one graph for every batch shape
+    compile_scope = "all"  # the forward reads only the metadata's tensors: one graph for every batch shape
 
     def __init__(self, config, weights: WeightStore, *, quantization: str | None = None, max_positions: int):
         c = self.config = config
