@@ -1,5 +1,5 @@
 # Quick start (fresh clone, needs only Python 3.11, g++ and network access to the package registry):
-#   make demo   - creates .venv, installs pinned deps, builds omniops._C, runs the demo
+#   make demo   - creates .venv, installs pinned deps, builds omniops._C, serves a small MoE model and shows it
 #   make test   - same setup, then the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CPP_SOURCES := $(shell find ascendc -name '*.h' -o -name '*.cpp') CMakeLists.txt setup.py
 
-.PHONY: all venv install build test test-fast demo bench peers lint clean
+.PHONY: all venv install build test test-fast demo demo-passes bench peers lint clean
 
 all: test
 
@@ -31,7 +31,12 @@ build: install
 test: install
 	$(PY) -m pytest -q tests
 
+# the main job: serve a small random DeepSeek-V3-shaped MoE model with omni-serve and show it fast
 demo: install
+	$(PY) -m omniops.serving.demo
+
+# the graph-pass demo: torch.compile(model, backend="omni") on an HF model
+demo-passes: install
 	$(PY) -m omniops.demo
 
 bench: install
