@@ -119,6 +119,9 @@ class AsyncEngine:
         self._base.update({k: v for k, v in self.engine.stats().items() if k in _STATS})
         self._base.update({f"finished_{r}": n for r, n in c.finished.items()})
         self._publish()
+        conn = getattr(self.engine, "kv_connector", None)
+        if conn is not None:  # KV pulls and acks end on other threads: they wake an idle engine thread
+            conn.wake = lambda: self._cmds.put(("wake", None, None))
         self._thread = threading.Thread(target=self._run, name="omni-engine", daemon=True)
         self._thread.start()
 
@@ -154,7 +157,7 @@ class AsyncEngine:
                                  f"(max_queue={self.max_queue}); retry later")
 
     async def add(self, request_id: str, prompt: list[int] | str, params: SamplingParams,
-                  arrival: float | None = None) -> RequestStream:
+                  arrival: float | None = None, kv_transfer_params: dict | None = None) -> RequestStream:
         """Queue a request. Raises what ``LLMEngine.add_request`` raises (ValueError / TypeError naming the
         field), QueueFullError, or EngineError; nothing stays queued then."""
         if not self.alive:
@@ -166,7 +169,8 @@ class AsyncEngine:
         self._streams[request_id] = box
         stream = RequestStream(self, request_id, box)
         self._pending += 1
-        self._cmds.put(("add", request_id, (prompt, params, time.monotonic() if arrival is None else arrival)))
+        self._cmds.put(("add", request_id, (prompt, params, time.monotonic() if arrival is None else arrival,
+                                            kv_transfer_params)))
         try:
             await box.accepted
         except BaseException:  # rejected, or the caller was cancelled while waiting: leave nothing behind
@@ -197,10 +201,12 @@ class AsyncEngine:
             for kind, rid, payload in cmds:
                 if kind == "stop":
                     return
+                if kind == "wake":
+                    continue
                 if kind == "add":
-                    prompt, params, arrival = payload
+                    prompt, params, arrival, kvp = payload
                     try:
-                        eng.add_request(rid, prompt, params, arrival=arrival)
+                        eng.add_request(rid, prompt, params, arrival=arrival, kv_transfer_params=kvp)
                         self._live.add(rid)
                         answers.append((rid, None))
                     except Exception as e:  # ValueError / TypeError from validation: the client's 400

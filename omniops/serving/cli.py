@@ -41,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $OMNI_API_KEY)")
     p.add_argument("--max-queue", type=int, default=None,
                    help="answer 503 when more than N requests wait for a seat in the batch (default: no limit)")
+    p.add_argument("--role", default="mixed", choices=("mixed", "prefill", "decode"),
+                   help="prefill/decode disaggregation behind omni-proxy (vLLM's kv_transfer_params protocol)")
+    p.add_argument("--kv-port", type=int, default=0, help="prefill role: the TCP port serving KV blocks (0: any "
+                   "free port, logged)")
+    p.add_argument("--kv-host", default=None, help="the address the KV port binds and advertises (default: --host)")
+    p.add_argument("--kv-timeout", type=float, default=30.0, metavar="S",
+                   help="prefill role: free held blocks when no decode engine acknowledged them within S seconds")
+    p.add_argument("--engine-id", default=None, help="this engine's remote_engine_id (default: random)")
     p.add_argument("--disable-log-requests", action="store_true", help="no INFO line per request")
     p.add_argument("--disable-uvicorn-access-log", action="store_true")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -85,14 +93,26 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, TypeError, OSError) as e:
         sys.exit(f"omni-serve: {e}")
     engine.warmup()  # first-call costs of the kernels, before the first client pays them
+    kv_note = ""
+    if args.role != "mixed":
+        from omniops.serving.kv_transfer import KVConnector
+
+        kv_host = args.kv_host or args.host
+        try:
+            engine.kv_connector = KVConnector(engine, args.role, host=kv_host, port=args.kv_port,
+                                              timeout=args.kv_timeout, engine_id=args.engine_id)
+        except (ValueError, OSError) as e:
+            sys.exit(f"omni-serve: {e}")
+        c = engine.kv_connector
+        kv_note = f", role {args.role} ({c.engine_id}" + (f", KV port {c.host}:{c.port}" if c.port else "") + ")"
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     name = args.served_model_name or args.model
     runner = getattr(engine.runner, "compile_report", None)  # eager / compiled, and why
     log.info("omni-serve: model %s as %r, %s, dtype %s, %s, %d KV blocks of %d tokens, max_model_len %d, "
-             "prefix caching %s%s, %s", args.model, name, type(engine.model).__name__, engine.model.dtype, _isa(),
+             "prefix caching %s%s%s, %s", args.model, name, type(engine.model).__name__, engine.model.dtype, _isa(),
              engine.kv.num_blocks, cfg.block_size, cfg.max_model_len, "on" if cfg.enable_prefix_caching else "off",
-             f", runner {runner}" if runner else "", url)
+             f", runner {runner}" if runner else "", kv_note, url)
     app = build_app(engine, served_model_name=name, api_key=args.api_key, max_queue=args.max_queue,
                     log_requests=not args.disable_log_requests, url=url)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=not args.disable_uvicorn_access_log,

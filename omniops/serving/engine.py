@@ -19,7 +19,7 @@ from omniops.serving.detokenizer import IncrementalDetokenizer
 from omniops.serving.kv_cache import KVCacheManager
 from omniops.serving.models import build_model
 from omniops.serving.outputs import CompletionOutput, RequestOutput
-from omniops.serving.request import Request
+from omniops.serving.request import Request, Status
 from omniops.serving.runner import ModelRunner
 from omniops.serving.sampler import Sampler
 from omniops.serving.sampling_params import SamplingParams
@@ -88,6 +88,8 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.detok: dict[str, IncrementalDetokenizer] = {}
         self.counters = EngineCounters()
+        # prefill/decode disaggregation (omniops.serving.kv_transfer.KVConnector), attached by omni-serve --role
+        self.kv_connector = None
         self.load_seconds = time.monotonic() - t0
         log.info("engine: %s (%s, %s), %d KV blocks of %d tokens, loaded in %.1f s", config.model,
                  type(self.model).__name__, self.model.dtype, num_blocks, bs, self.load_seconds)
@@ -108,7 +110,7 @@ class LLMEngine:
             raise ValueError(f"prompt_token_ids: {bad!r} is not a token id in [0, {self.vocab_size})")
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    arrival: float | None = None) -> Request:
+                    arrival: float | None = None, kv_transfer_params: dict | None = None) -> Request:
         """Queue a request. Raises ValueError / TypeError (naming the field) on bad input; nothing is queued then."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -123,9 +125,11 @@ class LLMEngine:
             raise TypeError(f"prompt: expected a string or a list of token ids, got {type(prompt).__name__}")
         self.validate_prompt(ids)
         req = Request(request_id, ids, params, text, self.eos_token_ids, arrival)
+        # a decode engine's remote-prefill request waits in the connector for its KV, not in the scheduler
+        if self.kv_connector is None or not self.kv_connector.takes(req, kv_transfer_params):
+            self.scheduler.add(req)
         self.requests[request_id] = req
         self.detok[request_id] = IncrementalDetokenizer(self.tokenizer, req)
-        self.scheduler.add(req)
         self.counters.prompt_tokens += len(ids)
         return req
 
@@ -138,16 +142,21 @@ class LLMEngine:
         return True
 
     def _finish(self, req: Request) -> None:
-        self.scheduler.finish(req)
+        if self.kv_connector is not None and self.kv_connector.abort(req):
+            req.status = Status.FINISHED  # its KV pull is still writing its blocks: the connector frees them after
+        else:
+            self.scheduler.finish(req)
         self.requests.pop(req.request_id, None)
         self.counters.finished[req.finish_reason] = self.counters.finished.get(req.finish_reason, 0) + 1
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or (self.kv_connector is not None and self.kv_connector.has_work())
 
     # ---- one step ------------------------------------------------------------------------------------------
     @torch.inference_mode()  # the batch tensors too: compiled graphs guard on inference vs normal tensors
     def step(self) -> list[RequestOutput]:
+        if self.kv_connector is not None:
+            self.kv_connector.poll()
         batch = self.scheduler.schedule()
         if not batch.requests:
             return []
@@ -184,6 +193,8 @@ class LLMEngine:
                 req.finish_reason, req.stop_reason, done = "stop", hit, True
             elif done:
                 detok.flush()
+            if done and self.kv_connector is not None:  # a prefill engine holds the blocks for a decode engine
+                req.kv_transfer_out = self.kv_connector.request_finished(req)
             outputs.append(self._output(req, done))
             if done:
                 self._finish(req)
@@ -196,7 +207,7 @@ class LLMEngine:
                                 list(req.logprobs) if req.logprobs is not None else None,
                                 req.finish_reason if finished else None, req.stop_reason if finished else None)
         metrics = {"arrival": req.arrival, "first_token": req.first_token_time, "last_token": req.last_token_time,
-                   "num_preemptions": req.num_preemptions}
+                   "num_preemptions": req.num_preemptions, "kv_transfer_params": req.kv_transfer_out}
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [comp], finished,
                              max(req.num_cached_tokens, 0), metrics)
 
@@ -205,7 +216,7 @@ class LLMEngine:
         s = self.scheduler
         return {
             "running": len(s.running),
-            "waiting": len(s.waiting),
+            "waiting": len(s.waiting) + (self.kv_connector.num_waiting() if self.kv_connector is not None else 0),
             "kv_cache_usage": self.kv.usage(),
             "num_preemptions": s.num_preemptions,
             "prefix_cache_queries": self.kv.queries,

@@ -38,6 +38,8 @@ class Request:
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
         self.generator = None  # torch.Generator of a seeded request, made by the sampler
+        self.kv_transfer_params: dict | None = None  # vLLM's P/D hand-off params the request came with
+        self.kv_transfer_out: dict | None = None  # what a prefill engine answers (where to pull the blocks)
 
     @property
     def num_tokens(self) -> int:

@@ -92,7 +92,14 @@ class _SSEResponse(StreamingResponse):
 def _sse(obj: BaseModel, usage: bool) -> str:
     # OpenAI: with stream_options.include_usage every chunk has "usage": null and a last chunk carries it;
     # without, no chunk has the field
-    return f"data: {obj.model_dump_json(exclude=None if usage else {'usage'})}\n\n"
+    exclude = {"kv_transfer_params"} if usage else {"usage", "kv_transfer_params"}  # the latter: never in chunks
+    return f"data: {obj.model_dump_json(exclude=exclude)}\n\n"
+
+
+def _json(body: BaseModel) -> Response:
+    # kv_transfer_params only appear in a prefill engine's answers (vLLM's shape); other responses keep OpenAI's
+    exclude = {"kv_transfer_params"} if getattr(body, "kv_transfer_params", None) is None else None
+    return Response(body.model_dump_json(exclude=exclude), media_type="application/json")
 
 
 class OpenAIServing:
@@ -169,9 +176,10 @@ class OpenAIServing:
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e), param=_field(e)) from e
 
-    async def start(self, rid: str, ids: list[int], params: SamplingParams, arrival: float) -> RequestStream:
+    async def start(self, rid: str, ids: list[int], params: SamplingParams, arrival: float,
+                    kv_transfer_params: dict | None = None) -> RequestStream:
         try:
-            return await self.engine.add(rid, ids, params, arrival)
+            return await self.engine.add(rid, ids, params, arrival, kv_transfer_params)
         except QueueFullError as e:
             raise APIError(503, str(e), type="server_error", code="server_overloaded") from e
         except EngineError as e:
@@ -220,7 +228,7 @@ class OpenAIServing:
         ids = self.completion_prompt(req)
         params = self.sampling_params(req, len(ids), req.max_tokens, req.logprobs)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        stream = await self.start(rid, ids, params, arrival)
+        stream = await self.start(rid, ids, params, arrival, req.kv_transfer_params)
         if req.stream:
             return _SSEResponse(self._stream(stream, req, arrival, chat=False))
         out = await self._collect(stream, raw, arrival)
@@ -228,8 +236,9 @@ class OpenAIServing:
         lp = self.legacy_logprobs(c, 0, len(c.token_ids), 0) if req.logprobs is not None else None
         choice = P.CompletionChoice(text=c.text, logprobs=lp, finish_reason=c.finish_reason,
                                     stop_reason=c.stop_reason)
-        body = P.CompletionResponse(id=rid, model=self.model_name, choices=[choice], usage=self._usage(out))
-        return Response(body.model_dump_json(), media_type="application/json")
+        body = P.CompletionResponse(id=rid, model=self.model_name, choices=[choice], usage=self._usage(out),
+                                    kv_transfer_params=out.metrics.get("kv_transfer_params"))
+        return _json(body)
 
     async def chat(self, req: P.ChatCompletionRequest, raw: Request) -> Response:
         arrival = time.monotonic()
@@ -242,7 +251,7 @@ class OpenAIServing:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self.sampling_params(req, len(ids), max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = await self.start(rid, ids, params, arrival)
+        stream = await self.start(rid, ids, params, arrival, req.kv_transfer_params)
         if req.stream:
             return _SSEResponse(self._stream(stream, req, arrival, chat=True))
         out = await self._collect(stream, raw, arrival)
@@ -250,8 +259,9 @@ class OpenAIServing:
         lp = self.chat_logprobs(c, 0, len(c.token_ids), req.top_logprobs or 0) if req.logprobs else None
         choice = P.ChatChoice(message=P.ChatResponseMessage(content=c.text), logprobs=lp,
                               finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-        body = P.ChatCompletionResponse(id=rid, model=self.model_name, choices=[choice], usage=self._usage(out))
-        return Response(body.model_dump_json(), media_type="application/json")
+        body = P.ChatCompletionResponse(id=rid, model=self.model_name, choices=[choice], usage=self._usage(out),
+                                        kv_transfer_params=out.metrics.get("kv_transfer_params"))
+        return _json(body)
 
     # ---- generation ----------------------------------------------------------------------------------------
     @staticmethod

@@ -123,6 +123,9 @@ class ServerMetrics:
                               self.model_name)
         yield self.e2e.family("omni:e2e_request_latency_seconds", "Arrival to last token of finished requests.",
                               self.model_name)
+        conn = getattr(self.engine.engine, "kv_connector", None) if self.engine is not None else None
+        if conn is not None:  # prefill/decode engines: omni:kv_transfer_blocks_total, omni:kv_transfer_seconds, ...
+            yield from conn.stats.families(self.model_name)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

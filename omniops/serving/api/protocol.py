@@ -45,6 +45,9 @@ class _SamplingFields(_Request):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM's prefill/decode hand-off: {"do_remote_decode": true} to a prefill engine, or what it answered
+    # ({"do_remote_prefill": true, "remote_host", ...}) to a decode engine
+    kv_transfer_params: dict | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -111,6 +114,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    kv_transfer_params: dict | None = None  # a prefill engine's answer (omitted when None)
 
 
 class TopLogprob(BaseModel):
@@ -147,6 +151,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
+    kv_transfer_params: dict | None = None  # a prefill engine's answer (omitted when None)
 
 
 class ChatDelta(BaseModel):

@@ -99,6 +99,8 @@ def build_app(engine: LLMEngine, *, served_model_name: str | None = None, api_ke
             log.info("omni-serve: ready on %s (model %s)", url, name)
         yield
         aengine.stop()
+        if getattr(engine, "kv_connector", None) is not None:
+            engine.kv_connector.close()
 
     app = FastAPI(title="omni-serve", lifespan=lifespan)
     app.state.engine, app.state.serving, app.state.metrics = aengine, serving, metrics
