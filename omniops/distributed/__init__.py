@@ -3,6 +3,14 @@
 
 from __future__ import annotations
 
-from omniops.distributed.ep import EPDispatch, EPHandle, EPMoE, ExpertPlacement, ep_combine, ep_dispatch
+from omniops.distributed.ep import (
+    EPDispatch,
+    EPHandle,
+    EPMoE,
+    ExpertPlacement,
+    apply_expert_placement,
+    ep_combine,
+    ep_dispatch,
+)
 
-__all__ = ["EPDispatch", "EPHandle", "EPMoE", "ExpertPlacement", "ep_combine", "ep_dispatch"]
+__all__ = ["EPDispatch", "EPHandle", "EPMoE", "ExpertPlacement", "apply_expert_placement", "ep_combine", "ep_dispatch"]

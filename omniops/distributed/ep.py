@@ -16,7 +16,8 @@ compute there, send the results back and combine.
   globally, computes locally with ``fused_moe``, combines. With a ``LoadRecorder`` attached it records each
   dispatch's per-expert counts; ``global_load()`` sums them over the ranks for the planners and
   ``apply_placement(phy2log)`` moves expert weights between ranks (point-to-point) to a new placement between
-  steps, outputs unchanged.
+  steps, outputs unchanged. ``apply_expert_placement`` is the same move for any per-slot weight tensors
+  (the serving engine's expert-parallel MoE layers use it).
 """
 
 from __future__ import annotations
@@ -182,9 +183,13 @@ def ep_dispatch(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, placemen
     return EPDispatch(recv_x, recv_ids, handle)
 
 
-def ep_combine(expert_out: Tensor, handle: EPHandle) -> Tensor:
+def ep_combine(expert_out: Tensor, handle: EPHandle, extra: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Return ``expert_out [R, H]`` (one row per received row, unweighted) to the source ranks and sum each
-    token's k rows with its routing weights: ``[T, H]``. Collective."""
+    token's k rows with its routing weights: ``[T, H]``. Collective.
+
+    ``extra = (rows [T, m, H], weights [T, m])``: m more rows per token computed here (e.g. shared experts),
+    summed in the same fp32 combine after the k routed rows: the same order and single rounding as one
+    ``fused_moe`` over routed + shared experts."""
     if expert_out.shape[0] != sum(handle.recv_counts):
         raise ValueError(f"expert_out: expected {sum(handle.recv_counts)} rows (received by ep_dispatch), "
                          f"got {expert_out.shape[0]}")
@@ -192,7 +197,18 @@ def ep_combine(expert_out: Tensor, handle: EPHandle) -> Tensor:
         back = _all_to_all(expert_out, handle.recv_counts, handle.send_counts, handle.group)
     else:
         back = expert_out
-    return moe_combine(back, handle.topk_weights, handle.inverse_index)
+    weights, inverse = handle.topk_weights, handle.inverse_index
+    if extra is not None:
+        rows, w = extra
+        T, m = w.shape
+        if rows.shape[:2] != (T, m) or T != weights.shape[0]:
+            raise ValueError(f"extra: expected rows [{weights.shape[0]}, m, H] and weights [{weights.shape[0]}, m], "
+                             f"got {list(rows.shape)} and {list(w.shape)}")
+        idx = back.shape[0] + torch.arange(T * m, device=back.device, dtype=inverse.dtype).view(T, m)
+        back = torch.cat([back, rows.reshape(T * m, -1).to(back.dtype)])
+        weights = torch.cat([weights, w.to(weights.dtype)], dim=1)
+        inverse = torch.cat([inverse, idx], dim=1)
+    return moe_combine(back, weights, inverse)
 
 
 # ---- module -------------------------------------------------------------------------------------------
@@ -287,60 +303,74 @@ class EPMoE(torch.nn.Module):
         """Switch to the placement ``phy2log_new [R]`` (logical expert of every physical slot; slot j on rank
         ``j // (R // world)``, R unchanged), e.g. one layer's row of ``incremental_rebalance``'s result.
 
-        Collective, between forward steps: every rank of the group calls it with the same map. Slots whose
-        expert changes get its w13/w2 from a local copy when this rank holds one, else from a rank holding one
-        (point-to-point, one message per rank pair; senders chosen to spread the traffic). The map is checked
-        first; one small all-reduce then makes every rank agree that all ranks' maps are valid and identical,
-        so a bad map raises ValueError on every rank (before any weight moves) instead of hanging some of them.
-        """
-        old = self.placement
-        world, rank = _world(self.group)
-        if world != old.world_size:
-            raise ValueError(f"placement: built for world_size={old.world_size}, the group has {world} ranks")
-        new, err = _check_new_phy2log(phy2log_new, old.num_physical, old.num_logical)
-        if world > 1:
-            err = _agree_on_map(new, err, old.num_physical, self.w13.device, self.group)
-        if err is not None:
-            raise ValueError(err)
-        assert new is not None
-        per = old.experts_per_rank
-        sends, recvs, local = _transfer_plan(old.phy2log.tolist(), new.tolist(), per, world, rank)
-        old_local = old.local_logical(rank).tolist()
-        slot_of = {e: old_local.index(e) for e in set(old_local)}  # a local slot holding each logical expert
-        # Everything read from the old weights is copied out (gather / pack) before any slot is overwritten.
-        rows: dict[int, tuple[Tensor, Tensor]] = {}
-        if local:
-            idx = torch.tensor([slot_of[e] for e in local], device=self.w13.device)
-            w13_l, w2_l = self.w13[idx], self.w2[idx]
-            rows.update({e: (w13_l[i], w2_l[i]) for i, e in enumerate(local)})
-        n13 = self.w13[0].numel()
-        ops, bufs = [], []  # bufs keeps the packed send buffers alive until the waits below
-        for peer, experts in sends.items():
-            idx = torch.tensor([slot_of[e] for e in experts], device=self.w13.device)
-            packed = torch.cat([self.w13[idx].flatten(1), self.w2[idx].flatten(1)], dim=1)
-            ops.append(dist.P2POp(dist.isend, packed, self._global_rank(peer), self.group))
-            bufs.append(packed)
-        recv_bufs = []
-        for peer, experts in recvs.items():
-            buf = self.w13.new_empty((len(experts), n13 + self.w2[0].numel()))
-            ops.append(dist.P2POp(dist.irecv, buf, self._global_rank(peer), self.group))
-            recv_bufs.append((experts, buf))
-        if ops:
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
-        for experts, buf in recv_bufs:
-            for i, e in enumerate(experts):
-                rows[e] = (buf[i, :n13].view_as(self.w13[0]), buf[i, n13:].view_as(self.w2[0]))
-        old_p2l = old.phy2log
-        for j in range(rank * per, (rank + 1) * per):
-            e = int(new[j])
-            if e != int(old_p2l[j]):
-                self.w13[j - rank * per].copy_(rows[e][0])
-                self.w2[j - rank * per].copy_(rows[e][1])
-        self.placement = ExpertPlacement.from_phy2log(new, old.world_size, old.num_logical)
+        Collective, between forward steps: every rank of the group calls it with the same map (see
+        ``apply_expert_placement``: a bad map raises ValueError on every rank before any weight moves)."""
+        self.placement = apply_expert_placement([self.w13, self.w2], self.placement, phy2log_new, self.group)
 
-    def _global_rank(self, group_rank: int) -> int:
-        return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
+
+@torch.no_grad()
+def apply_expert_placement(weights: list[Tensor], old: ExpertPlacement, phy2log_new: Tensor | list[int],
+                           group: dist.ProcessGroup | None = None, *, agree: bool = True) -> ExpertPlacement:
+    """Move this rank's expert weights from placement ``old`` to ``phy2log_new`` and return the new placement.
+
+    ``weights``: tensors of shape ``[experts_per_rank, ...]`` (e.g. w13 and w2), one row per local physical
+    slot, updated in place. Collective, between forward steps: every rank of ``group`` calls it with the same
+    map. Slots whose expert changes get its rows from a local copy when this rank holds one, else from a rank
+    holding one (point-to-point, one message per rank pair; senders chosen to spread the traffic). The map is
+    checked first; with ``agree`` one small all-reduce makes every rank agree that all ranks' maps are valid
+    and identical, so a bad map raises ValueError on every rank (before any weight moves) instead of hanging
+    some of them (a caller that broadcast the map from one rank may skip it).
+    """
+    world, rank = _world(group)
+    if world != old.world_size:
+        raise ValueError(f"placement: built for world_size={old.world_size}, the group has {world} ranks")
+    new, err = _check_new_phy2log(phy2log_new, old.num_physical, old.num_logical)
+    if world > 1 and agree:
+        err = _agree_on_map(new, err, old.num_physical, weights[0].device, group)
+    if err is not None:
+        raise ValueError(err)
+    assert new is not None
+    per = old.experts_per_rank
+    sends, recvs, local = _transfer_plan(old.phy2log.tolist(), new.tolist(), per, world, rank)
+    old_local = old.local_logical(rank).tolist()
+    slot_of = {e: old_local.index(e) for e in set(old_local)}  # a local slot holding each logical expert
+    device = weights[0].device
+    sizes = [w[0].numel() for w in weights]
+    # Everything read from the old weights is copied out (gather / pack) before any slot is overwritten.
+    rows: dict[int, list[Tensor]] = {}
+    if local:
+        idx = torch.tensor([slot_of[e] for e in local], device=device)
+        copies = [w[idx] for w in weights]
+        rows.update({e: [c[i] for c in copies] for i, e in enumerate(local)})
+    ops, bufs = [], []  # bufs keeps the packed send buffers alive until the waits below
+    for peer, experts in sends.items():
+        idx = torch.tensor([slot_of[e] for e in experts], device=device)
+        packed = torch.cat([w[idx].flatten(1) for w in weights], dim=1)
+        ops.append(dist.P2POp(dist.isend, packed, _global_rank(group, peer), group))
+        bufs.append(packed)
+    recv_bufs = []
+    for peer, experts in recvs.items():
+        buf = weights[0].new_empty((len(experts), sum(sizes)))
+        ops.append(dist.P2POp(dist.irecv, buf, _global_rank(group, peer), group))
+        recv_bufs.append((experts, buf))
+    if ops:
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+    for experts, buf in recv_bufs:
+        for i, e in enumerate(experts):
+            parts = buf[i].split(sizes)
+            rows[e] = [p.view_as(w[0]) for p, w in zip(parts, weights, strict=True)]
+    old_p2l = old.phy2log
+    for j in range(rank * per, (rank + 1) * per):
+        e = int(new[j])
+        if e != int(old_p2l[j]):
+            for w, r in zip(weights, rows[e], strict=True):
+                w[j - rank * per].copy_(r)
+    return ExpertPlacement.from_phy2log(new, old.world_size, old.num_logical)
+
+
+def _global_rank(group: dist.ProcessGroup | None, group_rank: int) -> int:
+    return group_rank if group is None else dist.get_global_rank(group, group_rank)
 
 
 def _check_new_phy2log(p: object, num_physical: int, num_logical: int) -> tuple[Tensor | None, str | None]:
