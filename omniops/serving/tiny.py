@@ -85,6 +85,8 @@ def _init(name: str, shape: torch.Size, g: torch.Generator, layers: int) -> torc
     embedding. Norm weights are near, not at, 1 so that a loader which drops one gets other logits."""
     if name.endswith("e_score_correction_bias"):
         return torch.randn(shape, generator=g) * 0.03
+    if 0 in shape:  # e.g. DeepSeek's shared-expert MLP with n_shared_experts=0
+        return torch.empty(shape)
     if len(shape) == 1:
         if name.endswith(".bias"):
             return torch.randn(shape, generator=g) * 0.1

@@ -19,7 +19,7 @@ def checkpoint(tmp_path_factory):
     made: dict[tuple, str] = {}
 
     def get(arch: str, dtype: str = "float32", **kw) -> str:
-        key = (arch, dtype, tuple(sorted(kw.items())))
+        key = (arch, dtype, repr(sorted(kw.items())))
         if key not in made:
             d = tmp_path_factory.mktemp(f"{arch}-{dtype}")
             made[key] = str(write_tiny_checkpoint(d, arch, dtype=dtype, **kw))

@@ -70,3 +70,14 @@ def test_dtype_auto_is_the_checkpoints(checkpoint):
     assert llm.engine.model.dtype == torch.bfloat16
     assert LLM(checkpoint("llama", "bfloat16"), dtype="float32", max_model_len=128, kv_cache_memory=0.02,
                enforce_eager=True).engine.model.dtype == torch.float32
+
+
+def test_deepseek_without_q_lora_equals_hf(checkpoint):
+    """DeepSeek-V2-Lite style attention (q_proj, no q_lora) and no shared experts."""
+    from tests.serving._hf import hf_greedy
+
+    path = checkpoint("deepseek_v3", overrides={"q_lora_rank": None, "n_shared_experts": 0})
+    llm = LLM(path, max_model_len=256, kv_cache_memory=0.02, enforce_eager=True)
+    assert "q" in llm.engine.model.layers[0] and llm.engine.model.layers[-1]["mlp"].num_shared == 0
+    for o in llm.generate(mixed_prompts(3, seed=12), SamplingParams(temperature=0, max_tokens=8)):
+        assert o.outputs[0].token_ids == hf_greedy(path, o.prompt_token_ids, 8)

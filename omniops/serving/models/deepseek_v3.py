@@ -60,17 +60,18 @@ class DeepseekV3ForCausalLM(DecoderModel):
         layer = {
             "in_norm": w.get(f"{p}.input_layernorm.weight"),
             "post_norm": w.get(f"{p}.post_attention_layernorm.weight"),
-            "kv_a": Linear(w.get(f"{a}.kv_a_proj_with_mqa.weight"), quant),
             "kv_a_norm": w.get(f"{a}.kv_a_layernorm.weight"),
             "kv_b": Linear(kv_b.reshape(-1, self.R), quant),
             "w_uk": kv_b[:, :self.dn].contiguous(),  # [H, dn, R]
             "w_uv": kv_b[:, self.dn:].transpose(1, 2).contiguous(),  # [H, R, dv]
             "o": Linear(w.get(f"{a}.o_proj.weight"), quant),
         }
+        kv_a = w.get(f"{a}.kv_a_proj_with_mqa.weight")
         if c.q_lora_rank is None:
             layer["q"] = Linear(w.get(f"{a}.q_proj.weight"), quant)
-        else:
-            layer["q_a"] = Linear(w.get(f"{a}.q_a_proj.weight"), quant)
+            layer["kv_a"] = Linear(kv_a, quant)
+        else:  # q_a and kv_a read the same input: one GEMM (vLLM's fused_qkv_a_proj)
+            layer["qkv_a"] = Linear(torch.cat([w.get(f"{a}.q_a_proj.weight"), kv_a]), quant)
             layer["q_a_norm"] = w.get(f"{a}.q_a_layernorm.weight")
             layer["q_b"] = Linear(w.get(f"{a}.q_b_proj.weight"), quant)
         m = f"{p}.mlp"
@@ -111,11 +112,11 @@ class DeepseekV3ForCausalLM(DecoderModel):
     def _attention(self, layer: dict, i: int, x: Tensor, meta: AttentionMetadata) -> Tensor:
         T, H, dn, dr, dv, R = x.shape[0], self.H, self.dn, self.dr, self.dv, self.R
         if "q" in layer:
-            q = layer["q"](x)
+            q, kv = layer["q"](x), layer["kv_a"](x)
         else:
-            q = layer["q_b"](omniops.rms_norm(layer["q_a"](x), layer["q_a_norm"], self.eps))
+            qa, kv = layer["qkv_a"](x).split([self.config.q_lora_rank, R + dr], dim=-1)
+            q = layer["q_b"](omniops.rms_norm(qa, layer["q_a_norm"], self.eps))
         q = q.view(T, H, dn + dr)
-        kv = layer["kv_a"](x)
         kv_c = omniops.rms_norm(kv[:, :R], layer["kv_a_norm"], self.eps)
         q_pe, k_pe = omniops.rotary_embedding(meta.positions, q[..., dn:].reshape(T, H * dr),
                                               kv[:, R:].contiguous(), self.cos_sin, dr, dr, not self.interleaved)
