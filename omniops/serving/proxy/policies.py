@@ -165,7 +165,8 @@ def length_balance(hist: Sequence[DecayedHistory], num_tokens: int, now: float, 
     cs = [h.at(now, half_life) for h in hist]
     total_c = sum(c for c, _ in cs)
     m = sum(s for _, s in cs) / total_c if total_c > 0 else float(num_tokens)
-    i = min(range(len(hist)), key=lambda k: (cs[k][1] + m * cs[k][0], k))
+    # rounded: a history decayed to nothing is a tie, not a ranking by 1e-30-token residues
+    i = min(range(len(hist)), key=lambda k: (round(cs[k][1] + m * cs[k][0], 6), k))
     hist[i].add(now, half_life, num_tokens)
     return i
 
