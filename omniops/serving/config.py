@@ -26,6 +26,14 @@ class EngineConfig:
     quantization: str | None = None
     enforce_eager: bool = False
     seed: int = 0
+    # expert parallelism (omniops.serving.ep): MoE experts over `ep` ranks, attention replicated
+    ep: int = 1
+    redundant_experts: int = 0  # extra physical expert slots per MoE layer, over all ranks
+    placement: str = "off"  # off | static (planned once from the warm-up) | dynamic (incremental every interval)
+    placement_interval: int = 32  # steps per load window / placement update
+    placement_max_moves: int | None = None  # slot changes per layer and dynamic update (default ~10% of slots)
+    placement_nodes: int = 1  # hierarchical placement over this many nodes (blocks of consecutive ranks)
+    ep_timeout: float = 60.0  # seconds before a hung rank fails a step
 
     def __post_init__(self) -> None:
         if not Path(self.model).is_dir():
@@ -42,6 +50,9 @@ class EngineConfig:
             raise ValueError(f"max_model_len: expected a positive int, got {self.max_model_len!r}")
         if not isinstance(self.kv_cache_memory, (int, float)) or not self.kv_cache_memory > 0:
             raise ValueError(f"kv_cache_memory: expected a positive number of GiB, got {self.kv_cache_memory!r}")
+        from omniops.serving.ep.options import check_ep_options
+
+        check_ep_options(self)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> EngineConfig:

@@ -82,7 +82,12 @@ class LLMEngine:
                                    max_model_len=config.max_model_len,
                                    enable_chunked_prefill=config.enable_chunked_prefill)
         self.runner = ModelRunner(self.model, bs)
-        if not config.enforce_eager:
+        self.ep = None  # expert parallel: starts / joins the ranks, splits the MoE layers, replaces self.runner
+        if config.ep > 1:
+            from omniops.serving.ep import start_ep
+
+            self.ep = start_ep(self, num_blocks)
+        elif not config.enforce_eager:
             self.runner.choose_compile(config.max_num_seqs, num_blocks)
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, Request] = {}
