@@ -93,8 +93,8 @@ def recv_step(group: EPGroup) -> tuple[int, Tensor | None, AttentionMetadata | N
     payload = torch.empty(3 * T + (B + 1) + B * W + B, dtype=torch.int64)
     dist.broadcast(payload, 0, group=group.control)
     ids, pos, slots, cu, table, ctx = payload.split([T, T, T, B + 1, B * W, B])
-    cu32, ctx32 = cu.to(torch.int32), ctx.to(torch.int32)
     meta = AttentionMetadata(
-        positions=pos.clone(), slot_mapping=slots.clone(), cu_seqlens=cu32, block_table=table.view(B, W).to(torch.int32),
-        context_lens=ctx32, num_decode=nd, prefill_context=ctx[nd:].tolist(), prefill_query=(cu[nd + 1:] - cu[nd:-1]).tolist())
+        positions=pos.clone(), slot_mapping=slots.clone(), cu_seqlens=cu.to(torch.int32),
+        block_table=table.view(B, W).to(torch.int32), context_lens=ctx.to(torch.int32), num_decode=nd,
+        prefill_context=ctx[nd:].tolist(), prefill_query=(cu[nd + 1:] - cu[nd:-1]).tolist())
     return cmd, ids.clone(), meta, bool(sync)

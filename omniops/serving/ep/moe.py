@@ -27,7 +27,6 @@ import omniops
 from omniops.distributed import ExpertPlacement, apply_expert_placement, ep_combine, ep_dispatch
 from omniops.placement import LoadRecorder
 
-
 # torch 2.13 renamed all_gather_into_tensor (deprecated) to all_gather_single
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
