@@ -205,7 +205,7 @@ class KVConnector:
         try:
             with self._connect(params) as s:
                 send_msg(s, {"op": "read", "request_id": params["remote_request_id"], "first": first,
-                             "count": len(local_ids)})
+                             "count": len(local_ids), "layout": self.layout})
                 head, _ = recv_header(s)
                 if not head.get("ok"):
                     raise KVTransferError(f"the prefill engine refused the read: {head.get('error')}")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from omniops.serving.kv_transfer.wire import KVTransferError, gather, layout, recv_header, send_msg
+from omniops.serving.kv_transfer.wire import KVTransferError, check_layout, gather, layout, recv_header, send_msg
 
 log = logging.getLogger("omniops.serving.kv_transfer")
 
@@ -108,6 +108,11 @@ class KVServer:
                         return
                     op, rid = msg.get("op"), str(msg.get("request_id"))
                     if op == "read":
+                        try:  # before any payload: a mismatched reader gets a clear error, then acks
+                            check_layout(msg.get("layout") or self.layout, self.layout)
+                        except KVTransferError as e:
+                            send_msg(conn, {"ok": False, "error": str(e)})
+                            continue
                         self._read(conn, rid, int(msg.get("first", 0)), msg.get("count"))
                     elif op == "ack":
                         send_msg(conn, {"ok": self._drop(rid, "ack")})
