@@ -51,8 +51,9 @@ class EPRankError(RuntimeError):
 class EPEngine:
     """Rank 0's handle on the group: ``step`` (one forward on every rank), ``stats``, ``shutdown``."""
 
-    def __init__(self, group: EPGroup, loop: PlacementLoop, procs: list[subprocess.Popen], store: dist.Store):
-        self.group, self.loop, self.procs, self._store = group, loop, procs, store
+    def __init__(self, group: EPGroup, loop: PlacementLoop, procs: list[subprocess.Popen], store: dist.Store,
+                 timeout: float):
+        self.group, self.loop, self.procs, self._store, self.timeout = group, loop, procs, store, timeout
         self.error: EPRankError | None = None
         self.on_failure: list[Callable[[EPRankError], None]] = []
         self._closed = False
@@ -80,7 +81,8 @@ class EPEngine:
         if self.error is None:
             time.sleep(0.2)  # a killed rank's exit status lands a moment after its sockets close
             gone = [f"rank {r} (exit code {p.poll()})" for r, p in enumerate(self.procs, 1) if p.poll() is not None]
-            why = f"{', '.join(gone)} exited" if gone else f"a collective failed: {type(exc).__name__}: {exc}"
+            why = (f"{', '.join(gone)} exited" if gone else f"a rank failed or stopped answering within ep_timeout="
+                   f"{self.timeout:g} s ({type(exc).__name__}: {exc})")
             self.error = EPRankError(f"expert-parallel engine is down: {why}. In-flight requests failed; restart "
                                      f"the engine (all {self.group.world} ranks)")
             log.error("%s", self.error)
@@ -98,8 +100,8 @@ class EPEngine:
                 p.terminate()
         for p in self.procs:
             try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
+                p.wait(2)
+            except subprocess.TimeoutExpired:  # e.g. a stopped (SIGSTOP) rank: SIGTERM waits for SIGCONT
                 p.kill()
                 p.wait(10)
         if dist.is_initialized():
@@ -209,7 +211,7 @@ def start_ep(engine, num_blocks: int) -> EPEngine:
         finally:
             dist.destroy_process_group()
         raise SystemExit(0)
-    ep = EPEngine(group, loop, procs, store)
+    ep = EPEngine(group, loop, procs, store, cfg.ep_timeout)
     engine.runner = EPRunner(engine.runner, ep)
     log.info("ep: %d ranks (%s), %d routed-expert layers, %d slots per layer (%d redundant), placement %s every "
              "%d steps", world, launched, len(loop.layers), loop.num_slots, cfg.redundant_experts, cfg.placement,

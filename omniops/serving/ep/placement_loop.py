@@ -6,7 +6,7 @@ interval): ``recorder`` [moe layers, E] holds the tokens per logical expert that
 ``rank_recorder`` [moe layers, world] the (token, expert) rows this rank received. Every ``placement_interval``
 steps rank 0 flags the step as a sync step; after it:
 
-1. one all-reduce sums both windows over the ranks (the data group: it has the short timeout);
+1. one all-reduce sums both windows over the ranks;
 2. rank 0 computes ``omni:expert_load_imbalance{layer}`` (max / mean rows per rank over the window) and, by
    mode, a new placement: ``dynamic`` -> ``incremental_rebalance`` from the map in service (at most
    ``placement_max_moves`` slot changes per layer), ``static`` -> one fresh ``rebalance_experts`` (DeepSeek
@@ -67,7 +67,7 @@ class PlacementStats:
 class PlacementLoop:
     def __init__(self, layers: list[EPMoELayer], layer_ids: list[int], *, rank: int, world: int, mode: str,
                  interval: int, max_moves: int | None, num_groups: int, num_nodes: int,
-                 control: dist.ProcessGroup | None, data: dist.ProcessGroup | None,
+                 cpu: dist.ProcessGroup | None,
                  recorder: LoadRecorder, rank_recorder: LoadRecorder):
         self.layers, self.layer_ids = layers, layer_ids
         self.rank, self.world, self.mode, self.interval = rank, world, mode, interval
@@ -75,7 +75,7 @@ class PlacementLoop:
         self.num_slots = layers[0].placement.num_physical
         self.max_moves = max_moves or default_max_moves(self.num_slots)
         self.num_groups, self.num_nodes = num_groups, num_nodes
-        self.control, self.data = control, data
+        self.cpu = cpu  # gloo: the CPU tensors of the sync (the weight moves use each layer's data group)
         self.recorder, self.rank_recorder = recorder, rank_recorder
         self.steps = 0
         self.planned_static = False
@@ -106,7 +106,7 @@ class PlacementLoop:
         L = len(self.layers)
         load, per_rank = self.recorder.weight(), self.rank_recorder.weight()
         buf = torch.cat([load.flatten(), per_rank.flatten()])
-        dist.all_reduce(buf, group=self.data)
+        dist.all_reduce(buf, group=self.cpu)
         load = buf[:load.numel()].view_as(load)
         per_rank = buf[load.numel():].view_as(per_rank)
         t0 = time.perf_counter()
@@ -117,7 +117,7 @@ class PlacementLoop:
             if new is not None:
                 plan[0] = 1
                 plan[1:] = new.flatten()
-        dist.broadcast(plan, 0, group=self.control)
+        dist.broadcast(plan, 0, group=self.cpu)
         if not int(plan[0]):
             return
         new = plan[1:].view(L, self.num_slots)

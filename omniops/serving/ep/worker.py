@@ -54,7 +54,7 @@ def check_layout(model, cfg, world: int) -> int:
 def setup_model(model, hf_config, group: EPGroup, cfg, num_blocks: int) -> PlacementLoop:
     E = check_layout(model, cfg, group.world)
     blocks = torch.tensor([num_blocks, -num_blocks])
-    dist.all_reduce(blocks, op=dist.ReduceOp.MAX, group=group.control)  # every rank: the same KV cache layout
+    dist.all_reduce(blocks, op=dist.ReduceOp.MAX, group=group.cpu)  # every rank: the same KV cache layout
     if int(blocks[0]) != -int(blocks[1]):
         raise ValueError("kv_cache_memory: the ranks computed different KV block counts; give every rank the same "
                          "options")
@@ -72,7 +72,7 @@ def setup_model(model, hf_config, group: EPGroup, cfg, num_blocks: int) -> Place
         layers.append(layer)
     return PlacementLoop(layers, [i for i, _ in found], rank=group.rank, world=group.world, mode=cfg.placement,
                          interval=cfg.placement_interval, max_moves=cfg.placement_max_moves, num_groups=groups,
-                         num_nodes=nodes, control=group.control, data=group.data, recorder=recorder,
+                         num_nodes=nodes, cpu=group.cpu, recorder=recorder,
                          rank_recorder=rank_recorder)
 
 
