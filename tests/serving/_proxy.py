@@ -44,7 +44,7 @@ class ProxyServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def start(self, timeout: float = 60.0) -> ProxyServer:
+    def start(self, timeout: float = 60.0, require_healthy: bool = True) -> ProxyServer:
         with open(self.log_path, "wb") as f:
             self.proc = subprocess.Popen(self.cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -55,6 +55,8 @@ class ProxyServer:
             m = self.url or _READY.search(self.log())
             if m and not self.url:
                 self.url = m[1]
+            if self.url and not require_healthy:
+                return self
             if self.url:
                 try:
                     if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
