@@ -205,7 +205,7 @@ def ep_combine(expert_out: Tensor, handle: EPHandle, extra: tuple[Tensor, Tensor
             raise ValueError(f"extra: expected rows [{weights.shape[0]}, m, H] and weights [{weights.shape[0]}, m], "
                              f"got {list(rows.shape)} and {list(w.shape)}")
         idx = back.shape[0] + torch.arange(T * m, device=back.device, dtype=inverse.dtype).view(T, m)
-        back = torch.cat([back, rows.reshape(T * m, -1).to(back.dtype)])
+        back = torch.cat([back, rows.reshape(T * m, rows.shape[-1]).to(back.dtype)])
         weights = torch.cat([weights, w.to(weights.dtype)], dim=1)
         inverse = torch.cat([inverse, idx], dim=1)
     return moe_combine(back, weights, inverse)

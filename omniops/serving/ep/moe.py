@@ -75,7 +75,7 @@ class EPMoELayer:
             # each shared expert's row of each token, unweighted: [n, ns, H]
             rows = omniops.fused_moe(xs.repeat_interleave(ns, 0), self.sw13, self.sw2,
                                      torch.ones(n * ns, 1, dtype=torch.float32), sids.view(-1, 1))
-            extra = (rows.view(n, ns, -1), torch.ones(n, ns, dtype=w.dtype))
+            extra = (rows.view(n, ns, xs.shape[1]), torch.ones(n, ns, dtype=w.dtype))
         out = ep_combine(y, d.handle, extra)
         return self._gather(out, T)
 
