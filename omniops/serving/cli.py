@@ -49,6 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-timeout", type=float, default=30.0, metavar="S",
                    help="prefill role: free held blocks when no decode engine acknowledged them within S seconds")
     p.add_argument("--engine-id", default=None, help="this engine's remote_engine_id (default: random)")
+    g = p.add_argument_group("expert parallel (omniops.serving.ep)")
+    g.add_argument("--ep", type=int, default=1, metavar="N", help="ranks the MoE experts are split over (local "
+                   "processes, or torchrun's WORLD_SIZE); attention is replicated")
+    g.add_argument("--redundant-experts", type=int, default=0, metavar="R", help="extra expert slots per MoE layer")
+    g.add_argument("--placement", default="off", choices=("off", "static", "dynamic"),
+                   help="static: plan once from the warm-up window; dynamic: incremental update every interval")
+    g.add_argument("--placement-interval", type=int, default=32, metavar="STEPS")
+    g.add_argument("--placement-max-moves", type=int, default=None, metavar="SLOTS",
+                   help="slot changes per layer and dynamic update (default ~10%% of the slots)")
+    g.add_argument("--placement-nodes", type=int, default=1, help="hierarchical placement over this many nodes")
+    g.add_argument("--ep-timeout", type=float, default=60.0, metavar="S", help="seconds before a hung rank fails")
     p.add_argument("--disable-log-requests", action="store_true", help="no INFO line per request")
     p.add_argument("--disable-uvicorn-access-log", action="store_true")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -85,12 +96,15 @@ def main(argv: list[str] | None = None) -> None:
             args.model, dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
             block_size=args.block_size, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
-            quantization=args.quantization, enforce_eager=args.enforce_eager, seed=args.seed)
+            quantization=args.quantization, enforce_eager=args.enforce_eager, seed=args.seed, ep=args.ep,
+            redundant_experts=args.redundant_experts, placement=args.placement,
+            placement_interval=args.placement_interval, placement_max_moves=args.placement_max_moves,
+            placement_nodes=args.placement_nodes, ep_timeout=args.ep_timeout)
         if args.max_queue is not None and args.max_queue < 0:
             raise ValueError(f"max_queue: must be >= 0, got {args.max_queue}")
         engine = LLMEngine(cfg)
         sock = _bind(args.host, args.port)
-    except (ValueError, TypeError, OSError) as e:
+    except (ValueError, TypeError, OSError, RuntimeError) as e:  # RuntimeError: an EP rank failed to start
         sys.exit(f"omni-serve: {e}")
     engine.warmup()  # first-call costs of the kernels, before the first client pays them
     kv_note = ""
@@ -117,7 +131,16 @@ def main(argv: list[str] | None = None) -> None:
                     log_requests=not args.disable_log_requests, url=url)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=not args.disable_uvicorn_access_log,
                             timeout_graceful_shutdown=5, lifespan="on")
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    if engine.ep is not None:  # EP metrics on /metrics; a dead rank shuts the server down (exit status 1)
+        from omniops.serving.ep.metrics import attach_server
+
+        attach_server(engine.ep, app, server, name)
+    server.run(sockets=[sock])
+    if engine.ep is not None:
+        engine.ep.shutdown()
+        if engine.ep.error is not None:
+            sys.exit(f"omni-serve: {engine.ep.error}")
 
 
 if __name__ == "__main__":

@@ -57,3 +57,10 @@ def register(registry, ep: EPEngine, model_name: str) -> EPMetrics:
     m = EPMetrics(ep, model_name)
     registry.register(m)
     return m
+
+
+def attach_server(ep: EPEngine, app, server, model_name: str) -> None:
+    """omni-serve: the EP metrics next to the server's, and a failed rank stops the server (uvicorn's
+    ``should_exit``, read by its main loop; the failed step's requests already got their error)."""
+    register(app.state.metrics.registry, ep, model_name)
+    ep.on_failure.append(lambda _err: setattr(server, "should_exit", True))

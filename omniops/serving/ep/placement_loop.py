@@ -34,12 +34,13 @@ import torch
 import torch.distributed as dist
 
 from omniops.distributed import ExpertPlacement
-from omniops.placement import LoadRecorder, incremental_rebalance, rebalance_experts
+from omniops.placement import LoadRecorder, gpu_loads, incremental_rebalance, rebalance_experts
 from omniops.serving.ep.moe import EPMoELayer
 from omniops.serving.ep.options import default_max_moves
 
 log = logging.getLogger("omniops.serving.ep")
 
+MIN_GAIN = 0.02  # dynamic: relative cut of a layer's max rank load that is worth moving weights for
 SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -152,4 +153,10 @@ class PlacementLoop:
         else:
             new = incremental_rebalance(load, old, self.world, self.max_moves, num_groups=self.num_groups,
                                         num_nodes=self.num_nodes)
+            # hysteresis: a layer keeps its map unless the new one cuts its busiest rank's load on the window by
+            # MIN_GAIN; otherwise Poisson noise in the window alone would move a few experts every interval
+            before = gpu_loads(load, old, self.world).max(1)
+            after = gpu_loads(load, new, self.world).max(1)
+            keep = torch.from_numpy(after > before * (1 - MIN_GAIN))
+            new[keep] = old[keep]
         return None if torch.equal(new, old) else new
