@@ -27,9 +27,9 @@ import omniops
 ROUTINES = {
     "norm": "norm", "activation": "activation", "rotary": "rotary",
     "attention": "attention", "moe": "moe", "gemm": "gemm", "placement": "placement", "model": "model",
-    "serve": "serve", "engine": "engine",
+    "serve": "serve", "engine": "engine", "proxy": "proxy",
 }
-SERVING = ("serve", "engine")
+SERVING = ("serve", "engine", "proxy")
 ALIASES = {"rms_norm": "norm", "silu_and_mul": "activation", "rotary_embedding": "rotary"}
 
 
@@ -84,13 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--targets", type=_words, default=[], help="comma list: serve omni,vllm; engine omni,hf,vllm")
     g.add_argument("--concurrency", type=_ints, default=[], help="comma list of concurrencies (serve)")
     g.add_argument("--num-prompts", type=int, help="requests per run (serve) / prompts (engine)")
+    g.add_argument("--threads", type=int, help="compute threads of every target (default: each one's own)")
     args = p.parse_args(argv)
 
     console = Console(width=None if sys.stdout.isatty() else 160)
     opts = BenchOptions(shapes=args.shapes, backends=args.backend, dtypes=args.dtype or ["float32", "bfloat16"],
                         plot=args.plot, json=args.json, reps=args.reps, several=args.routine == "all",
                         model=args.model, targets=args.targets, concurrency=args.concurrency,
-                        num_prompts=args.num_prompts)
+                        num_prompts=args.num_prompts, threads=args.threads)
     names = ([n for n in ROUTINES if n not in SERVING] if args.routine == "all"
              else [ALIASES.get(args.routine, args.routine)])
     header(console)

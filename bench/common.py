@@ -27,6 +27,7 @@ class BenchOptions:
     targets: list[str] = field(default_factory=list)  # empty = every target the routine knows
     concurrency: list[int] = field(default_factory=list)  # empty = the routine's default
     num_prompts: int | None = None
+    threads: int | None = None  # compute threads of every target (None: each one's default)
 
     def plot_path(self, routine: str) -> str | None:
         if self.plot is None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omniops.bench.common import BenchOptions
 from omniops.bench.loadgen import make_prompts
-from omniops.bench.servers import PEERS_PY, ROOT, peers_env, unavailable
+from omniops.bench.servers import PEERS_PY, ROOT, target_env, unavailable
 from rich.console import Console
 from rich.table import Table
 
@@ -44,12 +44,14 @@ def _why_not(target: str) -> str | None:
     return unavailable(target)
 
 
-def run_worker(target: str, job: dict, log: Path, timeout: float = 1800.0) -> dict:
+def run_worker(target: str, job: dict, log: Path, timeout: float = 1800.0, threads: int | None = None) -> dict:
     """Run one measurement in a subprocess; its output goes to ``log``, its result (last JSON line) returned."""
+    env = target_env(target, threads)
     if target == "vllm":
-        py, env = str(PEERS_PY), {**peers_env(), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        py = str(PEERS_PY)
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     else:
-        py, env = sys.executable, dict(os.environ)
+        py = sys.executable
     log.parent.mkdir(parents=True, exist_ok=True)
     p = subprocess.run([py, str(WORKER)], input=json.dumps(job), capture_output=True, text=True, env=env,
                        cwd=ROOT, timeout=timeout)
@@ -101,14 +103,14 @@ def run(opts: BenchOptions, console: Console) -> list[dict]:
         log = LOG_DIR / f"engine_{target}_{Path(model).name}.log"
         console.print(f"[bold]{target}[/]: measuring (log {log.relative_to(ROOT)})")
         try:
-            r = run_worker(target, {**job, "backend": target}, log)
+            r = run_worker(target, {**job, "backend": target}, log, threads=opts.threads)
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             console.print(f"[red]{target}: failed[/] {e}")
             continue
         console.print(f"  prefill {r['prefill_tok_s']:.0f} tok/s, output {r['output_tok_s']:.1f} tok/s, "
                       f"peak RSS {r['peak_rss_mib']:.0f} MiB")
-        rows.append({**r, "model": model, "load_avg": os.getloadavg()[0]})
+        rows.append({**r, "model": model, "load_avg": os.getloadavg()[0], "threads_opt": opts.threads})
     title = (f"engine: {Path(model).name}, {n} prompts of ~{PROMPT_WORDS} words, {OUTPUT_TOKENS} new tokens, "
-             f"bf16 greedy")
+             f"bf16 greedy, threads {opts.threads or 'default'}")
     console.print(table(rows, title))
     return rows

@@ -39,7 +39,7 @@ def bench_target(target: str, model: str, concurrencies: list[int], opts: BenchO
     log = LOG_DIR / f"serve_{target}_{Path(model).name}.log"
     console.print(f"[bold]{target}[/]: starting on {HOST} (log {log.relative_to(ROOT)})")
     rows = []
-    with Server(target, model, log) as srv:
+    with Server(target, model, log, threads=opts.threads) as srv:
         console.print(f"  ready after {srv.startup_s:.0f} s, port {srv.port}, model id {srv.model_id!r}")
         warm = asyncio.run(stream_completion(HOST, srv.port, completion_payload(srv.model_id, "warm up", 8)))
         if warm.error:
@@ -50,7 +50,7 @@ def bench_target(target: str, model: str, concurrencies: list[int], opts: BenchO
             results, duration = asyncio.run(run_load(HOST, srv.port, srv.model_id, prompts, OUTPUT_TOKENS, c))
             row = {"target": target, "model": model, "concurrency": c, **summarize(results, duration),
                    "prompt_tokens_mean": _mean([r.prompt_tokens for r in results if r.prompt_tokens]),
-                   "startup_s": srv.startup_s, "load_avg": os.getloadavg()[0]}
+                   "startup_s": srv.startup_s, "load_avg": os.getloadavg()[0], "threads_opt": opts.threads}
             console.print(f"  c={c}: {row['output_tok_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms, "
                           f"ITL p50 {row['itl_p50_ms']:.1f} ms" + (f", {row['errors']} errors: "
                                                                      f"{row['first_error']}" if row["errors"] else ""))
@@ -129,7 +129,7 @@ def run(opts: BenchOptions, console: Console) -> list[dict]:
         except (RuntimeError, TimeoutError) as e:
             console.print(f"[red]{target}: failed[/] {e}")
     title = (f"serve: {Path(model).name}, ~{PROMPT_WORDS}-word prompts, {OUTPUT_TOKENS} output tokens, "
-             f"bf16, max_model_len 1024")
+             f"bf16, max_model_len 1024, threads {opts.threads or 'default'}")
     console.print(table(rows, title))
     path = opts.plot_path(NAME)
     if path and rows:

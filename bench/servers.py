@@ -31,10 +31,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def peers_env() -> dict[str, str]:
-    """The environment for vLLM-CPU: 2 GiB of KV cache (its default is a share of RAM), no usage reports."""
-    return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
-            "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+def target_env(target: str, threads: int | None = None) -> dict[str, str]:
+    """The environment of a target's process. vLLM-CPU: 2 GiB of KV cache (its default is a share of RAM), no
+    usage reports. ``threads``: the compute threads of every target (None: each one's default — torch's is one
+    per core; vLLM's server binds one per core but keeps one core for its scheduler, so 1 on 2 cores). With a
+    busy neighbour on a 2-core machine, 2-thread OpenMP regions stall for scheduler slices; 1 thread each keeps
+    the comparison fair there."""
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    if target == "vllm":
+        env.update(VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"), VLLM_NO_USAGE_STATS="1",
+                   DO_NOT_TRACK="1")
+        if threads is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(i) for i in range(threads))
+    return env
 
 
 def unavailable(target: str) -> str | None:
@@ -63,8 +74,8 @@ class Server:
     (SIGTERM, then SIGKILL after ``stop_timeout``) on exit. ``s.port``, ``s.model_id`` (from /v1/models)."""
 
     def __init__(self, target: str, model: str, log_path: str | Path, start_timeout: float = 600.0,
-                 stop_timeout: float = 30.0) -> None:
-        self.target, self.model = target, str(model)
+                 stop_timeout: float = 30.0, threads: int | None = None) -> None:
+        self.target, self.model, self.threads = target, str(model), threads
         self.log_path = Path(log_path)
         self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
         self.port = free_port()
@@ -74,7 +85,7 @@ class Server:
 
     def __enter__(self) -> Server:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = peers_env() if self.target == "vllm" else dict(os.environ)
+        env = target_env(self.target, self.threads)
         t0 = time.perf_counter()
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(server_command(self.target, self.model, self.port), stdout=log,
