@@ -119,9 +119,14 @@ def vllm_router(policy: str, urls: list[str]) -> Proc:
 # ---- workloads ---------------------------------------------------------------------------------------------
 def _text(tok, rng: random.Random, num_tokens: int) -> str:
     """Text of about num_tokens tokens of random vocabulary pieces (decoded ids, re-encoded to check)."""
-    vocab = tok.vocab_size
-    ids = [rng.randrange(16, vocab) for _ in range(num_tokens)]
-    return tok.decode(ids, skip_special_tokens=True)
+    ids = [rng.randrange(16, tok.vocab_size) for _ in range(num_tokens)]
+    text = tok.decode(ids, skip_special_tokens=True)
+    for _ in range(6):  # decoding random ids and encoding again makes more tokens: cut and repeat until it fits
+        ids = tok.encode(text, add_special_tokens=False)
+        if len(ids) <= num_tokens:
+            break
+        text = tok.decode(ids[:num_tokens], skip_special_tokens=True)
+    return text
 
 
 def bursty(tok, n: int, seed: int) -> list[tuple[float, str, int]]:

@@ -33,12 +33,21 @@ class Slot:
 
     def __init__(self, b: Backend, tokens: int, cost: float = 0.0, decode_tokens: int = 0):
         self.b, self.tokens, self.cost, self.dec = b, tokens, cost, decode_tokens
+        # nothing else was prefilling there: this request's time to first token is its prefill time alone, a
+        # clean sample for the engine's cost model (queueing behind others would inflate a and b)
+        self.alone = b.prefill_cost <= 1e-12
         b.requests += 1
         b.requests_total += 1
         b.tokens += tokens
         b.prefill_cost += cost
         b.decode_tokens += decode_tokens
         self.live = True
+
+    def prefilled(self, prompt_tokens: int) -> None:
+        """The first token arrived: the prompt's work (tokens and predicted prefill cost) is done."""
+        self.consume(prompt_tokens)
+        self.b.prefill_cost -= self.cost
+        self.cost = 0.0
 
     def consume(self, n: int) -> None:
         """n output tokens were produced: that much less work in flight."""
@@ -166,7 +175,8 @@ class Router:
         finally:
             slot.release()
             del self.in_prefill[key]
-        b.cost.observe(info.num_tokens, time.monotonic() - t0)
+        if slot.alone:
+            b.cost.observe(info.num_tokens, time.monotonic() - t0)
         self._usage(b, ans)
         kvp = ans.get("kv_transfer_params")
         # no params (an engine without a KV connector): the decode engine computes the prompt
@@ -174,7 +184,10 @@ class Router:
 
     def _slot(self, b: Backend, info: RequestInfo) -> Slot:
         size = info.num_tokens + info.max_tokens
-        return Slot(b, size, decode_tokens=size if self.pd else 0)
+        if self.pd:  # a decode engine: the request's context grows there until it ends
+            return Slot(b, size, decode_tokens=size)
+        # a mixed engine prefills it too: its predicted prefill cost counts until the first token
+        return Slot(b, size, cost=b.cost.predict(info.num_tokens))
 
     def _usage(self, b: Backend, ans: dict) -> None:
         u = ans.get("usage") or {}
@@ -202,8 +215,10 @@ class Router:
             s.close()
             slot.release()
             raise
-        if not self.pd:  # a mixed engine's time to first token is its prefill time
-            b.cost.observe(info.num_tokens, time.monotonic() - t0)
+        if not self.pd:
+            if slot.alone:
+                b.cost.observe(info.num_tokens, time.monotonic() - t0)
+            slot.prefilled(info.num_tokens)
 
         async def relay():
             ok = False
