@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefill/decode disaggregation behind omni-proxy (vLLM's kv_transfer_params protocol)")
     p.add_argument("--kv-port", type=int, default=0, help="prefill role: the TCP port serving KV blocks (0: any "
                    "free port, logged)")
-    p.add_argument("--kv-host", default=None, help="the address the KV port binds and advertises (default: --host)")
+    p.add_argument("--kv-host", default=None, help="the address the KV port binds (default: --host)")
+    p.add_argument("--kv-advertise-host", default=None, help="the address decode engines are told to pull from "
+                   "(default: --kv-host; this host's name when that is a wildcard such as 0.0.0.0)")
     p.add_argument("--kv-timeout", type=float, default=30.0, metavar="S",
                    help="prefill role: free held blocks when no decode engine acknowledged them within S seconds")
     p.add_argument("--engine-id", default=None, help="this engine's remote_engine_id (default: random)")
@@ -112,9 +114,11 @@ def main(argv: list[str] | None = None) -> None:
         from omniops.serving.kv_transfer import KVConnector
 
         kv_host = args.kv_host or args.host
+        advertise = args.kv_advertise_host or (socket.getfqdn() if kv_host in ("0.0.0.0", "::", "") else kv_host)
         try:
             engine.kv_connector = KVConnector(engine, args.role, host=kv_host, port=args.kv_port,
-                                              timeout=args.kv_timeout, engine_id=args.engine_id)
+                                              timeout=args.kv_timeout, engine_id=args.engine_id,
+                                              advertise_host=advertise)
         except (ValueError, OSError) as e:
             sys.exit(f"omni-serve: {e}")
         c = engine.kv_connector
