@@ -129,22 +129,24 @@ def _text(tok, rng: random.Random, num_tokens: int) -> str:
     return text
 
 
-def bursty(tok, n: int, seed: int) -> list[tuple[float, str, int]]:
-    rng = random.Random(seed)
+def bursty(tok, n: int, shape_seed: int, text_seed: int) -> list[tuple[float, str, int]]:
+    """Lengths and arrivals from shape_seed (the same for every router in a repetition), text from text_seed
+    (fresh per run: nothing is served from an earlier run's prefix cache)."""
+    rng, trng = random.Random(shape_seed), random.Random(text_seed)
     lens = [round(math.exp(rng.uniform(math.log(16), math.log(2048)))) for _ in range(n)]
     outs = [round(math.exp(rng.uniform(math.log(16), math.log(256)))) for _ in range(n)]
-    return [((i // BURST) * BURST_GAP_S, _text(tok, rng, L), o) for i, (L, o) in enumerate(zip(lens, outs,
-                                                                                              strict=True))]
+    return [((i // BURST) * BURST_GAP_S, _text(tok, trng, L), o) for i, (L, o) in enumerate(zip(lens, outs,
+                                                                                               strict=True))]
 
 
-def prefix_heavy(tok, n: int, seed: int) -> list[tuple[float, str, int]]:
-    rng = random.Random(seed)
-    prefixes = [_text(tok, rng, PREFIX_TOKENS) for _ in range(NUM_PREFIXES)]
+def prefix_heavy(tok, n: int, shape_seed: int, text_seed: int) -> list[tuple[float, str, int]]:
+    rng, trng = random.Random(shape_seed), random.Random(text_seed)
+    prefixes = [_text(tok, trng, PREFIX_TOKENS) for _ in range(NUM_PREFIXES)]
     weights = [1 / (k + 1) for k in range(NUM_PREFIXES)]
     t, out = 0.0, []
     for _ in range(n):
-        p = rng.choices(prefixes, weights)[0]
-        out.append((t, p + _text(tok, rng, rng.randint(16, 64)), 32))
+        k = rng.choices(range(NUM_PREFIXES), weights)[0]
+        out.append((t, prefixes[k] + _text(tok, trng, rng.randint(16, 64)), 32))
         t += rng.expovariate(PREFIX_RATE)
     return out
 
@@ -182,6 +184,22 @@ def measure(router: str, policy: str, workload: str, port: int, work, engine_url
             "load_avg": os.getloadavg()[0]}
 
 
+def averaged(rows: list[dict]) -> list[dict]:
+    """One row per (router, policy, workload): the mean of its repetitions' metrics."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["router"], r["policy"], r["workload"]), []).append(r)
+    out = []
+    for rs in groups.values():
+        avg = dict(rs[0])
+        for k, v in rs[0].items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                avg[k] = sum(r[k] for r in rs) / len(rs) if isinstance(v, float) else sum(r[k] for r in rs)
+        avg["reps"] = len(rs)
+        out.append(avg)
+    return out
+
+
 def _fmt(v, d: int = 0) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{d}f}"
 
@@ -199,14 +217,14 @@ def table(rows: list[dict], workload: str) -> Table:
     return t
 
 
-def _run_routers(model, urls, workloads, targets, console, rows, run_id) -> None:
+def _run_routers(model, urls, workloads, targets, console, rows, run_id, reps: int) -> None:
     for wname, policies in (("bursty", OMNI_BURSTY), ("prefix-heavy", OMNI_PREFIX)):
         runs = [("omni-proxy", p) for p in policies if "omni" in targets]
         if "vllm" in targets and ROUTER.exists():
             runs += [("vllm-router", p) for p in VLLM_POLICIES]
-        for router, policy in runs:
+        for (router, policy), rep in ((r, k) for k in range(reps) for r in runs):
             run_id[0] += 1
-            work = workloads[wname](run_id[0])
+            work = workloads[wname](rep, run_id[0])
             srv = (omni_proxy(model, f"omni_{policy}", "--backend", *urls, "--policy", policy)
                    if router == "omni-proxy" else vllm_router(policy, urls)).wait()
             try:
@@ -229,7 +247,9 @@ def run(opts: BenchOptions, console: Console) -> list[dict]:
         console.print(f"[yellow]vllm: skipped[/] ({ROUTER} missing: `make peers`)")
     tok = AutoTokenizer.from_pretrained(model)
     n = opts.num_prompts or 48
-    workloads = {"bursty": lambda i: bursty(tok, n, 100 + i), "prefix-heavy": lambda i: prefix_heavy(tok, n, 100 + i)}
+    reps = opts.reps or 1
+    workloads = {"bursty": lambda rep, i: bursty(tok, n, rep, 1000 + i),
+                 "prefix-heavy": lambda rep, i: prefix_heavy(tok, n, rep, 1000 + i)}
     rows: list[dict] = []
     run_id = [0]
     if "omni" in targets or "vllm" in targets:
@@ -237,7 +257,7 @@ def run(opts: BenchOptions, console: Console) -> list[dict]:
         try:
             for e in engines:
                 e.wait()
-            _run_routers(model, [e.url for e in engines], workloads, targets, console, rows, run_id)
+            _run_routers(model, [e.url for e in engines], workloads, targets, console, rows, run_id, reps)
         finally:
             for e in engines:
                 e.stop()
@@ -251,7 +271,7 @@ def run(opts: BenchOptions, console: Console) -> list[dict]:
             srv = omni_proxy(model, "omni_pd", "--prefill", p.url, "--decode", d.url).wait()
             try:
                 row = measure("omni-proxy 1P1D", "prefill_score/pd_score", "bursty", srv.port,
-                              workloads["bursty"](run_id[0]), [p.url, d.url])
+                              workloads["bursty"](0, run_id[0]), [p.url, d.url])
             finally:
                 srv.stop()
             console.print(f"  bursty       1P1D        TTFT p50 {row['ttft_p50_ms']:6.0f} p99 {row['ttft_p99_ms']:6.0f}"
@@ -261,5 +281,5 @@ def run(opts: BenchOptions, console: Console) -> list[dict]:
             p.stop()
             d.stop()
     for w in ("bursty", "prefix-heavy"):
-        console.print(table(rows, w))
+        console.print(table(averaged(rows), w))
     return rows

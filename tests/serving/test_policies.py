@@ -174,3 +174,13 @@ def test_selector_every_policy_routes():
         s = _pool(name)
         picked = {s.pick(RequestInfo(f"prompt {i}", 10 * i + 1, 16), in_prefill=[5]).url for i in range(12)}
         assert picked <= {b.url for b in s.backends} and picked, name
+
+
+def test_prefill_score_balance_counts_prefills_when_known():
+    costs = [P.LinearCost(a=0.001, b=0.01)] * 2
+    # e0: 10 requests decoding, none in prefill; e1: one prefill in flight, predicted 0.5 s
+    ls = [P.EngineLoad("e0", requests=10, prefilling=0), P.EngineLoad("e1", requests=1, prefill_cost=0.5,
+                                                                        prefilling=1)]
+    assert P.prefill_score_balance(ls, costs, 100) == 0  # 0 + 0.11 vs 0.5 + 0.22
+    ls[0].prefilling = None  # unknown (a prefill engine): every request counts, 0.11 * 11 = 1.21 vs 0.72
+    assert P.prefill_score_balance(ls, costs, 100) == 1

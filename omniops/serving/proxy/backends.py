@@ -30,6 +30,7 @@ class Backend:
     requests: int = 0  # the proxy's own in flight
     tokens: int = 0
     prefill_cost: float = 0.0
+    prefilling: int = 0  # of ``requests``, those whose prompt is still being computed
     decode_tokens: int = 0
     reported: int = 0  # running + waiting from the engine's last /load
     own_at_report: int = 0  # the proxy's own in-flight requests when that /load was read
@@ -50,7 +51,8 @@ class Backend:
         per_cost = self.prefill_cost / self.requests if self.requests else self.cost.predict(0)
         per_dec = self.decode_tokens / self.requests if self.requests else 0.0
         return EngineLoad(self.url, self.requests + extra, int(self.tokens + extra * per),
-                          self.prefill_cost + extra * per_cost, int(self.decode_tokens + extra * per_dec))
+                          self.prefill_cost + extra * per_cost, int(self.decode_tokens + extra * per_dec),
+                          self.prefilling)
 
     def mark_down(self, why: str) -> None:
         if self.healthy:
@@ -94,7 +96,10 @@ class HealthChecker:
             r = await self.client.get(f"{b.url}/load", timeout=self.timeout)
             if r.status_code == 200:  # engines without /load (vLLM) are balanced on the proxy's view alone
                 load = r.json()
-                b.reported, b.own_at_report = int(load.get("running", 0)) + int(load.get("waiting", 0)), own
+                # the proxy's own count may change while /load is in flight (a burst arriving): compare with the
+                # larger of before and after, so its own requests never read as somebody else's load
+                b.reported = int(load.get("running", 0)) + int(load.get("waiting", 0))
+                b.own_at_report = max(own, b.requests)
         except (httpx.HTTPError, ValueError) as e:
             b.failed_checks += 1
             if isinstance(e, httpx.ConnectError) or b.failed_checks >= self.fail_threshold:

@@ -26,6 +26,7 @@ class EngineLoad:
     tokens: int = 0  # in flight: prompt + output tokens still expected, over its requests
     prefill_cost: float = 0.0  # summed predicted prefill seconds of the prefills in flight (prefill engines)
     decode_tokens: int = 0  # context tokens of the requests decoding there (decode engines)
+    prefilling: int | None = None  # of ``requests``, those still in prefill (None: all of them)
 
 
 # ---- request-level balancers -------------------------------------------------------------------------------
@@ -112,12 +113,14 @@ class LinearCost:
 
 
 def prefill_score_balance(loads: Sequence[EngineLoad], costs: Sequence[LinearCost], num_tokens: int) -> int:
-    """Per engine: A in-flight requests, T = their summed predicted cost (``prefill_cost``), c = a*L + b this
-    request's predicted cost there. Pick argmin T + c * (A + 1): the time the engine needs for what it has
-    plus this request, charging c once per request it shares its batch with."""
+    """Per engine: A in-flight prefills (``prefilling``; on a prefill engine every in-flight request), T =
+    their summed predicted cost (``prefill_cost``), c = a*L + b this request's predicted cost there. Pick
+    argmin T + c * (A + 1): the time the engine needs for what it has plus this request, charging c once per
+    request it shares its batch with."""
     def score(i: int) -> float:
         c = costs[i].predict(num_tokens)
-        return loads[i].prefill_cost + c * (loads[i].requests + 1)
+        a = loads[i].requests if loads[i].prefilling is None else loads[i].prefilling
+        return loads[i].prefill_cost + c * (a + 1)
     return min(range(len(loads)), key=lambda i: (score(i), i))
 
 

@@ -31,8 +31,9 @@ DEFAULT_MAX_TOKENS = 256  # a request without max_tokens is counted at this many
 class Slot:
     """One request's share of a backend's in-flight counts, given back exactly once."""
 
-    def __init__(self, b: Backend, tokens: int, cost: float = 0.0, decode_tokens: int = 0):
-        self.b, self.tokens, self.cost, self.dec = b, tokens, cost, decode_tokens
+    def __init__(self, b: Backend, tokens: int, cost: float = 0.0, decode_tokens: int = 0,
+                 prefilling: bool = False):
+        self.b, self.tokens, self.cost, self.dec, self.prefilling = b, tokens, cost, decode_tokens, prefilling
         # nothing else was prefilling there: this request's time to first token is its prefill time alone, a
         # clean sample for the engine's cost model (queueing behind others would inflate a and b)
         self.alone = b.prefill_cost <= 1e-12
@@ -41,13 +42,15 @@ class Slot:
         b.tokens += tokens
         b.prefill_cost += cost
         b.decode_tokens += decode_tokens
+        b.prefilling += prefilling
         self.live = True
 
     def prefilled(self, prompt_tokens: int) -> None:
         """The first token arrived: the prompt's work (tokens and predicted prefill cost) is done."""
         self.consume(prompt_tokens)
         self.b.prefill_cost -= self.cost
-        self.cost = 0.0
+        self.b.prefilling -= self.prefilling
+        self.cost, self.prefilling = 0.0, False
 
     def consume(self, n: int) -> None:
         """n output tokens were produced: that much less work in flight."""
@@ -63,6 +66,7 @@ class Slot:
             b.tokens -= self.tokens
             b.prefill_cost -= self.cost
             b.decode_tokens -= self.dec
+            b.prefilling -= self.prefilling
 
 
 @dataclass
@@ -168,7 +172,7 @@ class Router:
         tried.add(b.url)
         key = next(self._ids)
         self.in_prefill[key] = info.num_tokens
-        slot = Slot(b, info.num_tokens, b.cost.predict(info.num_tokens))
+        slot = Slot(b, info.num_tokens, b.cost.predict(info.num_tokens), prefilling=True)
         t0 = time.monotonic()
         try:
             ans = await post_json(self.client, b, path, prefill_payload(payload), headers, self.timeout)
@@ -187,7 +191,7 @@ class Router:
         if self.pd:  # a decode engine: the request's context grows there until it ends
             return Slot(b, size, decode_tokens=size)
         # a mixed engine prefills it too: its predicted prefill cost counts until the first token
-        return Slot(b, size, cost=b.cost.predict(info.num_tokens))
+        return Slot(b, size, cost=b.cost.predict(info.num_tokens), prefilling=True)
 
     def _usage(self, b: Backend, ans: dict) -> None:
         u = ans.get("usage") or {}
