@@ -1,8 +1,7 @@
 """An async streaming load generator for OpenAI-compatible servers (``/v1/completions``, ``stream: true``).
 
-Plain asyncio streams, no HTTP library: the servers are on loopback, the client needs only HTTP/1.1 POST with a
-chunked or length-delimited body, and each SSE event is timestamped the moment its bytes arrive (no client-side
-buffering between the socket and the clock). One connection per request (``Connection: close``).
+httpx for HTTP; each SSE event is timestamped the moment its bytes arrive (raw chunks parsed here, no
+client-side line buffering between the socket and the clock). One connection per request.
 
 Statistics: TTFT = first content event - request start; inter-token latency (ITL) = the gaps between
 consecutive content events of one request; output tokens from the final ``usage`` event (``stream_options``)
@@ -17,6 +16,8 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import httpx
 
 # common English words: prompts are deterministic word salad (~2.5 tokens per word with the tiny tokenizer)
 _WORDS = (
@@ -124,82 +125,31 @@ def apply_event(res: RequestResult, payload: str, now: float) -> bool:
     return True
 
 
-async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
-    status_line = await reader.readline()
-    parts = status_line.decode("latin-1").split(" ", 2)
-    if len(parts) < 2 or not parts[1].isdigit():
-        raise ConnectionError(f"bad status line {status_line!r}")
-    headers = {}
-    while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
-        k, _, v = line.decode("latin-1").partition(":")
-        headers[k.strip().lower()] = v.strip()
-    return int(parts[1]), headers
-
-
-async def _body(reader: asyncio.StreamReader, headers: dict[str, str]):
-    """The response body as it arrives (de-chunked)."""
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        while True:
-            size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
-            if size == 0:
-                return
-            yield await reader.readexactly(size)
-            await reader.readline()  # the CRLF after each chunk
-    elif "content-length" in headers:
-        yield await reader.readexactly(int(headers["content-length"]))
-    else:
-        while data := await reader.read(65536):
-            yield data
-
-
 async def http_request(host: str, port: int, method: str, path: str, body: dict | None = None,
                        timeout: float = 10.0) -> tuple[int, bytes]:
     """One non-streaming request; returns (status, body)."""
-    async def go() -> tuple[int, bytes]:
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            writer.write(_request_bytes(host, port, method, path, body))
-            await writer.drain()
-            status, headers = await _read_head(reader)
-            return status, b"".join([c async for c in _body(reader, headers)])
-        finally:
-            writer.close()
-    return await asyncio.wait_for(go(), timeout)
-
-
-def _request_bytes(host: str, port: int, method: str, path: str, body: dict | None) -> bytes:
-    data = json.dumps(body).encode() if body is not None else b""
-    head = (f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: */*\r\nConnection: close\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n")
-    return head.encode() + data
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        r = await client.request(method, f"http://{host}:{port}{path}", json=body)
+        return r.status_code, r.content
 
 
 async def stream_completion(host: str, port: int, payload: dict, timeout: float = 600.0) -> RequestResult:
-    """POST a streaming completion; every content event is timestamped on arrival."""
+    """POST a streaming completion; every content event is timestamped as its bytes arrive (raw chunks, no
+    client-side line buffering between the socket and the clock)."""
     res = RequestResult(start=time.perf_counter())
-
-    async def go() -> None:
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            writer.write(_request_bytes(host, port, "POST", "/v1/completions", payload))
-            await writer.drain()
-            status, headers = await _read_head(reader)
-            if status != 200:
-                body = b"".join([c async for c in _body(reader, headers)])
-                res.error = f"HTTP {status}: {body[:300].decode(errors='replace')}"
-                return
-            sse = SSEParser()
-            async for chunk in _body(reader, headers):
-                now = time.perf_counter()
-                for ev in sse.feed(chunk):
-                    if not apply_event(res, ev, now):
-                        return
-        finally:
-            writer.close()
-
+    url = f"http://{host}:{port}/v1/completions"
     try:
-        await asyncio.wait_for(go(), timeout)
-    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
+        async with httpx.AsyncClient(timeout=timeout) as client, client.stream("POST", url, json=payload) as r:
+            if r.status_code != 200:
+                body = await r.aread()
+                res.error = f"HTTP {r.status_code}: {body[:300].decode(errors='replace')}"
+            else:
+                sse = SSEParser()
+                async for chunk in r.aiter_raw():
+                    now = time.perf_counter()
+                    if not all(apply_event(res, ev, now) for ev in sse.feed(chunk)):
+                        break
+    except (httpx.HTTPError, OSError, ValueError) as e:
         res.error = f"{type(e).__name__}: {e}"
     if res.error is None and not res.events:
         res.error = "no content events"

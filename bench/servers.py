@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 from omniops.bench.loadgen import http_request
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,7 +113,7 @@ class Server:
                 if status == 200:
                     data = json.loads(body).get("data") or [{}]
                     return data[0].get("id") or self.model
-            except (OSError, asyncio.TimeoutError, ValueError, ConnectionError):
+            except (OSError, asyncio.TimeoutError, ValueError, httpx.HTTPError):
                 pass
             time.sleep(1.0)
         raise TimeoutError(f"{self.target} server not ready after {self.start_timeout:.0f} s; "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 
@@ -13,8 +12,6 @@ from hypothesis import strategies as st
 from omniops.bench.loadgen import (
     RequestResult,
     SSEParser,
-    _body,
-    _read_head,
     apply_event,
     make_prompts,
     percentile,
@@ -82,20 +79,6 @@ def test_apply_event_counts_tokens_and_prefers_usage():
     assert not apply_event(r, "[DONE]", 1.5)
     e = RequestResult(start=0.0)
     assert not apply_event(e, json.dumps({"error": {"message": "bad"}}), 1.0) and "bad" in e.error
-
-
-def test_chunked_body_is_decoded():
-    async def go():
-        reader = asyncio.StreamReader()
-        reader.feed_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/event-stream\r\n\r\n"
-                         b"5\r\nhello\r\n1;ext=1\r\n \r\n5\r\nworld\r\n0\r\n\r\n")
-        reader.feed_eof()
-        status, headers = await _read_head(reader)
-        return status, headers, [c async for c in _body(reader, headers)]
-
-    status, headers, chunks = asyncio.run(go())
-    assert status == 200 and headers["content-type"] == "text/event-stream"
-    assert chunks == [b"hello", b" ", b"world"]
 
 
 def test_prompts_are_deterministic_and_distinct():
