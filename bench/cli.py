@@ -27,9 +27,9 @@ import omniops
 ROUTINES = {
     "norm": "norm", "activation": "activation", "rotary": "rotary",
     "attention": "attention", "moe": "moe", "gemm": "gemm", "placement": "placement", "model": "model",
-    "serve": "serve", "engine": "engine", "proxy": "proxy",
+    "serve": "serve", "engine": "engine", "proxy": "proxy", "ep": "ep",
 }
-SERVING = ("serve", "engine", "proxy")
+SERVING = ("serve", "engine", "proxy", "ep")  # not in `all`: they start engines (ep: its own ranks)
 ALIASES = {"rms_norm": "norm", "silu_and_mul": "activation", "rotary_embedding": "rotary"}
 
 

@@ -140,6 +140,8 @@ def incremental_rebalance(
             fits = short[aa, aj] & np.isfinite(score[aa, tj]) & (new.max(1) <= gl.max(1) * (1 + 1e-12))
             fits &= ~ok & (used[active] + cost_j <= cap_a)
             a, t, ok = np.where(fits, aj, a), np.where(fits, tj, t), ok | fits
+            if ok.all():
+                break
         ot = orig[active, t]
         cost = (a != ot).astype(np.int64) - (pl[aa, t] != ot)
         rows, a, t = active[ok], a[ok], t[ok]

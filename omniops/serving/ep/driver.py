@@ -54,6 +54,7 @@ class EPEngine:
     def __init__(self, group: EPGroup, loop: PlacementLoop, procs: list[subprocess.Popen], store: dist.Store,
                  timeout: float):
         self.group, self.loop, self.procs, self._store, self.timeout = group, loop, procs, store, timeout
+        self.threads: int | None = None  # rank 0's thread count before start_ep lowered it (spawn mode)
         self.error: EPRankError | None = None
         self.on_failure: list[Callable[[EPRankError], None]] = []
         self._closed = False
@@ -106,6 +107,8 @@ class EPEngine:
                 p.wait(10)
         if dist.is_initialized():
             dist.destroy_process_group()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)  # what the process had before the ranks shared its cores
         self._closed = True
         atexit.unregister(self.shutdown)
 
@@ -188,6 +191,7 @@ def start_ep(engine, num_blocks: int) -> EPEngine:
         store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=START_TIMEOUT, wait_for_workers=False)
         # one share of the cores per rank: oversubscribed OpenMP threads spin against each other's collectives
         threads = max(1, len(os.sched_getaffinity(0)) // world)
+        threads_before = torch.get_num_threads()
         torch.set_num_threads(threads)
         procs = _spawn(cfg, num_blocks, store.port, threads)
         try:
@@ -196,6 +200,7 @@ def start_ep(engine, num_blocks: int) -> EPEngine:
             for p in procs:
                 p.kill()
                 p.wait()
+            torch.set_num_threads(threads_before)
             raise
     else:
         (rank, world), launched = env, "torchrun"
@@ -212,6 +217,8 @@ def start_ep(engine, num_blocks: int) -> EPEngine:
             dist.destroy_process_group()
         raise SystemExit(0)
     ep = EPEngine(group, loop, procs, store, cfg.ep_timeout)
+    if launched == "spawn":
+        ep.threads = threads_before
     engine.runner = EPRunner(engine.runner, ep)
     log.info("ep: %d ranks (%s), %d routed-expert layers, %d slots per layer (%d redundant), placement %s every "
              "%d steps", world, launched, len(loop.layers), loop.num_slots, cfg.redundant_experts, cfg.placement,
