@@ -53,7 +53,7 @@ def _engine_rows(opts: BenchOptions, console: Console) -> tuple[list[dict], dict
     from omniops.serving.models.loader import load_config
 
     full = opts.shapes == "full"
-    ep, interval = 2, (8 if full else 4)
+    ep, interval = 2, (16 if full else 4)
     with tempfile.TemporaryDirectory(prefix="omni_bench_ep_") as tmp:
         path = _checkpoint(opts, tmp)
         cfg = load_config(path)
@@ -61,8 +61,9 @@ def _engine_rows(opts: BenchOptions, console: Console) -> tuple[list[dict], dict
         groups = int(getattr(cfg, "n_group", None) or 1)
         R = ep * max(1, E // 16)  # a copy per 8 experts of each rank
         start = initial_placement(E, E + R, ep, groups, 1)
-        hot = [e for e in start.local_logical(0).tolist() if int(start.replicas[e]) == 1][:max(2, E // 8)]
-        tokens, share = hot_tokens(path, hot, 32, exclude=set(range(8)))
+        # a quarter of the experts, all on rank 0 alone at the start; the 16 tokens that route most to them
+        hot = [e for e in start.local_logical(0).tolist() if int(start.replicas[e]) == 1][:max(2, E // 4)]
+        tokens, share = hot_tokens(path, hot, 16, exclude=set(range(8)))
         n = opts.num_prompts or (48 if full else 24)
         prompts = skewed_prompts(tokens, n, (48, 96) if full else (24, 48), seed=0)
         params = SamplingParams(temperature=0, max_tokens=32 if full else 16, ignore_eos=True)

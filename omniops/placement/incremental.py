@@ -65,6 +65,7 @@ def incremental_rebalance(
     *,
     num_groups: int = 1,
     num_nodes: int = 1,
+    min_gain: float = 1e-3,
 ) -> torch.Tensor:
     """Improve the placement in service with at most ``max_moves`` changed slots per layer.
 
@@ -75,6 +76,9 @@ def incremental_rebalance(
         max_moves: slots per layer whose logical expert may change (each is one expert's weights copied).
         num_groups, num_nodes: when ``num_nodes > 1`` and ``num_groups % num_nodes == 0`` the placement is
             hierarchical (each group's copies on one node) and stays so.
+        min_gain: a layer stops improving once its max GPU load is within this fraction of its lower bound
+            (mean GPU load; hierarchical: the heaviest node's load over its GPUs): moving weights for less is
+            not worth it. The static planner's polish passes 1e-9.
 
     Returns:
         phy2log [L, R] int64; the layer's max GPU load never increases, and every expert keeps >= 1 copy.
@@ -86,6 +90,8 @@ def incremental_rebalance(
     max_moves = check_int("max_moves", max_moves, minimum=0)
     num_groups = check_int("num_groups", num_groups, minimum=1)
     num_nodes = check_int("num_nodes", num_nodes, minimum=1)
+    if isinstance(min_gain, bool) or not isinstance(min_gain, (int, float)) or not 0 <= min_gain < 1:
+        raise ValueError(f"min_gain: expected a fraction in [0, 1), got {min_gain!r}")
     num_slots = p2l.shape[1]
     if num_slots % num_gpus:
         raise ValueError(f"num_gpus: {num_slots} slots do not split evenly over {num_gpus} GPUs")
@@ -149,7 +155,15 @@ def incremental_rebalance(
         used[rows] += cost[ok]
         active = rows[used[rows] < cap_a]
 
-    # Phase B: exact greedy on swaps and retargets, each strictly cutting the max GPU load.
+    # Phase B: exact greedy on swaps and retargets, each strictly cutting the max GPU load. A layer is done once
+    # its max is within min_gain of what no placement of this layer can beat: the mean GPU load, or with a
+    # hierarchy the heaviest node's (its groups stay there) spread over the node's GPUs.
+    bound = w.sum(1) / num_gpus
+    if exp_node is not None:
+        node_load = np.zeros((num_layers, num_nodes))
+        np.add.at(node_load, (np.broadcast_to(ar[:, None], exp_node.shape), exp_node), w)
+        bound = node_load.max(1) / (num_gpus // num_nodes)
+    bound = bound * (1 + min_gain)
     active = ar[used < max_moves]
     for _ in range(rounds):
         if active.size == 0:
@@ -170,6 +184,10 @@ def incremental_rebalance(
         _apply_retarget(p2l, cnt, hosts, rows[rt], t[rt], a[rt])
         used[rows] += cost[ok]
         active = rows[used[rows] < max_moves]
+        if active.size:
+            lmax = np.take_along_axis(w[active] / cnt[active], p2l[active], axis=1).reshape(
+                active.size, num_gpus, per).sum(-1).max(1)
+            active = active[lmax > bound[active]]
     return torch.from_numpy(p2l)
 
 

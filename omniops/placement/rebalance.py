@@ -222,7 +222,7 @@ def rebalance_phy2log(
         from omniops.placement.incremental import incremental_rebalance  # circular at import time
 
         p2l = incremental_rebalance(
-            weight, p2l, num_gpus, _POLISH_MOVES, num_groups=num_groups, num_nodes=num_nodes
+            weight, p2l, num_gpus, _POLISH_MOVES, num_groups=num_groups, num_nodes=num_nodes, min_gain=1e-9
         ).numpy()
     return p2l
 

@@ -88,9 +88,11 @@ def serve(model, group: EPGroup, loop: PlacementLoop) -> None:
 
 
 def connect_store(rank: int, world: int) -> dist.TCPStore:
-    """The rendezvous store at MASTER_ADDR:MASTER_PORT (rank 0 hosts it)."""
-    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=rank == 0,
-                         timeout=START_TIMEOUT, wait_for_workers=False)
+    """The rendezvous store at MASTER_ADDR:MASTER_PORT: rank 0 hosts it, unless torchrun's agent already does
+    (TORCHELASTIC_USE_AGENT_STORE, torch's own env:// rule)."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                         is_master=rank == 0 and not agent, timeout=START_TIMEOUT, wait_for_workers=False)
 
 
 def main(argv: list[str] | None = None) -> None:
