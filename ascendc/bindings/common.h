@@ -23,11 +23,13 @@ struct RegisterFamily {
 void RegisterAll(py::module_& m);
 
 // ---- kernel libraries ------------------------------------------------------------------------------------
-constexpr int kMaxIsas = 3;  // avx512, avx2, generic
+constexpr int kMaxIsas = 4;  // amx, avx512, avx2, generic
 // Index of the active library (loading the best one for this CPU on first use).
 int ActiveIsaIndex();
 // Resolve `symbol` (an `omni_<family>_kernels` function) in library `isa_index`; throws if absent.
 const void* ResolveTable(int isa_index, const char* symbol);
+// The active library's ISA name ("amx", "avx512", ...).
+const std::string& ActiveIsaName();
 
 // The kernel table of a family in the active library, e.g. Kernels<OmniNormKernels>("omni_norm_kernels").
 template <typename Table>

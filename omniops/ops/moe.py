@@ -26,6 +26,7 @@ from omniops import _ext
 from omniops._backends import OpFamily
 from omniops._registry import call, omni_op
 from omniops._validation import FLOAT_DTYPES, check_same, check_shape, check_tensor, is_fake, rows_view
+from omniops.ops.prepack import linear_tiles, moe_tiles
 from omniops.reference import moe as ref
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -245,7 +246,8 @@ def _gemm_reference(out: Tensor, x: Tensor, w: Tensor, offsets: Tensor) -> None:
 
 
 def _gemm_cpu(out: Tensor, x: Tensor, w: Tensor, offsets: Tensor) -> None:
-    _ext.cpp().grouped_gemm(out, x, w, offsets)
+    # bf16 on the amx library: the weight's cached tile copy (packed on first use).
+    _ext.cpp().grouped_gemm(out, x, w, offsets, linear_tiles(w) if x.dtype == torch.bfloat16 else None)
 
 
 def _gemm_triton(out: Tensor, x: Tensor, w: Tensor, offsets: Tensor) -> None:
@@ -363,7 +365,12 @@ def _fused_reference(out: Tensor, hidden: Tensor, w13: Tensor, w2: Tensor, weigh
 
 def _fused_cpu(out: Tensor, hidden: Tensor, w13: Tensor, w2: Tensor, weights: Tensor, ids: Tensor,
                activation: str, expert_map: Tensor | None) -> None:
-    _ext.cpp().fused_moe(out, hidden, w13, w2, weights, ids, activation, expert_map)
+    # bf16 on the amx library: AMX tiles on the weights' cached tile copies (packed on first use).
+    tiles = moe_tiles(w13, w2) if hidden.dtype == torch.bfloat16 else None
+    if tiles is None:
+        _ext.cpp().fused_moe(out, hidden, w13, w2, weights, ids, activation, expert_map)
+    else:
+        _ext.cpp().fused_moe(out, hidden, w13, w2, weights, ids, activation, expert_map, *tiles)
 
 
 def _fused_triton(out: Tensor, hidden: Tensor, w13: Tensor, w2: Tensor, weights: Tensor, ids: Tensor,
