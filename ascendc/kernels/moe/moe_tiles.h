@@ -22,7 +22,7 @@ namespace omni_kernels {
 inline namespace OMNI_ISA_NS {
 namespace moe {
 
-constexpr int64_t kChunk = 256;  // rows per item: one weight pass per 256 rows of an expert
+constexpr int64_t kChunk = 32 * amx::kMaxRowBlocks;  // rows per item: one weight pass per 256 rows of an expert
 
 #if defined(OMNI_HAVE_AMX_TILES)
 // Item i of an expert with `rows` rows and `cols` column-block pairs -> (first row, rows, column pair).
@@ -78,20 +78,11 @@ inline void FusedMoeTilesRun(const OmniFusedMoeArgs& a, const OmniRuntime* rt) {
       const ChunkItem c = SplitItem(it - items1[e], offsets[e], offsets[e + 1] - offsets[e], nbi);
       const uint16_t* g = w13 + (2 * e) * mat + c.col * kbh * amx::kTileElems;
       const uint16_t* u = g + mat;
-      alignas(64) float C[32 * 32];
+      alignas(64) float C[kChunk * 32];
       const int64_t i0 = c.col * amx::kTN, ni = std::min<int64_t>(amx::kTN, I - i0);
-      for (int64_t s = 0; s < c.mrows; s += 32) {
-        const int64_t mb = std::min<int64_t>(32, c.mrows - s);
-        amx::TileBlock(xs + (c.r0 + s) * xld, xld, mb, g, u, kbh, C);
-        for (int64_t m = 0; m < mb; ++m) {
-          const float* cr = C + m * 32;
-          bfloat16_t* dst = reinterpret_cast<bfloat16_t*>(act + (c.r0 + s + m) * ald + i0);
-          for (int64_t i = 0; i < ni; ++i) {
-            const float gv = cr[i];
-            dst[i] = FromFloat<bfloat16_t>(gv / (1.0f + VecExpF(-gv)) * cr[16 + i]);
-          }
-        }
-      }
+      amx::TileRows(xs + c.r0 * xld, xld, c.mrows, g, u, kbh, C);
+      for (int64_t m = 0; m < c.mrows; ++m)
+        amx::SiluMulBf16(C + m * 32, C + m * 32 + 16, ni, act + (c.r0 + m) * ald + i0);
     };
     amx::RunTileItems(items1[E], 2 * kbh * 1024, rt, item);
   }
@@ -105,14 +96,11 @@ inline void FusedMoeTilesRun(const OmniFusedMoeArgs& a, const OmniRuntime* rt) {
       const ChunkItem c = SplitItem(it - items2[e], offsets[e], offsets[e + 1] - offsets[e], pairs_h);
       const uint16_t* b0 = w2 + e * mat + (2 * c.col) * kbi * amx::kTileElems;
       const uint16_t* b1 = 2 * c.col + 1 < nbh ? b0 + kbi * amx::kTileElems : b0;
-      alignas(64) float C[32 * 32];
+      alignas(64) float C[kChunk * 32];
       const int64_t h0 = 2 * c.col * amx::kTN, nh = std::min<int64_t>(2 * amx::kTN, H - h0);
-      for (int64_t s = 0; s < c.mrows; s += 32) {
-        const int64_t mb = std::min<int64_t>(32, c.mrows - s);
-        amx::TileBlock(act + (c.r0 + s) * ald, ald, mb, b0, b1, kbi, C);
-        for (int64_t m = 0; m < mb; ++m)
-          std::memcpy(ybuf + (c.r0 + s + m) * H + h0, C + m * 32, static_cast<size_t>(nh) * sizeof(float));
-      }
+      amx::TileRows(act + c.r0 * ald, ald, c.mrows, b0, b1, kbi, C);
+      for (int64_t m = 0; m < c.mrows; ++m)
+        std::memcpy(ybuf + (c.r0 + m) * H + h0, C + m * 32, static_cast<size_t>(nh) * sizeof(float));
     };
     amx::RunTileItems(items2[E], 2 * kbi * 1024, rt, item);
   }
@@ -150,15 +138,12 @@ inline void GroupedGemmTilesRun(const OmniGroupedGemmArgs& a, const OmniRuntime*
     const ChunkItem c = SplitItem(it - prefix[e], off[e], off[e + 1] - off[e], pairs);
     const uint16_t* b0 = w + e * mat + (2 * c.col) * kb_n * amx::kTileElems;
     const uint16_t* b1 = 2 * c.col + 1 < nb ? b0 + kb_n * amx::kTileElems : b0;
-    alignas(64) float C[32 * 32];
+    alignas(64) float C[kChunk * 32];
     const int64_t n0 = 2 * c.col * amx::kTN, nn = std::min<int64_t>(2 * amx::kTN, N - n0);
-    for (int64_t s = 0; s < c.mrows; s += 32) {
-      const int64_t mb = std::min<int64_t>(32, c.mrows - s);
-      amx::TileBlock(xs + (c.r0 - base + s) * xld, xld, mb, b0, b1, kb_n, C);
-      for (int64_t m = 0; m < mb; ++m) {
-        bfloat16_t* o = reinterpret_cast<bfloat16_t*>(out + (c.r0 + s + m) * a.out_stride + n0);
-        for (int64_t n = 0; n < nn; ++n) o[n] = FromFloat<bfloat16_t>(C[m * 32 + n]);
-      }
+    amx::TileRows(xs + (c.r0 - base) * xld, xld, c.mrows, b0, b1, kb_n, C);
+    for (int64_t m = 0; m < c.mrows; ++m) {
+      bfloat16_t* o = reinterpret_cast<bfloat16_t*>(out + (c.r0 + m) * a.out_stride + n0);
+      for (int64_t n = 0; n < nn; ++n) o[n] = FromFloat<bfloat16_t>(C[m * 32 + n]);
     }
   };
   amx::RunTileItems(prefix[E], 2 * kb_n * 1024, rt, item);
