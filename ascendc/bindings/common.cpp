@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <cpuid.h>
 #include <dlfcn.h>
+#include <sys/mman.h>
 #include <unistd.h>
 #if defined(__linux__)
 #include <sys/syscall.h>
@@ -239,6 +240,29 @@ const void* ResolveTable(int idx, const char* symbol) {
   auto fn = reinterpret_cast<const void* (*)()>(dlsym(r.handles[idx], symbol));
   if (fn == nullptr) throw py::value_error(std::string("kernel library ") + AllIsas()[idx] + " has no " + symbol + "; rebuild omniops");
   return fn();
+}
+
+void* Workspace(int64_t bytes) {
+  struct Buffer {
+    void* p = nullptr;
+    size_t cap = 0;
+    ~Buffer() { std::free(p); }
+  };
+  thread_local Buffer buf;
+  constexpr size_t kHuge = size_t{2} << 20;
+  const size_t want = bytes > 0 ? static_cast<size_t>(bytes) : 1;
+  if (want > buf.cap) {
+    const size_t cap = (want + kHuge - 1) / kHuge * kHuge;
+    void* p = std::aligned_alloc(kHuge, cap);
+    if (p == nullptr) throw std::bad_alloc();
+#if defined(MADV_HUGEPAGE)
+    madvise(p, cap, MADV_HUGEPAGE);  // fewer TLB misses on the staged operands; a hint, failure is fine
+#endif
+    std::free(buf.p);
+    buf.p = p;
+    buf.cap = cap;
+  }
+  return buf.p;
 }
 
 const std::string& ActiveIsaName() { return AllIsas()[ActiveIsaIndex()]; }

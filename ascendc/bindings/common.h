@@ -46,6 +46,11 @@ const Table* Kernels(const char* symbol) {
 
 // ---- host runtime ------------------------------------------------------------------------------------------
 OmniRuntime Runtime();
+// Scratch memory for one kernel call, 64-byte aligned, reused across calls of the calling thread (grown when a
+// call needs more). A fresh allocation per call of a large workspace is mmap'ed by malloc and page-faulted in
+// on every call: at prefill sizes (100+ MiB for fused_moe) that costs more than the kernel. Valid until the
+// next Workspace call on this thread.
+void* Workspace(int64_t bytes);
 
 // ---- argument checks ---------------------------------------------------------------------------------------
 [[noreturn]] void ValueError(const std::string& msg);

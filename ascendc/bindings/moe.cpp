@@ -226,7 +226,6 @@ void GroupedGemm(at::Tensor out, const at::Tensor& x, const at::Tensor& w, const
     return;
   }
   OmniGroupedGemmArgs a{x.data_ptr(), w.data_ptr(), o, out.data_ptr(), x.stride(0), out.stride(0), M, Kd, N, E, dt};
-  at::Tensor ws;
   if (w_tiles.has_value()) {
     CheckTilesSupported("grouped_gemm");
     if (dt != OMNI_BF16) TypeError("grouped_gemm: tiled weights are bfloat16; x_sorted is " + DtypeName(x.scalar_type()));
@@ -235,8 +234,7 @@ void GroupedGemm(at::Tensor out, const at::Tensor& x, const at::Tensor& w, const
     a.w = w_tiles->data_ptr();
     a.w_layout = OMNI_W_TILES_BF16;
     const int64_t bytes = K()->grouped_gemm_workspace(&a);
-    ws = at::empty({bytes + 64}, x.options().dtype(at::kByte));
-    a.workspace = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(ws.data_ptr()) + 63) & ~uintptr_t{63});
+    a.workspace = Workspace(bytes);
     a.workspace_bytes = bytes;
   }
   OmniRuntime rt = Runtime();
@@ -358,9 +356,7 @@ void FusedMoe(at::Tensor out, const at::Tensor& hidden, const at::Tensor& w13, c
     a.w_layout = OMNI_W_TILES_BF16;
   }
   const int64_t bytes = K()->fused_moe_workspace(&a);
-  at::Tensor ws = at::empty({bytes + 64}, hidden.options().dtype(at::kByte));
-  const uintptr_t base = reinterpret_cast<uintptr_t>(ws.data_ptr());
-  a.workspace = reinterpret_cast<void*>((base + 63) & ~uintptr_t{63});
+  a.workspace = Workspace(bytes);
   a.workspace_bytes = bytes;
   OmniRuntime rt = Runtime();
   K()->fused_moe(&a, &rt);

@@ -35,7 +35,6 @@ constexpr int64_t kTN = 16;          // weight columns (output features) per B t
 constexpr int64_t kTK = 32;          // bf16 K elements per tile row (64 bytes)
 constexpr int64_t kTileElems = 512;  // bf16 elements per packed B tile (1 KiB)
 constexpr int64_t kTM = 16;          // rows per A / C tile
-constexpr int64_t kRowSlack = 2 * kTM;  // readable rows past the last real one (a partial A block reads them)
 
 #if defined(OMNI_HAVE_AMX_TILES)
 constexpr bool kHaveTiles = true;
@@ -65,11 +64,18 @@ inline void Release() { _tile_release(); }
 #endif
 constexpr int64_t kPrefetchTiles = OMNI_AMX_PREFETCH;
 
-// C[32][32] fp32 (row stride 32) (+)= rows 0-15 (and 16-31 when kRows2) of A times B column blocks b0 (C
-// columns 0-15) and b1 (16-31) over K tiles [kb0, kb1). A: bf16 rows `lda` elements apart, K zero-padded to
-// whole tiles; b0/b1: contiguous packed tiles. `first`: start from zero instead of loading C.
+// A operands are staged "blocked": 16-row blocks, each a run of K tiles [kb][16 rows][32 bf16], so every A tile
+// load reads one contiguous 1 KiB (row stride 64 B). Rows `lda` apart in a plain matrix would put a tile's 16
+// rows 4-8 KiB apart, all in the same L1 set, and thrash it at prefill.
+OMNI_INLINE int64_t BlockedAt(int64_t row, int64_t k, int64_t kb_n) {
+  return ((row / kTM) * kb_n + k / kTK) * kTileElems + (row % kTM) * kTK + k % kTK;
+}
+
+// C[32][32] fp32 (row stride 32) (+)= A row block 0 (and 1 when kRows2) times B column blocks b0 (C columns
+// 0-15) and b1 (16-31) over K tiles [kb0, kb1). A: blocked, `a_blk` elements from one 16-row block to the next;
+// b0/b1: contiguous packed tiles. `first`: start from zero instead of loading C.
 template <bool kRows2>
-OMNI_INLINE void TileDot(const uint16_t* a, int64_t lda, const uint16_t* b0, const uint16_t* b1, int64_t kb0,
+OMNI_INLINE void TileDot(const uint16_t* a, int64_t a_blk, const uint16_t* b0, const uint16_t* b1, int64_t kb0,
                          int64_t kb1, float* c, bool first) {
   if (first) {
     _tile_zero(0);
@@ -86,8 +92,7 @@ OMNI_INLINE void TileDot(const uint16_t* a, int64_t lda, const uint16_t* b0, con
       _tile_loadd(3, c + 16 * 32 + 16, 128);
     }
   }
-  const int64_t sa = lda * 2;
-  const uint16_t* a1 = a + kTM * lda;
+  const uint16_t* a1 = a + a_blk;
   for (int64_t kb = kb0; kb < kb1; ++kb) {
     if (kPrefetchTiles > 0 && kb + kPrefetchTiles < kb1) {
       // Weights stream from memory once (decode): a tile load stalls on its 16 lines, so ask for the tiles a
@@ -101,11 +106,11 @@ OMNI_INLINE void TileDot(const uint16_t* a, int64_t lda, const uint16_t* b0, con
     }
     _tile_loadd(6, b0 + kb * kTileElems, 64);
     _tile_loadd(7, b1 + kb * kTileElems, 64);
-    _tile_loadd(4, a + kb * kTK, sa);
+    _tile_loadd(4, a + kb * kTileElems, 64);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
     if (kRows2) {
-      _tile_loadd(5, a1 + kb * kTK, sa);
+      _tile_loadd(5, a1 + kb * kTileElems, 64);
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
@@ -121,22 +126,23 @@ OMNI_INLINE void TileDot(const uint16_t* a, int64_t lda, const uint16_t* b0, con
 constexpr int64_t kMaxRowBlocks = 8;  // 32-row blocks per TileRows call (callers' chunks are <= 256 rows)
 // K tiles per pass when several row blocks share the B tiles: 2 x 8 KiB of B then stay in L1 while every row
 // block passes over them (C is stored and reloaded between passes, 8 KiB per block), instead of re-reading
-// B from L2 for each block; with A also from L2 the 2x2 tile kernel would be L2-bandwidth bound.
+// B from L2 for each block.
 constexpr int64_t kKPass = 8;
 
-// C[rb][32][32] for the 32-row blocks rb of `rows` (1..256) rows of A against b0/b1 over kb_n K tiles.
-OMNI_INLINE void TileRows(const uint16_t* a, int64_t lda, int64_t rows, const uint16_t* b0, const uint16_t* b1,
-                          int64_t kb_n, float* c) {
-  const int64_t nrb = (rows + 31) / 32;
+// C[rb][32][32] for the 32-row blocks rb of `rows` (1..256) blocked rows of A (starting at a 16-row block)
+// against b0/b1 over kb_n K tiles.
+OMNI_INLINE void TileRows(const uint16_t* a, int64_t kb_n, int64_t rows, const uint16_t* b0, const uint16_t* b1,
+                          float* c) {
+  const int64_t nrb = (rows + 31) / 32, a_blk = kb_n * kTileElems;
   const int64_t pass = nrb == 1 ? kb_n : kKPass;
   for (int64_t k0 = 0; k0 < kb_n; k0 += pass) {
     const int64_t k1 = k0 + pass < kb_n ? k0 + pass : kb_n;
     for (int64_t rb = 0; rb < nrb; ++rb) {
-      const uint16_t* ar = a + rb * 32 * lda;
+      const uint16_t* ar = a + 2 * rb * a_blk;
       if (rows - rb * 32 > kTM) {
-        TileDot<true>(ar, lda, b0, b1, k0, k1, c + rb * 1024, k0 == 0);
+        TileDot<true>(ar, a_blk, b0, b1, k0, k1, c + rb * 1024, k0 == 0);
       } else {
-        TileDot<false>(ar, lda, b0, b1, k0, k1, c + rb * 1024, k0 == 0);
+        TileDot<false>(ar, a_blk, b0, b1, k0, k1, c + rb * 1024, k0 == 0);
       }
     }
   }
@@ -169,29 +175,52 @@ OMNI_INLINE void SiluMulBf16(const float* g, const float* u, int64_t n, uint16_t
   const __m512 y = _mm512_mul_ps(_mm512_div_ps(gv, den), uv);
   _mm256_mask_storeu_epi16(dst, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(y)));
 }
+// Stage the sorted rows [offsets[e], offsets[e + 1]) of every expert, row r read from src_row(r) (k elements),
+// blocked (BlockedAt) at padded row padded[e] + (r - offsets[e]); K padding and padding rows are zero. One
+// masked 64-byte load + aligned store per tile row.
+template <typename RowFn>
+inline void StageBlocked(uint16_t* dst, const int64_t* offsets, const int64_t* padded, int64_t E, int64_t k,
+                         RowFn src_row, const OmniRuntime* rt) {
+  const int64_t kb_n = (k + kTK - 1) / kTK, blocks = padded[E] / kTM;
+  const int64_t tail = k - (kb_n - 1) * kTK;
+  const __mmask32 tail_mask = tail >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << tail) - 1);
+  auto body = [&]() {
+    int64_t b0, b1;
+    BlockRange(blocks, GetBlockIdx(), GetBlockNum(), &b0, &b1);
+    int64_t e = 0;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t prow0 = b * kTM;
+      while (padded[e + 1] <= prow0) ++e;  // the expert owning this block (blocks never straddle experts)
+      uint16_t* blk = dst + b * kb_n * kTileElems;
+      for (int64_t i = 0; i < kTM; ++i) {
+        const int64_t r = offsets[e] + (prow0 + i - padded[e]);
+        uint16_t* d = blk + i * kTK;
+        if (r >= offsets[e + 1]) {
+          for (int64_t kb = 0; kb < kb_n; ++kb) _mm512_store_si512(d + kb * kTileElems, _mm512_setzero_si512());
+          continue;
+        }
+        const uint16_t* s = src_row(r);
+        for (int64_t kb = 0; kb + 1 < kb_n; ++kb)
+          _mm512_store_si512(d + kb * kTileElems, _mm512_loadu_si512(s + kb * kTK));
+        _mm512_store_si512(d + (kb_n - 1) * kTileElems, _mm512_maskz_loadu_epi16(tail_mask, s + (kb_n - 1) * kTK));
+      }
+    }
+  };
+  LaunchBlocks(BlocksFor(blocks, kTM * kb_n * 64, rt), rt, body);
+}
+
 #else
 constexpr bool kHaveTiles = false;
 #endif
 
-// Stage rows of a bf16 matrix into a tile-readable buffer: dst row r = src row idx(r) (n elements), zero
-// padded to np; rows [rows, rows + kRowSlack) are zeroed too (partial A blocks read them).
-template <typename RowFn>
-inline void StageRows(uint16_t* dst, int64_t rows, int64_t n, int64_t np, RowFn src_row, const OmniRuntime* rt) {
-  auto body = [&]() {
-    int64_t r0, r1;
-    BlockRange(rows + kRowSlack, GetBlockIdx(), GetBlockNum(), &r0, &r1);
-    for (int64_t r = r0; r < r1; ++r) {
-      uint16_t* d = dst + r * np;
-      if (r < rows) {
-        CopyBytes(d, src_row(r), n * 2);
-        std::memset(d + n, 0, static_cast<size_t>(np - n) * 2);
-      } else {
-        std::memset(d, 0, static_cast<size_t>(np) * 2);
-      }
-    }
-  };
-  LaunchBlocks(BlocksFor(rows + kRowSlack, 4 * np, rt), rt, body);
+// Expert e's rows start at a 16-row block in the staged operands: padded[e] = sum over e' < e of
+// AlignUp(rows(e'), 16). Returns the total padded row count (<= rows + 15 * min(E, rows)).
+inline int64_t PadOffsets(const int64_t* offsets, int64_t E, int64_t* padded) {
+  padded[0] = 0;
+  for (int64_t e = 0; e < E; ++e) padded[e + 1] = padded[e] + AlignUp(offsets[e + 1] - offsets[e], kTM);
+  return padded[E];
 }
+OMNI_INLINE int64_t PaddedRowsBound(int64_t rows, int64_t E) { return rows + (kTM - 1) * (E < rows ? E : rows); }
 
 // Dynamic item loop with the tile configuration loaded once per block and released at its end.
 template <typename ItemFn>

@@ -20,14 +20,15 @@ inline namespace OMNI_ISA_NS {
 namespace moe {
 
 // Workspace carve-up (every part 64-byte aligned).
-// With tiled weights the activations are staged tile-readable: act rows are padded to 32 elements (act_ld)
-// and both act and the gathered tokens xs [rows, xs_ld] have kRowSlack spare rows.
+// With tiled weights the A operands (gathered tokens xs, activations act) are staged blocked for the tiles
+// (see amx_tiles.h): every expert's rows padded to 16, K to 32 (act_ld, xs_ld); `padded` holds the experts'
+// padded row offsets.
 struct FusedMoeLayout {
-  int64_t offsets, items1, items2, pair_row, row_token, act, ybuf, xs, act_ld, xs_ld, total;
+  int64_t offsets, items1, items2, pair_row, row_token, act, ybuf, xs, padded, act_ld, xs_ld, total;
   FusedMoeLayout(const OmniFusedMoeArgs& a, int64_t elem_size) {
     const int64_t E = a.num_experts, P = a.tokens * a.top_k;
     const bool tiles = a.w_layout == OMNI_W_TILES_BF16;
-    const int64_t slack = tiles ? 32 : 0;
+    const int64_t arows = tiles ? P + 15 * std::min(E, P) : P;
     act_ld = tiles ? AlignUp(a.inter_size, 32) : a.inter_size;
     xs_ld = tiles ? AlignUp(a.hidden_size, 32) : 0;
     int64_t at = 0;
@@ -41,9 +42,10 @@ struct FusedMoeLayout {
     items2 = take((E + 1) * 8);
     pair_row = take(P * 4);
     row_token = take(P * 4);
-    act = take((P + slack) * act_ld * elem_size);
+    act = take(arows * act_ld * elem_size);
     ybuf = take(P * a.hidden_size * 4);
-    xs = take(tiles ? (P + slack) * xs_ld * elem_size : 0);
+    xs = take(arows * xs_ld * elem_size);
+    padded = take((E + 1) * 8);
     total = at;
   }
 };

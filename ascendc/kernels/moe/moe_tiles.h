@@ -2,14 +2,13 @@
 //
 // Same steps and numerics as the row-major kernels (fused_moe.h, moe_ops.h): fp32 accumulation, the SwiGLU
 // activation rounded once to bf16, the down projection kept in fp32 until the weighted combine rounds once.
-// What differs is the operand staging the tiles need:
-//   * tokens are gathered once into xs [rows + slack, AlignUp(H, 32)] in expert order (zero K padding, since
-//     the padded weight columns are 0 and 0 * NaN would not be), so A tiles load straight from it;
-//   * the activation buffer rows are padded to 32 elements for the same reason.
-// Work items are (expert, chunk of up to kChunk rows, column block pair): the item streams its weight tiles once
-// from memory and reuses them from L2 for each 32-row block of the chunk. At decode (a few rows per expert)
-// that is one pass over each hit expert's weights, so the kernel runs at memory bandwidth; at prefill the
-// tiles do 16x16x32 MACs per instruction.
+// What differs is the operand staging the tiles need: the tokens are gathered once in expert order and the
+// activations written, both blocked (amx_tiles.h: every expert's rows start a 16-row block, K zero-padded to
+// whole tiles since the padded weight columns are 0 and 0 * NaN would not be).
+// Work items are (expert, chunk of up to kChunk rows, column block pair): the item streams its weight tiles
+// once from memory and reuses them for each 32-row block of the chunk. At decode (a few rows per expert) that
+// is one pass over each hit expert's weights, so the kernel runs at memory bandwidth; at prefill the tiles do
+// 16x16x32 MACs per instruction.
 #pragma once
 #include <algorithm>
 
@@ -22,23 +21,24 @@ namespace omni_kernels {
 inline namespace OMNI_ISA_NS {
 namespace moe {
 
+#if defined(OMNI_HAVE_AMX_TILES)
 constexpr int64_t kChunk = 32 * amx::kMaxRowBlocks;  // rows per item: one weight pass per 256 rows of an expert
 
-#if defined(OMNI_HAVE_AMX_TILES)
-// Item i of an expert with `rows` rows and `cols` column-block pairs -> (first row, rows, column pair).
+// Item `local` of expert e (rows [row0, row0 + rows), padded rows from prow0) with `cols` column-block pairs.
 struct ChunkItem {
-  int64_t r0, mrows, col;
+  int64_t r0, prow0, mrows, col;
 };
-OMNI_INLINE ChunkItem SplitItem(int64_t local, int64_t row_begin, int64_t rows, int64_t cols) {
-  const int64_t chunk = local / cols;  // all column blocks of a chunk are adjacent: they share A in L2
-  const int64_t r0 = row_begin + chunk * kChunk;
-  return {r0, std::min<int64_t>(kChunk, row_begin + rows - r0), local % cols};
+OMNI_INLINE ChunkItem SplitItem(int64_t local, int64_t row0, int64_t prow0, int64_t rows, int64_t cols) {
+  const int64_t chunk = local / cols;  // all column pairs of a chunk are adjacent: they share A in cache
+  const int64_t off = chunk * kChunk;
+  return {row0 + off, prow0 + off, std::min<int64_t>(kChunk, rows - off), local % cols};
 }
 
 inline void FusedMoeTilesRun(const OmniFusedMoeArgs& a, const OmniRuntime* rt) {
   const FusedMoeLayout L(a, 2);
   unsigned char* ws = static_cast<unsigned char*>(a.workspace);
   int64_t* offsets = reinterpret_cast<int64_t*>(ws + L.offsets);
+  int64_t* padded = reinterpret_cast<int64_t*>(ws + L.padded);
   int64_t* items1 = reinterpret_cast<int64_t*>(ws + L.items1);
   int64_t* items2 = reinterpret_cast<int64_t*>(ws + L.items2);
   int32_t* pair_row = reinterpret_cast<int32_t*>(ws + L.pair_row);
@@ -47,13 +47,12 @@ inline void FusedMoeTilesRun(const OmniFusedMoeArgs& a, const OmniRuntime* rt) {
   uint16_t* xs = reinterpret_cast<uint16_t*>(ws + L.xs);
   float* ybuf = reinterpret_cast<float*>(ws + L.ybuf);
   const int64_t E = a.num_experts, H = a.hidden_size, I = a.inter_size;
-  const int64_t xld = L.xs_ld, ald = L.act_ld;
   const int64_t nbi = CeilDiv(I, amx::kTN), nbh = CeilDiv(H, amx::kTN);
-  const int64_t kbh = xld / amx::kTK, kbi = ald / amx::kTK;
+  const int64_t kbh = L.xs_ld / amx::kTK, kbi = L.act_ld / amx::kTK;
   const int64_t pairs_h = CeilDiv(nbh, 2);
 
   RouteSort(a, offsets, pair_row, row_token, items1);
-  const int64_t rows = offsets[E];
+  const int64_t prows = amx::PadOffsets(offsets, E, padded);
   items1[0] = items2[0] = 0;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t chunks = CeilDiv(offsets[e + 1] - offsets[e], kChunk);
@@ -61,10 +60,12 @@ inline void FusedMoeTilesRun(const OmniFusedMoeArgs& a, const OmniRuntime* rt) {
     items2[e + 1] = items2[e] + chunks * pairs_h;
   }
   const uint16_t* x = static_cast<const uint16_t*>(a.hidden);
-  amx::StageRows(xs, rows, H, xld, [&](int64_t r) { return x + row_token[r] * a.hidden_stride; }, rt);
-  if (ald != I) {  // the K padding of the down projection's A operand
-    for (int64_t r = 0; r < rows + amx::kRowSlack; ++r)
-      std::memset(act + r * ald + I, 0, static_cast<size_t>(ald - I) * 2);
+  amx::StageBlocked(xs, offsets, padded, E, H, [&](int64_t r) { return x + row_token[r] * a.hidden_stride; }, rt);
+  // The activations' K padding must be 0 (the last K tile of every block). Padding rows may hold anything:
+  // a tile row of C depends only on its own A row, and those C rows are dropped.
+  if (L.act_ld != I) {
+    for (int64_t b = 0; b < prows / amx::kTM; ++b)
+      std::memset(act + (b * kbi + kbi - 1) * amx::kTileElems, 0, amx::kTileElems * 2);
   }
   const uint16_t* w13 = static_cast<const uint16_t*>(a.w13);
   const uint16_t* w2 = static_cast<const uint16_t*>(a.w2);
@@ -75,30 +76,30 @@ inline void FusedMoeTilesRun(const OmniFusedMoeArgs& a, const OmniRuntime* rt) {
     const int64_t mat = nbi * kbh * amx::kTileElems;  // one [I, H] matrix
     auto item = [&](int64_t it) {
       const int64_t e = map.Expert(it);
-      const ChunkItem c = SplitItem(it - items1[e], offsets[e], offsets[e + 1] - offsets[e], nbi);
+      const ChunkItem c = SplitItem(it - items1[e], offsets[e], padded[e], offsets[e + 1] - offsets[e], nbi);
       const uint16_t* g = w13 + (2 * e) * mat + c.col * kbh * amx::kTileElems;
       const uint16_t* u = g + mat;
       alignas(64) float C[kChunk * 32];
       const int64_t i0 = c.col * amx::kTN, ni = std::min<int64_t>(amx::kTN, I - i0);
-      amx::TileRows(xs + c.r0 * xld, xld, c.mrows, g, u, kbh, C);
+      amx::TileRows(xs + (c.prow0 / amx::kTM) * kbh * amx::kTileElems, kbh, c.mrows, g, u, C);
       for (int64_t m = 0; m < c.mrows; ++m)
-        amx::SiluMulBf16(C + m * 32, C + m * 32 + 16, ni, act + (c.r0 + m) * ald + i0);
+        amx::SiluMulBf16(C + m * 32, C + m * 32 + 16, ni, act + amx::BlockedAt(c.prow0 + m, i0, kbi));
     };
     amx::RunTileItems(items1[E], 2 * kbh * 1024, rt, item);
   }
 
-  // ---- down: B tiles = output column blocks 2p, 2p + 1 of W2[e]; fp32 into ybuf ----
+  // ---- down: B tiles = output column blocks 2p, 2p + 1 of W2[e]; fp32 into ybuf (unpadded rows) ----
   {
     const ItemMap map{items2, E};
     const int64_t mat = nbh * kbi * amx::kTileElems;
     auto item = [&](int64_t it) {
       const int64_t e = map.Expert(it);
-      const ChunkItem c = SplitItem(it - items2[e], offsets[e], offsets[e + 1] - offsets[e], pairs_h);
+      const ChunkItem c = SplitItem(it - items2[e], offsets[e], padded[e], offsets[e + 1] - offsets[e], pairs_h);
       const uint16_t* b0 = w2 + e * mat + (2 * c.col) * kbi * amx::kTileElems;
       const uint16_t* b1 = 2 * c.col + 1 < nbh ? b0 + kbi * amx::kTileElems : b0;
       alignas(64) float C[kChunk * 32];
       const int64_t h0 = 2 * c.col * amx::kTN, nh = std::min<int64_t>(2 * amx::kTN, H - h0);
-      amx::TileRows(act + c.r0 * ald, ald, c.mrows, b0, b1, kbi, C);
+      amx::TileRows(act + (c.prow0 / amx::kTM) * kbi * amx::kTileElems, kbi, c.mrows, b0, b1, C);
       for (int64_t m = 0; m < c.mrows; ++m)
         std::memcpy(ybuf + (c.r0 + m) * H + h0, C + m * 32, static_cast<size_t>(nh) * sizeof(float));
     };
@@ -109,9 +110,10 @@ inline void FusedMoeTilesRun(const OmniFusedMoeArgs& a, const OmniRuntime* rt) {
 }
 
 // grouped_gemm on tiled weights: out[r] = bf16(x[r] . W[e]^T), rows of no expert zero.
+// Workspace: padded offsets [E + 1], item prefix [E + 1], blocked x.
 inline int64_t GroupedGemmTilesWorkspace(const OmniGroupedGemmArgs& a) {
   const int64_t E = a.num_experts;
-  return AlignUp((E + 1) * 8, 64) + (a.rows + amx::kRowSlack) * AlignUp(a.k_dim, 32) * 2;
+  return 2 * AlignUp((E + 1) * 8, 64) + amx::PaddedRowsBound(a.rows, E) * AlignUp(a.k_dim, 32) * 2;
 }
 
 inline void GroupedGemmTilesRun(const OmniGroupedGemmArgs& a, const OmniRuntime* rt) {
@@ -121,13 +123,13 @@ inline void GroupedGemmTilesRun(const OmniGroupedGemmArgs& a, const OmniRuntime*
   for (int64_t r = 0; r < off[0]; ++r) std::memset(out + r * a.out_stride, 0, static_cast<size_t>(N) * 2);
   for (int64_t r = off[E]; r < a.rows; ++r) std::memset(out + r * a.out_stride, 0, static_cast<size_t>(N) * 2);
   unsigned char* ws = static_cast<unsigned char*>(a.workspace);
-  int64_t* prefix = reinterpret_cast<int64_t*>(ws);
-  const int64_t xld = AlignUp(K, 32), kb_n = xld / amx::kTK, nb = CeilDiv(N, amx::kTN), pairs = CeilDiv(nb, 2);
-  // Staged rows are those of x from off[0]: xs row j = x row off[0] + j.
-  uint16_t* xs = reinterpret_cast<uint16_t*>(ws + AlignUp((E + 1) * 8, 64));
+  int64_t* padded = reinterpret_cast<int64_t*>(ws);
+  int64_t* prefix = reinterpret_cast<int64_t*>(ws + AlignUp((E + 1) * 8, 64));
+  uint16_t* xs = reinterpret_cast<uint16_t*>(ws + 2 * AlignUp((E + 1) * 8, 64));
+  const int64_t kb_n = CeilDiv(K, amx::kTK), nb = CeilDiv(N, amx::kTN), pairs = CeilDiv(nb, 2);
+  amx::PadOffsets(off, E, padded);  // padded[e] counts from off[0]: rows before it belong to no expert
   const uint16_t* x = static_cast<const uint16_t*>(a.x);
-  const int64_t base = off[0];
-  amx::StageRows(xs, off[E] - base, K, xld, [&](int64_t r) { return x + (base + r) * a.x_stride; }, rt);
+  amx::StageBlocked(xs, off, padded, E, K, [&](int64_t r) { return x + r * a.x_stride; }, rt);
   prefix[0] = 0;
   for (int64_t e = 0; e < E; ++e) prefix[e + 1] = prefix[e] + CeilDiv(off[e + 1] - off[e], kChunk) * pairs;
   const uint16_t* w = static_cast<const uint16_t*>(a.w);
@@ -135,12 +137,12 @@ inline void GroupedGemmTilesRun(const OmniGroupedGemmArgs& a, const OmniRuntime*
   const ItemMap map{prefix, E};
   auto item = [&](int64_t it) {
     const int64_t e = map.Expert(it);
-    const ChunkItem c = SplitItem(it - prefix[e], off[e], off[e + 1] - off[e], pairs);
+    const ChunkItem c = SplitItem(it - prefix[e], off[e], padded[e], off[e + 1] - off[e], pairs);
     const uint16_t* b0 = w + e * mat + (2 * c.col) * kb_n * amx::kTileElems;
     const uint16_t* b1 = 2 * c.col + 1 < nb ? b0 + kb_n * amx::kTileElems : b0;
     alignas(64) float C[kChunk * 32];
     const int64_t n0 = 2 * c.col * amx::kTN, nn = std::min<int64_t>(2 * amx::kTN, N - n0);
-    amx::TileRows(xs + (c.r0 - base) * xld, xld, c.mrows, b0, b1, kb_n, C);
+    amx::TileRows(xs + (c.prow0 / amx::kTM) * kb_n * amx::kTileElems, kb_n, c.mrows, b0, b1, C);
     for (int64_t m = 0; m < c.mrows; ++m) {
       bfloat16_t* o = reinterpret_cast<bfloat16_t*>(out + (c.r0 + m) * a.out_stride + n0);
       for (int64_t n = 0; n < nn; ++n) o[n] = FromFloat<bfloat16_t>(C[m * 32 + n]);
