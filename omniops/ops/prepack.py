@@ -68,7 +68,10 @@ def _cached(w: Tensor, tag: str, pack) -> Tensor:
             return packed
     with torch.no_grad():
         packed = pack(w.detach())
-    _cache[key] = (weakref.ref(w, lambda _r, k=key: _cache.pop(k, None)), w._version, packed)
+    # Reference the tensor that owns the memory: callers often pass a fresh view (``W[None]``, ``W.t().t()``)
+    # per call, which would die (and drop the entry) right after the call.
+    owner = w._base if w._base is not None else w
+    _cache[key] = (weakref.ref(owner, lambda _r, k=key: _cache.pop(k, None)), w._version, packed)
     return packed
 
 
