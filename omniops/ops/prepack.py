@@ -29,6 +29,7 @@ from torch import Tensor
 from omniops import _ext
 
 _TILES_BF16 = 1 << 1  # bit of OMNI_W_TILES_BF16 in the library's weight_layouts
+_TILES_I8 = 1 << 2  # bit of OMNI_W_TILES_I8 in the quantized-GEMM library's weight_layouts
 _cache: dict[tuple, tuple[weakref.ref, int, Tensor]] = {}
 
 
@@ -45,6 +46,30 @@ def pack_bf16_tiles(w: Tensor) -> Tensor:
     # [B, nb, n(16), kb, k2(16), p(2)] -> [B, nb, kb, k2, n, p]
     t = w.reshape(B, nb, 16, kb, 16, 2).permute(0, 1, 3, 4, 2, 5)
     return t.contiguous().view(B, nb, kb, 512)
+
+
+def pack_i8_tiles(w: Tensor) -> Tensor:
+    """``[N, K]`` int8 -> ``[ceil(N/16), ceil(K/64), 1024]`` for AMX tdpbssd: element ``[nb][kb][k4][n][p] =
+    w[16 nb + n][64 kb + 4 k4 + p]``, zero-padded (OMNI_W_TILES_I8). Pure torch."""
+    if w.dtype != torch.int8 or w.dim() != 2:
+        raise ValueError(f"pack_i8_tiles: expected a 2-D int8 tensor [N, K], got {w.dtype} {list(w.shape)}")
+    N, K = w.shape
+    n_pad, k_pad = -N % 16, -K % 64
+    if n_pad or k_pad:
+        w = F.pad(w, (0, k_pad, 0, n_pad))
+    nb, kb = (N + n_pad) // 16, (K + k_pad) // 64
+    t = w.reshape(nb, 16, kb, 16, 4).permute(0, 2, 3, 1, 4)  # [nb, kb, k4, n, p]
+    return t.contiguous().view(nb, kb, 1024)
+
+
+def i8_tiles(w_q: Tensor) -> Tensor | None:
+    """The cached AMX-INT8 tiles of a W8A8 weight ``[N, K]`` (packed on first use), or None where the active
+    library does not take them."""
+    C = _ext.cpp()
+    if (w_q.dtype != torch.int8 or C is None or os.environ.get("OMNI_TILES", "1") == "0"
+            or not C.w8a8_tile_layouts() & _TILES_I8):
+        return None
+    return _cached(w_q, "i8", pack_i8_tiles)
 
 
 def tiles_active() -> bool:

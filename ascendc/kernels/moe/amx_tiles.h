@@ -18,7 +18,7 @@
 
 #include "host/kernel_operator.h"
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__)
 // GCC 12's AVX-512 headers start some intrinsics from _mm512_undefined_ps(), which -Wmaybe-uninitialized
 // reports at every use; the values are fully written.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -35,6 +35,7 @@ constexpr int64_t kTN = 16;          // weight columns (output features) per B t
 constexpr int64_t kTK = 32;          // bf16 K elements per tile row (64 bytes)
 constexpr int64_t kTileElems = 512;  // bf16 elements per packed B tile (1 KiB)
 constexpr int64_t kTM = 16;          // rows per A / C tile
+constexpr int64_t kMaxRowBlocks = 8;  // 32-row blocks per TileRows call (callers' chunks are <= 256 rows)
 
 #if defined(OMNI_HAVE_AMX_TILES)
 constexpr bool kHaveTiles = true;
@@ -74,7 +75,9 @@ OMNI_INLINE int64_t BlockedAt(int64_t row, int64_t k, int64_t kb_n) {
 // C[32][32] fp32 (row stride 32) (+)= A row block 0 (and 1 when kRows2) times B column blocks b0 (C columns
 // 0-15) and b1 (16-31) over K tiles [kb0, kb1). A: blocked, `a_blk` elements from one 16-row block to the next;
 // b0/b1: contiguous packed tiles. `first`: start from zero instead of loading C.
-template <bool kRows2>
+// kI8: int8 operands (tdpbssd: s8 x s8 -> s32, 64 K per tile row, C holds int32), else bf16 (tdpbf16ps). Both
+// use 1 KiB tiles; pointers are to 16-bit units either way (a K tile is 512 of them).
+template <bool kRows2, bool kI8 = false>
 OMNI_INLINE void TileDot(const uint16_t* a, int64_t a_blk, const uint16_t* b0, const uint16_t* b1, int64_t kb0,
                          int64_t kb1, float* c, bool first) {
   if (first) {
@@ -107,12 +110,22 @@ OMNI_INLINE void TileDot(const uint16_t* a, int64_t a_blk, const uint16_t* b0, c
     _tile_loadd(6, b0 + kb * kTileElems, 64);
     _tile_loadd(7, b1 + kb * kTileElems, 64);
     _tile_loadd(4, a + kb * kTileElems, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
+    if constexpr (kI8) {
+      _tile_dpbssd(0, 4, 6);
+      _tile_dpbssd(1, 4, 7);
+    } else {
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+    }
     if (kRows2) {
       _tile_loadd(5, a1 + kb * kTileElems, 64);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
+      if constexpr (kI8) {
+        _tile_dpbssd(2, 5, 6);
+        _tile_dpbssd(3, 5, 7);
+      } else {
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
     }
   }
   _tile_stored(0, c, 128);
@@ -123,7 +136,6 @@ OMNI_INLINE void TileDot(const uint16_t* a, int64_t a_blk, const uint16_t* b0, c
   }
 }
 
-constexpr int64_t kMaxRowBlocks = 8;  // 32-row blocks per TileRows call (callers' chunks are <= 256 rows)
 // K tiles per pass when several row blocks share the B tiles: 2 x 8 KiB of B then stay in L1 while every row
 // block passes over them (C is stored and reloaded between passes, 8 KiB per block), instead of re-reading
 // B from L2 for each block.
@@ -131,6 +143,7 @@ constexpr int64_t kKPass = 8;
 
 // C[rb][32][32] for the 32-row blocks rb of `rows` (1..256) blocked rows of A (starting at a 16-row block)
 // against b0/b1 over kb_n K tiles.
+template <bool kI8 = false>
 OMNI_INLINE void TileRows(const uint16_t* a, int64_t kb_n, int64_t rows, const uint16_t* b0, const uint16_t* b1,
                           float* c) {
   const int64_t nrb = (rows + 31) / 32, a_blk = kb_n * kTileElems;
@@ -140,9 +153,9 @@ OMNI_INLINE void TileRows(const uint16_t* a, int64_t kb_n, int64_t rows, const u
     for (int64_t rb = 0; rb < nrb; ++rb) {
       const uint16_t* ar = a + 2 * rb * a_blk;
       if (rows - rb * 32 > kTM) {
-        TileDot<true>(ar, a_blk, b0, b1, k0, k1, c + rb * 1024, k0 == 0);
+        TileDot<true, kI8>(ar, a_blk, b0, b1, k0, k1, c + rb * 1024, k0 == 0);
       } else {
-        TileDot<false>(ar, a_blk, b0, b1, k0, k1, c + rb * 1024, k0 == 0);
+        TileDot<false, kI8>(ar, a_blk, b0, b1, k0, k1, c + rb * 1024, k0 == 0);
       }
     }
   }
