@@ -19,7 +19,6 @@ weights' memory while the row-major tensor is alive (the kernels take the row-ma
 
 from __future__ import annotations
 
-import os
 import weakref
 
 import torch
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from omniops import _ext
+from omniops._backends import _env
 
 _TILES_BF16 = 1 << 1  # bit of OMNI_W_TILES_BF16 in the library's weight_layouts
 _TILES_I8 = 1 << 2  # bit of OMNI_W_TILES_I8 in the quantized-GEMM library's weight_layouts
@@ -66,7 +66,7 @@ def i8_tiles(w_q: Tensor) -> Tensor | None:
     """The cached AMX-INT8 tiles of a W8A8 weight ``[N, K]`` (packed on first use), or None where the active
     library does not take them."""
     C = _ext.cpp()
-    if (w_q.dtype != torch.int8 or C is None or os.environ.get("OMNI_TILES", "1") == "0"
+    if (w_q.dtype != torch.int8 or C is None or _env("OMNI_TILES") == "0"
             or not C.w8a8_tile_layouts() & _TILES_I8):
         return None
     return _cached(w_q, "i8", pack_i8_tiles)
@@ -75,7 +75,7 @@ def i8_tiles(w_q: Tensor) -> Tensor | None:
 def tiles_active() -> bool:
     """True when the active kernel library takes tiled weights (the amx library) and OMNI_TILES allows it."""
     C = _ext.cpp()
-    return C is not None and os.environ.get("OMNI_TILES", "1") != "0" and bool(C.tile_layouts() & _TILES_BF16)
+    return C is not None and _env("OMNI_TILES") != "0" and bool(C.tile_layouts() & _TILES_BF16)
 
 
 def _key(w: Tensor, tag: str) -> tuple:
@@ -83,6 +83,12 @@ def _key(w: Tensor, tag: str) -> tuple:
 
 
 def _cached(w: Tensor, tag: str, pack) -> Tensor:
+    # The weight object itself carries its tiles (attribute lookup, ~0.1 us): the common case of a parameter
+    # passed as is. Views made per call (W[None]) go through the dict below.
+    attr = "_omni_tiles_" + tag
+    own = getattr(w, attr, None)
+    if own is not None and own[0] == w._version and own[1] == w.data_ptr():
+        return own[2]
     key = _key(w, tag)
     hit = _cache.get(key)
     if hit is not None:
@@ -97,6 +103,8 @@ def _cached(w: Tensor, tag: str, pack) -> Tensor:
     # per call, which would die (and drop the entry) right after the call.
     owner = w._base if w._base is not None else w
     _cache[key] = (weakref.ref(owner, lambda _r, k=key: _cache.pop(k, None)), w._version, packed)
+    if w._base is None:
+        setattr(w, attr, (w._version, w.data_ptr(), packed))
     return packed
 
 
