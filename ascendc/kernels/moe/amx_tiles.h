@@ -64,6 +64,10 @@ inline void Release() { _tile_release(); }
 #define OMNI_AMX_PREFETCH 4
 #endif
 constexpr int64_t kPrefetchTiles = OMNI_AMX_PREFETCH;
+#ifndef OMNI_AMX_PREFETCH_A
+#define OMNI_AMX_PREFETCH_A 0
+#endif
+constexpr bool kPrefetchA = OMNI_AMX_PREFETCH_A;
 
 // A operands are staged "blocked": 16-row blocks, each a run of K tiles [kb][16 rows][32 bf16], so every A tile
 // load reads one contiguous 1 KiB (row stride 64 B). Rows `lda` apart in a plain matrix would put a tile's 16
@@ -77,9 +81,12 @@ OMNI_INLINE int64_t BlockedAt(int64_t row, int64_t k, int64_t kb_n) {
 // b0/b1: contiguous packed tiles. `first`: start from zero instead of loading C.
 // kI8: int8 operands (tdpbssd: s8 x s8 -> s32, 64 K per tile row, C holds int32), else bf16 (tdpbf16ps). Both
 // use 1 KiB tiles; pointers are to 16-bit units either way (a K tile is 512 of them).
+// pf_b: prefetch this pass's weights a few tiles ahead (first row block); pf_next > 0: prefetch the weights
+// pf_next tiles ahead (the next pass) into L2, up to K tile kb_end.
 template <bool kRows2, bool kI8 = false>
 OMNI_INLINE void TileDot(const uint16_t* a, int64_t a_blk, const uint16_t* b0, const uint16_t* b1, int64_t kb0,
-                         int64_t kb1, float* c, bool first) {
+                         int64_t kb1, float* c, bool first, bool pf_b = true, int64_t pf_next = 0,
+                         int64_t kb_end = 0) {
   if (first) {
     _tile_zero(0);
     _tile_zero(1);
@@ -97,14 +104,34 @@ OMNI_INLINE void TileDot(const uint16_t* a, int64_t a_blk, const uint16_t* b0, c
   }
   const uint16_t* a1 = a + a_blk;
   for (int64_t kb = kb0; kb < kb1; ++kb) {
-    if (kPrefetchTiles > 0 && kb + kPrefetchTiles < kb1) {
-      // Weights stream from memory once (decode): a tile load stalls on its 16 lines, so ask for the tiles a
-      // few steps ahead. 16 lines per tile and stream.
-      const char* p0 = reinterpret_cast<const char*>(b0 + (kb + kPrefetchTiles) * kTileElems);
-      const char* p1 = reinterpret_cast<const char*>(b1 + (kb + kPrefetchTiles) * kTileElems);
-      for (int l = 0; l < 1024; l += 64) {
-        _mm_prefetch(p0 + l, _MM_HINT_T0);
-        _mm_prefetch(p1 + l, _MM_HINT_T0);
+    if (kPrefetchTiles > 0 && kb + kPrefetchTiles < kb1 + pf_next) {
+      // A tile load stalls on its 16 lines: ask for the tiles a few steps ahead. The weights (B) come from
+      // memory only on the first row block of an item (later blocks find them in L1); A comes from L2 always.
+      if (pf_b && kb + kPrefetchTiles < kb1) {
+        const char* p0 = reinterpret_cast<const char*>(b0 + (kb + kPrefetchTiles) * kTileElems);
+        const char* p1 = reinterpret_cast<const char*>(b1 + (kb + kPrefetchTiles) * kTileElems);
+        for (int l = 0; l < 1024; l += 64) {
+          _mm_prefetch(p0 + l, _MM_HINT_T0);
+          _mm_prefetch(p1 + l, _MM_HINT_T0);
+        }
+      }
+      if (pf_next > 0 && kb + pf_next < kb_end) {
+        // The next K pass's weights, into L2 while this pass computes from L1: otherwise each pass's first row
+        // block waits on memory (a pass consumes 32 B/cycle of weights, beyond one core's memory bandwidth).
+        const char* p0 = reinterpret_cast<const char*>(b0 + (kb + pf_next) * kTileElems);
+        const char* p1 = reinterpret_cast<const char*>(b1 + (kb + pf_next) * kTileElems);
+        for (int l = 0; l < 1024; l += 64) {
+          _mm_prefetch(p0 + l, _MM_HINT_T1);
+          _mm_prefetch(p1 + l, _MM_HINT_T1);
+        }
+      }
+      if (kPrefetchA) {
+        const char* q0 = reinterpret_cast<const char*>(a + (kb + kPrefetchTiles) * kTileElems);
+        const char* q1 = reinterpret_cast<const char*>(a1 + (kb + kPrefetchTiles) * kTileElems);
+        for (int l = 0; l < 1024; l += 64) {
+          _mm_prefetch(q0 + l, _MM_HINT_T0);
+          if (kRows2) _mm_prefetch(q1 + l, _MM_HINT_T0);
+        }
       }
     }
     _tile_loadd(6, b0 + kb * kTileElems, 64);
@@ -136,10 +163,10 @@ OMNI_INLINE void TileDot(const uint16_t* a, int64_t a_blk, const uint16_t* b0, c
   }
 }
 
-// K tiles per pass when several row blocks share the B tiles: 2 x 8 KiB of B then stay in L1 while every row
+// K tiles per pass when several row blocks share the B tiles: 2 x 16 KiB of B then stay in L1 while every row
 // block passes over them (C is stored and reloaded between passes, 8 KiB per block), instead of re-reading
-// B from L2 for each block.
-constexpr int64_t kKPass = 8;
+// B from L2 for each block (measured 1.12 / 1.23 / 1.25 TFLOP/s with passes of 4 / 8 / 16 tiles).
+constexpr int64_t kKPass = 16;
 
 // C[rb][32][32] for the 32-row blocks rb of `rows` (1..256) blocked rows of A (starting at a 16-row block)
 // against b0/b1 over kb_n K tiles.
@@ -153,9 +180,9 @@ OMNI_INLINE void TileRows(const uint16_t* a, int64_t kb_n, int64_t rows, const u
     for (int64_t rb = 0; rb < nrb; ++rb) {
       const uint16_t* ar = a + 2 * rb * a_blk;
       if (rows - rb * 32 > kTM) {
-        TileDot<true, kI8>(ar, a_blk, b0, b1, k0, k1, c + rb * 1024, k0 == 0);
+        TileDot<true, kI8>(ar, a_blk, b0, b1, k0, k1, c + rb * 1024, k0 == 0, rb == 0, rb == 1 ? pass : 0, kb_n);
       } else {
-        TileDot<false, kI8>(ar, a_blk, b0, b1, k0, k1, c + rb * 1024, k0 == 0);
+        TileDot<false, kI8>(ar, a_blk, b0, b1, k0, k1, c + rb * 1024, k0 == 0, rb == 0, rb == 1 ? pass : 0, kb_n);
       }
     }
   }

@@ -12,6 +12,7 @@
 #pragma once
 #include <algorithm>
 
+#include "host/simd.h"
 #include "kernels/moe/expert_gemm.h"
 #include "omni/ops/moe.h"
 
@@ -101,7 +102,9 @@ void CombinePairs(const OmniFusedMoeArgs& a, const int32_t* pair_row, const floa
           for (int64_t i = 0; i < n; ++i) acc[i] += w * y[i];
         }
         T* o = out + t * a.out_stride + h0;
-        for (int64_t i = 0; i < n; ++i) o[i] = FromFloat<T>(acc[i]);
+        int64_t i = 0;
+        for (; i + simd::kW <= n; i += simd::kW) simd::Store(o + i, simd::LoadW(acc + i));  // one rounding, vectorised
+        for (; i < n; ++i) o[i] = FromFloat<T>(acc[i]);
       }
     }
   };

@@ -12,6 +12,7 @@
 #pragma once
 #include <algorithm>
 
+#include "host/simd.h"
 #include "kernels/moe/amx_tiles.h"
 #include "kernels/moe/expert_gemm.h"
 #include "kernels/moe/fused_moe.h"
@@ -145,6 +146,11 @@ inline void GroupedGemmTilesRun(const OmniGroupedGemmArgs& a, const OmniRuntime*
     amx::TileRows(xs + (c.prow0 / amx::kTM) * kb_n * amx::kTileElems, kb_n, c.mrows, b0, b1, C);
     for (int64_t m = 0; m < c.mrows; ++m) {
       bfloat16_t* o = reinterpret_cast<bfloat16_t*>(out + (c.r0 + m) * a.out_stride + n0);
+      if (nn == 32) {  // vcvtneps2bf16: the scalar rounding loop cost more than the tile products
+        simd::Store(o, simd::LoadW(C + m * 32));
+        simd::Store(o + 16, simd::LoadW(C + m * 32 + 16));
+        continue;
+      }
       for (int64_t n = 0; n < nn; ++n) o[n] = FromFloat<bfloat16_t>(C[m * 32 + n]);
     }
   };
