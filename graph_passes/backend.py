@@ -65,7 +65,7 @@ class OmniGraphPass(CustomGraphPass):
             elif name == "attention":
                 attention.attention_pass(graph, rep)
             elif name == "linear":
-                linear.linear_pass(graph, rep, self.cfg.linear_max_rows)
+                linear.linear_pass(graph, rep, self.cfg.linear_max_rows, self.cfg.linear_measure)
             elif name == "rotary":
                 rotary.rotary_pass(graph, rep)
             elif name == "quant_linear":

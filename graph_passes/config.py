@@ -29,6 +29,9 @@ class PassConfig:
     # bf16 / fp16 linears at any row count when the CPU has no AMX-BF16 / AVX512-BF16 (torch's are 3-7x slower).
     linear: bool = True
     linear_max_rows: int = 16
+    # decide each linear by a startup measurement of omni vs torch on this CPU (omniops._calibrate); False: the
+    # static rule above (what the structure tests use, since the measured answer depends on the machine)
+    linear_measure: bool = True
     # SDPA (CPU) and HF's eager matmul-softmax-matmul attention, repeat_kv GQA stripped -> omni::gqa_attention
     attention: bool = True
     # HF rotary embedding (q * cos + rotate_half(q) * sin, q and k sharing cos/sin) -> omni::rotary_embedding on

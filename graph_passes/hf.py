@@ -186,6 +186,20 @@ def register() -> bool:
     return True
 
 
+def _prepack_experts(mods: list[torch.nn.Module]) -> int:
+    """Pack bf16 expert weights into the AMX tile layout now (the amx kernel library only), so that the first
+    request does not pay for it; fused_moe finds the packed copies by the weights. Returns how many."""
+    from omniops.ops import prepack
+
+    n = 0
+    for m in mods:
+        w13, w2 = m.gate_up_proj, m.down_proj
+        if w13.dtype == torch.bfloat16 and w13.device.type == "cpu" and prepack.tiles_active():
+            prepack.prepack_moe_weights(w13, w2)
+            n += 1
+    return n
+
+
 def prepare(model: torch.nn.Module, *, experts: bool = True, routers: bool = True,
             attention: bool = True) -> dict[str, Any]:
     """Switch an HF model to the omni implementations, in place. Returns what changed and what did not (why).
@@ -204,6 +218,7 @@ def prepare(model: torch.nn.Module, *, experts: bool = True, routers: bool = Tru
             model.set_experts_implementation("omni")
             use_experts = True
             out["experts"] = len(experts_mods)
+            out["prepacked"] = _prepack_experts(experts_mods)
         else:
             out["skipped"]["experts"] = why or "model has no set_experts_implementation"
     if routers:

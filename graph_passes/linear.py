@@ -10,6 +10,10 @@ row count on CPUs without AMX-BF16 / AVX512-BF16: there torch's 16-bit GEMMs are
 kernel at every size (measured 6.5-7.3x bf16, 3.0-3.5x fp16, M = 64..1024). An fp32 graph compiled at a small
 batch keeps the omni GEMM when later called with more rows: measured 2.2x / 1.4x / 1.1x / 0.83x torch's mm at
 16 / 32 / 64 / 256 rows (2048 x 2048, 2 threads), a mild slope rather than a cliff.
+
+Those figures are from AMD EPYC. On other CPUs (Intel Xeon with AMX: oneDNN's bf16 GEMM is fast) the choice
+is made by measurement: ``linear_measure`` (default on) asks ``omniops._calibrate`` which side wins for the
+dtype and row count on this CPU and kernel library; the rule above is the fallback without a measurement.
 """
 
 from __future__ import annotations
@@ -54,7 +58,22 @@ def _native_half_matmul() -> bool:
     return bool(feats.get("amx_bf16") or feats.get("avx512_bf16"))
 
 
-def linear_pass(graph: torch.fx.Graph, rep: PassReport, max_rows: int) -> None:
+def _omni_wins(dtype: torch.dtype, rows: int, max_rows: int, measure: bool) -> bool:
+    """Rewrite this linear? Measured (omniops._calibrate, on this CPU and kernel library): at most max_rows rows
+    when omni wins there, any row count when omni also wins at the largest measured size (the AVX2 bf16 case).
+    Static rule (measure=False or no measurement): rows <= max_rows, any rows for 16-bit dtypes without native
+    16-bit matmul units."""
+    from omniops import _calibrate
+
+    if measure:
+        at_rows = _calibrate.omni_linear_wins(dtype, rows)
+        if at_rows is not None:
+            return at_rows and (rows <= max_rows or bool(_calibrate.omni_linear_wins(dtype, 1 << 30)))
+    half_slow = dtype != torch.float32 and not _native_half_matmul()
+    return rows <= max_rows or half_slow
+
+
+def linear_pass(graph: torch.fx.Graph, rep: PassReport, max_rows: int, measure: bool = True) -> None:
     from omniops import _ext
 
     if _ext.cpp() is None:  # no omni CPU GEMM kernel to move the linears to
@@ -75,8 +94,7 @@ def linear_pass(graph: torch.fx.Graph, rep: PassReport, max_rows: int) -> None:
         if wv.dtype != xv.dtype or wv.dim() != 2 or not wv.is_contiguous():
             continue
         rows = _hint(xv.shape[0])
-        half_slow = xv.dtype != torch.float32 and not _native_half_matmul()
-        if rows is None or (rows > max_rows and not half_slow):
+        if rows is None or not _omni_wins(xv.dtype, rows, max_rows, measure):
             continue
         if bias is not None:
             bv = _val(bias)

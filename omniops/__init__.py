@@ -12,6 +12,7 @@ from omniops.ops.activation import silu_and_mul
 from omniops.ops.attention import gqa_attention, gqa_decode, gqa_prefill, mla_cache, mla_decode, reshape_and_cache
 from omniops.ops.moe import MoEDispatch, fused_moe, grouped_gemm, moe_combine, moe_dispatch, moe_route
 from omniops.ops.norm import rms_norm, rms_norm_
+from omniops.ops.prepack import prepack_linear_weight, prepack_moe_weights
 from omniops.ops.quant_gemm import fp8_block_gemm, fp8_block_linear, w4a16_gemm, w8a8_gemm, w8a8_linear
 from omniops.ops.rotary import rotary_embedding, rotary_embedding_
 from omniops.quant import (
@@ -43,6 +44,8 @@ __all__ = [
     "moe_dispatch",
     "moe_route",
     "MoEDispatch",
+    "prepack_linear_weight",
+    "prepack_moe_weights",
     "quantize_activation_fp8_group",
     "quantize_activation_per_token_int8",
     "quantize_model",

@@ -88,6 +88,27 @@ def _needs_grad(args: tuple) -> bool:
     return torch.is_grad_enabled() and any(isinstance(a, _TENSOR) and a.requires_grad for a in args)
 
 
+def fast_cpu(*tensors: Any) -> Any:
+    """omniops._C when a public function may call its C++ entry point straight away: plain eager mode, every
+    tensor argument (None allowed) a plain CPU tensor without grad, and no backend other than ``cpu`` requested.
+    The C++ entry points check every shape, dtype, stride and index themselves, so callers skip the Python
+    validation and backend selection (~10-20 us of a decode-sized call) and, when the C++ checks raise, fall back
+    to the checked path, which raises its own error for the same input. None otherwise."""
+    from omniops import _backends, _ext
+
+    C = _ext.cpp()
+    if (C is None or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()):
+        return None
+    for t in tensors:
+        if t is not None and (type(t) is not _TENSOR or t.requires_grad or not t.is_cpu):
+            return None
+    req = _backends.requested()
+    if req is not None and req[0] != "cpu":
+        return None
+    return C
+
+
 def call(op: Any, *args: Any) -> Any:
     """Run op ``op`` on ``args``: its Python implementation directly in plain eager mode, else through the
     dispatcher (``torch.ops.omni.<name>``)."""

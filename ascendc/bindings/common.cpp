@@ -4,7 +4,11 @@
 #include <ATen/Parallel.h>
 #include <cpuid.h>
 #include <dlfcn.h>
+#include <sys/mman.h>
 #include <unistd.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#endif
 
 #include <cmath>
 #include <cstring>
@@ -79,6 +83,21 @@ const CpuFeatures& Cpu() {
   return f;
 }
 
+// Linux hands out the AMX tile-data state (8 KiB of XSAVE area) only to processes that ask for it: the first
+// tile instruction of a process that did not raises SIGILL even where cpuid and XCR0 report AMX. The request
+// is process-wide and idempotent; asked once, on first need.
+bool TilePermission() {
+#if defined(__linux__) && defined(__x86_64__)
+  static const bool granted = [] {
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return granted;
+#else
+  return false;  // no known way to get the permission: never load the AMX library
+#endif
+}
+
 // What each kernel library needs to run (must match the -m flags in CMakeLists.txt).
 bool CanRun(const std::string& isa) {
   const CpuFeatures& f = Cpu();
@@ -86,11 +105,12 @@ bool CanRun(const std::string& isa) {
   if (isa == "avx2") return f.avx2 && f.fma && f.f16c;
   if (isa == "avx512")
     return CanRun("avx2") && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512_vnni && f.avx512_bf16;
+  if (isa == "amx") return CanRun("avx512") && f.amx_tile && f.amx_bf16 && f.amx_int8 && TilePermission();
   return false;
 }
 
 const std::vector<std::string>& AllIsas() {
-  static const std::vector<std::string> v = {"avx512", "avx2", "generic"};  // best first, index = cache slot
+  static const std::vector<std::string> v = {"amx", "avx512", "avx2", "generic"};  // best first, = cache slot
   return v;
 }
 
@@ -98,7 +118,7 @@ int IsaIndex(const std::string& isa) {
   const auto& all = AllIsas();
   for (size_t i = 0; i < all.size(); ++i)
     if (all[i] == isa) return static_cast<int>(i);
-  throw py::value_error("isa: expected one of avx512, avx2, generic, auto; got '" + isa + "'");
+  throw py::value_error("isa: expected one of amx, avx512, avx2, generic, auto; got '" + isa + "'");
 }
 
 std::string ModuleDir() {
@@ -133,7 +153,11 @@ void LoadLocked(int idx) {
   Registry& r = Reg();
   if (r.handles[idx] != nullptr) return;
   const std::string& isa = AllIsas()[idx];
-  if (!CanRun(isa)) throw py::value_error("isa '" + isa + "' cannot run on this CPU (" + Cpu().model + ")");
+  if (!CanRun(isa)) {
+    std::string why = "isa '" + isa + "' cannot run on this CPU (" + Cpu().model + ")";
+    if (isa == "amx" && Cpu().amx_tile && !TilePermission()) why += ": the OS refused the AMX tile permission";
+    throw py::value_error(why);
+  }
   const std::string path = LibraryPath(isa);
   void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
   if (h == nullptr) throw py::value_error("isa '" + isa + "': cannot load " + path + ": " + dlerror());
@@ -185,6 +209,8 @@ py::dict CpuInfo() {
   feats["amx_int8"] = f.amx_int8;
   feats["amx_bf16"] = f.amx_bf16;
   d["features"] = feats;
+  // Asked only where the CPU has tiles (asking elsewhere would be a pointless syscall).
+  d["amx_permission"] = f.amx_tile && TilePermission();
   d["available_isas"] = AvailableIsas();
   return d;
 }
@@ -215,6 +241,31 @@ const void* ResolveTable(int idx, const char* symbol) {
   if (fn == nullptr) throw py::value_error(std::string("kernel library ") + AllIsas()[idx] + " has no " + symbol + "; rebuild omniops");
   return fn();
 }
+
+void* Workspace(int64_t bytes) {
+  struct Buffer {
+    void* p = nullptr;
+    size_t cap = 0;
+    ~Buffer() { std::free(p); }
+  };
+  thread_local Buffer buf;
+  constexpr size_t kHuge = size_t{2} << 20;
+  const size_t want = bytes > 0 ? static_cast<size_t>(bytes) : 1;
+  if (want > buf.cap) {
+    const size_t cap = (want + kHuge - 1) / kHuge * kHuge;
+    void* p = std::aligned_alloc(kHuge, cap);
+    if (p == nullptr) throw std::bad_alloc();
+#if defined(MADV_HUGEPAGE)
+    madvise(p, cap, MADV_HUGEPAGE);  // fewer TLB misses on the staged operands; a hint, failure is fine
+#endif
+    std::free(buf.p);
+    buf.p = p;
+    buf.cap = cap;
+  }
+  return buf.p;
+}
+
+const std::string& ActiveIsaName() { return AllIsas()[ActiveIsaIndex()]; }
 
 OmniRuntime Runtime() { return OmniRuntime{&LaunchOnTorchPool, static_cast<int64_t>(at::get_num_threads())}; }
 
@@ -281,7 +332,7 @@ void CheckAlias(const at::Tensor& out, const at::Tensor& in, const char* out_nam
 void RegisterAll(py::module_& m) {
   m.def("cpu_info", &CpuInfo, "CPU vendor, model, ISA features and the kernel libraries that can run here");
   m.def("get_isa", []() { return AllIsas()[ActiveIsaIndex()]; }, "the ISA level of the active kernel library");
-  m.def("set_isa", &SetIsa, py::arg("isa"), "switch kernel library: 'avx512', 'avx2', 'generic' or 'auto'");
+  m.def("set_isa", &SetIsa, py::arg("isa"), "switch kernel library: 'amx', 'avx512', 'avx2', 'generic' or 'auto'");
   m.def("families", []() {
     std::vector<std::string> names;
     for (auto& f : Families()) names.emplace_back(f.first);

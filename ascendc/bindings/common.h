@@ -23,11 +23,13 @@ struct RegisterFamily {
 void RegisterAll(py::module_& m);
 
 // ---- kernel libraries ------------------------------------------------------------------------------------
-constexpr int kMaxIsas = 3;  // avx512, avx2, generic
+constexpr int kMaxIsas = 4;  // amx, avx512, avx2, generic
 // Index of the active library (loading the best one for this CPU on first use).
 int ActiveIsaIndex();
 // Resolve `symbol` (an `omni_<family>_kernels` function) in library `isa_index`; throws if absent.
 const void* ResolveTable(int isa_index, const char* symbol);
+// The active library's ISA name ("amx", "avx512", ...).
+const std::string& ActiveIsaName();
 
 // The kernel table of a family in the active library, e.g. Kernels<OmniNormKernels>("omni_norm_kernels").
 template <typename Table>
@@ -44,6 +46,11 @@ const Table* Kernels(const char* symbol) {
 
 // ---- host runtime ------------------------------------------------------------------------------------------
 OmniRuntime Runtime();
+// Scratch memory for one kernel call, 64-byte aligned, reused across calls of the calling thread (grown when a
+// call needs more). A fresh allocation per call of a large workspace is mmap'ed by malloc and page-faulted in
+// on every call: at prefill sizes (100+ MiB for fused_moe) that costs more than the kernel. Valid until the
+// next Workspace call on this thread.
+void* Workspace(int64_t bytes);
 
 // ---- argument checks ---------------------------------------------------------------------------------------
 [[noreturn]] void ValueError(const std::string& msg);

@@ -66,6 +66,20 @@ void CheckNoOverlap(const at::Tensor& a, const at::Tensor& b, const char* an, co
   if (a0 < b1 && b0 < a1) ValueError(std::string(an) + " must not overlap " + bn);
 }
 
+// Weights prepacked for AMX (OMNI_W_TILES_BF16) of B matrices [N, K]: [B, ceil(N/16), ceil(K/32), 512] bf16.
+void CheckTiles(const at::Tensor& t, const char* name, int64_t B, int64_t N, int64_t K) {
+  CheckCpu(t, name);
+  CheckDtype(t, at::kBFloat16, name);
+  CheckContig(t, name, {B, (N + 15) / 16, (K + 31) / 32, 512});
+}
+
+// The active library takes tiled weights (only the amx one does).
+void CheckTilesSupported(const char* op) {
+  if ((K()->weight_layouts & (1u << OMNI_W_TILES_BF16)) == 0)
+    ValueError(std::string(op) + ": tiled (AMX) weights need the amx kernel library, the active one is '" +
+               ActiveIsaName() + "'");
+}
+
 void MoeRoute(at::Tensor topk_weights, at::Tensor topk_ids, const at::Tensor& logits, int64_t top_k,
               const std::string& scoring, bool renormalize, int64_t num_groups, int64_t topk_groups,
               const std::optional<at::Tensor>& correction_bias, double routed_scaling) {
@@ -179,7 +193,8 @@ void MoeDispatch(at::Tensor x_sorted, at::Tensor sorted_token_ids, at::Tensor ex
   K()->moe_dispatch(&a, &rt);
 }
 
-void GroupedGemm(at::Tensor out, const at::Tensor& x, const at::Tensor& w, const at::Tensor& expert_offsets) {
+void GroupedGemm(at::Tensor out, const at::Tensor& x, const at::Tensor& w, const at::Tensor& expert_offsets,
+                 const std::optional<at::Tensor>& w_tiles) {
   CheckCpu(out, "out");
   CheckCpu(x, "x_sorted");
   CheckCpu(w, "w");
@@ -211,6 +226,17 @@ void GroupedGemm(at::Tensor out, const at::Tensor& x, const at::Tensor& w, const
     return;
   }
   OmniGroupedGemmArgs a{x.data_ptr(), w.data_ptr(), o, out.data_ptr(), x.stride(0), out.stride(0), M, Kd, N, E, dt};
+  if (w_tiles.has_value()) {
+    CheckTilesSupported("grouped_gemm");
+    if (dt != OMNI_BF16) TypeError("grouped_gemm: tiled weights are bfloat16; x_sorted is " + DtypeName(x.scalar_type()));
+    CheckTiles(*w_tiles, "w_tiles", E, N, Kd);
+    CheckNoOverlap(out, *w_tiles, "out", "w_tiles");
+    a.w = w_tiles->data_ptr();
+    a.w_layout = OMNI_W_TILES_BF16;
+    const int64_t bytes = K()->grouped_gemm_workspace(&a);
+    a.workspace = Workspace(bytes);
+    a.workspace_bytes = bytes;
+  }
   OmniRuntime rt = Runtime();
   K()->grouped_gemm(&a, &rt);
 }
@@ -246,7 +272,8 @@ void MoeCombine(at::Tensor out, const at::Tensor& expert_out, const at::Tensor& 
 
 void FusedMoe(at::Tensor out, const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
               const at::Tensor& topk_weights, const at::Tensor& topk_ids, const std::string& activation,
-              const std::optional<at::Tensor>& expert_map) {
+              const std::optional<at::Tensor>& expert_map, const std::optional<at::Tensor>& w13_tiles,
+              const std::optional<at::Tensor>& w2_tiles) {
   CheckCpu(out, "out");
   CheckCpu(hidden, "hidden");
   CheckCpu(w13, "w13");
@@ -316,10 +343,20 @@ void FusedMoe(at::Tensor out, const at::Tensor& hidden, const at::Tensor& w13, c
   a.dtype = dt;
   a.w_dtype = dt;
   a.activation = OMNI_MOE_SILU;
+  if (w13_tiles.has_value() != w2_tiles.has_value()) ValueError("fused_moe: pass both w13_tiles and w2_tiles or neither");
+  if (w13_tiles.has_value()) {
+    CheckTilesSupported("fused_moe");
+    if (dt != OMNI_BF16) TypeError("fused_moe: tiled weights are bfloat16; hidden is " + DtypeName(hidden.scalar_type()));
+    CheckTiles(*w13_tiles, "w13_tiles", 2 * E, I, H);
+    CheckTiles(*w2_tiles, "w2_tiles", E, H, I);
+    CheckNoOverlap(out, *w13_tiles, "out", "w13_tiles");
+    CheckNoOverlap(out, *w2_tiles, "out", "w2_tiles");
+    a.w13 = w13_tiles->data_ptr();
+    a.w2 = w2_tiles->data_ptr();
+    a.w_layout = OMNI_W_TILES_BF16;
+  }
   const int64_t bytes = K()->fused_moe_workspace(&a);
-  at::Tensor ws = at::empty({bytes + 64}, hidden.options().dtype(at::kByte));
-  const uintptr_t base = reinterpret_cast<uintptr_t>(ws.data_ptr());
-  a.workspace = reinterpret_cast<void*>((base + 63) & ~uintptr_t{63});
+  a.workspace = Workspace(bytes);
   a.workspace_bytes = bytes;
   OmniRuntime rt = Runtime();
   K()->fused_moe(&a, &rt);
@@ -334,12 +371,16 @@ void Register(py::module_& m) {
         py::arg("expert_counts"), py::arg("inverse_index"), py::arg("hidden"), py::arg("topk_ids"),
         py::arg("num_experts"), py::arg("block_size") = 1, "counting sort of (token, slot) pairs by expert");
   m.def("grouped_gemm", &GroupedGemm, py::arg("out"), py::arg("x_sorted"), py::arg("w"), py::arg("expert_offsets"),
-        "out[r] = x_sorted[r] @ w[e].T for rows of expert e");
+        py::arg("w_tiles") = py::none(),
+        "out[r] = x_sorted[r] @ w[e].T for rows of expert e (w_tiles: w prepacked for AMX, amx library only)");
   m.def("moe_combine", &MoeCombine, py::arg("out"), py::arg("expert_out"), py::arg("topk_weights"),
         py::arg("inverse_index"), "out[t] = sum_j topk_weights[t, j] * expert_out[inverse_index[t, j]]");
   m.def("fused_moe", &FusedMoe, py::arg("out"), py::arg("hidden"), py::arg("w13"), py::arg("w2"),
         py::arg("topk_weights"), py::arg("topk_ids"), py::arg("activation") = "silu",
-        py::arg("expert_map") = py::none(), "the whole MoE block (gate/up, silu_and_mul, down, weighted combine)");
+        py::arg("expert_map") = py::none(), py::arg("w13_tiles") = py::none(), py::arg("w2_tiles") = py::none(),
+        "the whole MoE block (gate/up, silu_and_mul, down, weighted combine); w13_tiles / w2_tiles: the weights "
+        "prepacked for AMX (bf16, amx library only), w13 / w2 then only give the shapes");
+  m.def("tile_layouts", []() { return K()->weight_layouts; }, "bitmask of the weight layouts the active library takes");
 }
 
 RegisterFamily registered(FAMILY, &Register);

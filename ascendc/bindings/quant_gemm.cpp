@@ -106,9 +106,26 @@ void FillGemmArgs(Args& a, const Q* x, int64_t x_stride, const float* x_scale, c
 
 const OmniQuantGemmKernels* Table() { return Kernels<OmniQuantGemmKernels>("omni_quant_gemm_kernels"); }
 
+// w_tiles: w_q [N, K] prepacked for AMX-INT8 (OMNI_W_TILES_I8), [ceil(N/16), ceil(K/64), 1024] int8. Points the
+// GEMM at them and gives it its workspace; only the amx library takes them.
+void UseTiles(OmniW8A8Args& a, const std::optional<at::Tensor>& w_tiles, const at::Tensor& out) {
+  if (!w_tiles.has_value()) return;
+  const at::Tensor& t = *w_tiles;
+  if ((Table()->weight_layouts & (1u << OMNI_W_TILES_I8)) == 0)
+    ValueError("w8a8: tiled (AMX-INT8) weights need the amx kernel library, the active one is '" + ActiveIsaName() + "'");
+  CheckCpu(t, "w_tiles");
+  if (t.scalar_type() != at::kChar) TypeError("w_tiles: expected int8");
+  CheckContiguousShape(t, "w_tiles", {(a.N + 15) / 16, (a.K + 63) / 64, 1024});
+  CheckNoOverlap(out, t, "w_tiles");
+  a.w = static_cast<const int8_t*>(t.data_ptr());
+  a.w_layout = OMNI_W_TILES_I8;
+  a.workspace_bytes = Table()->w8a8_workspace(&a);
+  a.workspace = Workspace(a.workspace_bytes);
+}
+
 // out[M, N] (float or int32) = x_q[M, K] int8 @ w_q[N, K].T int8, scaled by x_scale[M] * w_scale[N].
 void W8A8Gemm(at::Tensor out, const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w,
-              const at::Tensor& w_scale, const std::optional<at::Tensor>& bias) {
+              const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& w_tiles) {
   const auto [M, K, N] = CheckQuantOperands(out, x, x_scale, w, w_scale, at::kChar);
   if (K > kMaxK8) ValueError("x_q: K=" + std::to_string(K) + " exceeds 131071 (int32 accumulation could overflow)");
   CheckContiguousShape(x_scale, "x_scale", {M});
@@ -122,6 +139,7 @@ void W8A8Gemm(at::Tensor out, const at::Tensor& x, const at::Tensor& x_scale, co
   if (M == 0 || N == 0) return;
   FillGemmArgs(a, static_cast<const int8_t*>(x.data_ptr()), x.stride(0), x_scale.data_ptr<float>(), w, w_scale, out, M,
                N, K, odt);
+  UseTiles(a, w_tiles, out);
   OmniRuntime rt = Runtime();
   Table()->w8a8_gemm(&a, &rt);
 }
@@ -214,7 +232,7 @@ std::tuple<int64_t, int64_t, int64_t> CheckLinearOperands(const at::Tensor& out,
 
 // out[M, N] = w8a8_gemm(quantize_per_token_int8(x[M, K] float), w_q, w_scale, bias): the two-step result.
 void W8A8Linear(at::Tensor out, const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
-                const std::optional<at::Tensor>& bias) {
+                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& w_tiles) {
   const auto [M, K, N] = CheckLinearOperands(out, x, w, w_scale, at::kChar);
   if (K > kMaxK8) ValueError("x: K=" + std::to_string(K) + " exceeds 131071 (int32 accumulation could overflow)");
   CheckContiguousShape(w_scale, "w_scale", {N});
@@ -233,6 +251,7 @@ void W8A8Linear(at::Tensor out, const at::Tensor& x, const at::Tensor& w, const 
   table->quantize_per_token_int8(&q, &rt);
   FillGemmArgs(a, static_cast<const int8_t*>(x_q.data_ptr()), K, x_scale.data_ptr<float>(), w, w_scale, out, M, N, K,
                odt);
+  UseTiles(a, w_tiles, out);
   table->w8a8_gemm(&a, &rt);
 }
 
@@ -324,8 +343,9 @@ void Register(py::module_& m) {
   m.def("quantize_per_token_int8", &QuantizePerTokenInt8, py::arg("x"),
         "(x_q int8 [M, K], x_scale fp32 [M, 1]): symmetric per-token int8, scale = amax / 127");
   m.def("w8a8_gemm", &W8A8Gemm, py::arg("out"), py::arg("x_q"), py::arg("x_scale"), py::arg("w_q"),
-        py::arg("w_scale"), py::arg("bias") = py::none(),
-        "out[M,N] = (x_q[M,K] int8 @ w_q[N,K].T int8) * x_scale[M] * w_scale[N] + bias; int32 out: raw sums");
+        py::arg("w_scale"), py::arg("bias") = py::none(), py::arg("w_tiles") = py::none(),
+        "out[M,N] = (x_q[M,K] int8 @ w_q[N,K].T int8) * x_scale[M] * w_scale[N] + bias; int32 out: raw sums "
+        "(w_tiles: w_q prepacked for AMX-INT8, amx library only)");
   m.def("w4a16_gemm", &W4A16Gemm, py::arg("out"), py::arg("x"), py::arg("w_packed"), py::arg("scales"),
         py::arg("zeros"), py::arg("group_size"), py::arg("bias") = py::none(),
         "out[M,N] = x[M,K] @ dequant_int4(w_packed[N,K/2], scales, zeros).T + bias");
@@ -333,11 +353,12 @@ void Register(py::module_& m) {
         py::arg("w_scale"), py::arg("bias") = py::none(),
         "out[M,N] = dequant(x_q, x_scale[M,K/128]) @ dequant(w_q, w_scale[N/128,K/128]).T + bias");
   m.def("w8a8_linear", &W8A8Linear, py::arg("out"), py::arg("x"), py::arg("w_q"), py::arg("w_scale"),
-        py::arg("bias") = py::none(),
+        py::arg("bias") = py::none(), py::arg("w_tiles") = py::none(),
         "out[M,N] = w8a8_gemm(quantize_per_token_int8(x[M,K] float), w_q, w_scale, bias) in one call");
   m.def("fp8_block_linear", &Fp8BlockLinear, py::arg("out"), py::arg("x"), py::arg("w_q"), py::arg("w_scale"),
         py::arg("bias") = py::none(),
         "out[M,N] = fp8_block_gemm(quantize_fp8_group(x[M,K] float), w_q, w_scale[N/128,K/128], bias) in one call");
+  m.def("w8a8_tile_layouts", []() { return Table()->weight_layouts; }, "bitmask of the w8a8 weight layouts");
   m.def("quant_gemm_int8_path", []() { return std::string(Table()->int8_path); },
         "which int8 inner loop the active kernel library uses (avx512-vnni, avx2, scalar)");
 }

@@ -9,6 +9,12 @@
 #include <immintrin.h>
 #define OMNI_SIMD_AVX2 1
 #endif
+#if defined(OMNI_SIMD_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define OMNI_SIMD_AVX512 1
+// GCC 12's AVX-512 headers start several intrinsics from _mm512_undefined_*(), which -Wmaybe-uninitialized
+// reports at every inlined use; the values are fully written.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 namespace AscendC {
 inline namespace OMNI_ISA_NS {
@@ -78,7 +84,65 @@ OMNI_INLINE V8 Round(V8 x, const half*) {
 }
 OMNI_INLINE V8 Round(V8 x, const bfloat16_t*) { return {_mm256_castsi256_ps(_mm256_slli_epi32(Bf16Bits(x), 16))}; }
 
-#else  // portable fallback: the same operations on 8 floats
+#endif
+
+#ifdef OMNI_SIMD_AVX512
+// 16 lanes for the avx512 / amx libraries: bandwidth-bound loops (norms) retire half the instructions, and the
+// bf16 narrowing is one vcvtneps2bf16 (round to nearest even, as FromFloat; NaNs stay NaN; like every AVX512-BF16
+// conversion it treats fp32 denormal inputs as zero) instead of AVX2's seven-instruction integer rounding.
+struct V16 {
+  __m512 v;
+};
+OMNI_INLINE V16 Set1W(float x) { return {_mm512_set1_ps(x)}; }
+OMNI_INLINE V16 Add(V16 a, V16 b) { return {_mm512_add_ps(a.v, b.v)}; }
+OMNI_INLINE V16 Mul(V16 a, V16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+OMNI_INLINE V16 Fma(V16 a, V16 b, V16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+// Once per row: through memory (GCC 12's _mm512_reduce_add_ps trips -Wmaybe-uninitialized in its header).
+OMNI_INLINE float Sum(V16 a) {
+  alignas(64) float t[16];
+  _mm512_store_ps(t, a.v);
+  for (int w = 8; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i) t[i] += t[i + w];
+  return t[0];
+}
+OMNI_INLINE V16 LoadW(const float* p) { return {_mm512_loadu_ps(p)}; }
+OMNI_INLINE V16 LoadW(const half* p) { return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))}; }
+OMNI_INLINE V16 Bf16ToF32(__m256i b) { return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16))}; }
+OMNI_INLINE V16 LoadW(const bfloat16_t* p) { return Bf16ToF32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+OMNI_INLINE __m256i Bf16Bits(V16 x) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x.v)); }
+OMNI_INLINE __m256i F16Bits(V16 x) { return _mm512_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+OMNI_INLINE void Store(float* p, V16 x) { _mm512_storeu_ps(p, x.v); }
+OMNI_INLINE void Store(half* p, V16 x) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), F16Bits(x)); }
+OMNI_INLINE void Store(bfloat16_t* p, V16 x) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), Bf16Bits(x)); }
+OMNI_INLINE V16 StoreRound(float* p, V16 x) {
+  Store(p, x);
+  return x;
+}
+OMNI_INLINE V16 StoreRound(half* p, V16 x) {
+  const __m256i h = F16Bits(x);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+  return {_mm512_cvtph_ps(h)};
+}
+OMNI_INLINE V16 StoreRound(bfloat16_t* p, V16 x) {
+  const __m256i b = Bf16Bits(x);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), b);
+  return Bf16ToF32(b);
+}
+OMNI_INLINE V16 Round(V16 x, const float*) { return x; }
+OMNI_INLINE V16 Round(V16 x, const half*) { return {_mm512_cvtph_ps(F16Bits(x))}; }
+OMNI_INLINE V16 Round(V16 x, const bfloat16_t*) { return Bf16ToF32(Bf16Bits(x)); }
+// The widest vector of this library: VW / kW, with LoadW / Set1W (Load / Set1 stay the 8-lane ones).
+using VW = V16;
+constexpr int kW = 16;
+#elif defined(OMNI_SIMD_AVX2)
+using VW = V8;
+constexpr int kW = 8;
+template <typename T>
+OMNI_INLINE V8 LoadW(const T* p) { return Load(p); }
+OMNI_INLINE V8 Set1W(float x) { return Set1(x); }
+#endif
+
+#ifndef OMNI_SIMD_AVX2  // portable fallback: the same operations on 8 floats
 struct V8 {
   float v[8];
 };
@@ -127,6 +191,11 @@ OMNI_INLINE V8 Round(V8 x, const T*) {
   for (int i = 0; i < 8; ++i) x.v[i] = ToFloat(FromFloat<T>(x.v[i]));
   return x;
 }
+using VW = V8;
+constexpr int kW = 8;
+template <typename T>
+OMNI_INLINE V8 LoadW(const T* p) { return Load(p); }
+OMNI_INLINE V8 Set1W(float x) { return Set1(x); }
 #endif
 
 }  // namespace simd

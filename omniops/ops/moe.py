@@ -24,8 +24,9 @@ from torch import Tensor
 
 from omniops import _ext
 from omniops._backends import OpFamily
-from omniops._registry import call, omni_op
+from omniops._registry import call, fast_cpu, omni_op
 from omniops._validation import FLOAT_DTYPES, check_same, check_shape, check_tensor, is_fake, rows_view
+from omniops.ops.prepack import linear_tiles, moe_tiles
 from omniops.reference import moe as ref
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -245,7 +246,8 @@ def _gemm_reference(out: Tensor, x: Tensor, w: Tensor, offsets: Tensor) -> None:
 
 
 def _gemm_cpu(out: Tensor, x: Tensor, w: Tensor, offsets: Tensor) -> None:
-    _ext.cpp().grouped_gemm(out, x, w, offsets)
+    # bf16 on the amx library: the weight's cached tile copy (packed on first use).
+    _ext.cpp().grouped_gemm(out, x, w, offsets, linear_tiles(w) if x.dtype == torch.bfloat16 else None)
 
 
 def _gemm_triton(out: Tensor, x: Tensor, w: Tensor, offsets: Tensor) -> None:
@@ -363,7 +365,12 @@ def _fused_reference(out: Tensor, hidden: Tensor, w13: Tensor, w2: Tensor, weigh
 
 def _fused_cpu(out: Tensor, hidden: Tensor, w13: Tensor, w2: Tensor, weights: Tensor, ids: Tensor,
                activation: str, expert_map: Tensor | None) -> None:
-    _ext.cpp().fused_moe(out, hidden, w13, w2, weights, ids, activation, expert_map)
+    # bf16 on the amx library: AMX tiles on the weights' cached tile copies (packed on first use).
+    tiles = moe_tiles(w13, w2) if hidden.dtype == torch.bfloat16 else None
+    if tiles is None:
+        _ext.cpp().fused_moe(out, hidden, w13, w2, weights, ids, activation, expert_map)
+    else:
+        _ext.cpp().fused_moe(out, hidden, w13, w2, weights, ids, activation, expert_map, *tiles)
 
 
 def _fused_triton(out: Tensor, hidden: Tensor, w13: Tensor, w2: Tensor, weights: Tensor, ids: Tensor,
@@ -451,5 +458,18 @@ def fused_moe(
         expert_map: optional ``[E_global]`` int32/int64 mapping global expert ids (the values of topk_ids) to
             local ones in ``[0, E)``, or -1 for experts on other ranks, which then contribute 0.
     Never materialises a dense ``[T, E, ...]`` tensor; each hit expert's weights are read once per 48 tokens.
+    bf16 on the ``amx`` kernel library: AMX tiles on prepacked weights (``prepack_moe_weights``; packed and
+    cached on first use otherwise).
     """
+    C = fast_cpu(hidden, w13, w2, topk_weights, topk_ids, expert_map)
+    if (C is not None and topk_weights.dtype == torch.float32 and topk_ids.dtype == torch.int32
+            and (expert_map is None or expert_map.dtype == torch.int32)):
+        # The common eager call: straight to C++, which checks everything (see _registry.fast_cpu).
+        try:
+            out = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+            tiles = moe_tiles(w13, w2) if hidden.dtype == torch.bfloat16 else None
+            C.fused_moe(out, hidden, w13, w2, topk_weights, topk_ids, activation, expert_map, *(tiles or ()))
+            return out
+        except (ValueError, TypeError):
+            pass  # the checked path below raises the error of this input
     return call(_fused_moe_op, hidden, w13, w2, topk_weights, topk_ids, activation, expert_map)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from omniops import _ext
 from omniops._backends import OpFamily
-from omniops._registry import call, omni_op
+from omniops._registry import call, fast_cpu, omni_op
 from omniops._validation import FLOAT_DTYPES, check_same, check_shape, check_tensor, rows_view
 from omniops.reference import norm as ref
 
@@ -167,6 +167,21 @@ def rms_norm(
             ``(normed, s)`` is returned — the fused add + norm of pre-norm decoder layers.
         out: optional preallocated output for the normed tensor (no residual only).
     """
+    C = fast_cpu(x, weight, residual, out)
+    if C is not None and x.dim() == 2:
+        # The common eager call: straight to C++, which checks everything (see _registry.fast_cpu).
+        try:
+            if residual is None:
+                o = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
+                C.rms_norm(o, x, weight, float(eps), None, None)
+                return o
+            if out is None:
+                o, s = torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
+                    x, memory_format=torch.contiguous_format)
+                C.rms_norm(o, x, weight, float(eps), residual, s)
+                return o, s
+        except (ValueError, TypeError):
+            pass  # the checked path below raises the error of this input
     if residual is None:
         if out is None:
             return call(_rms_norm_op, x, weight, eps)
@@ -181,6 +196,13 @@ def rms_norm_(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Tensor | N
     """In-place RMSNorm: ``x <- rms_norm(x)``; with ``residual``: ``residual <- x + residual`` and
     ``x <- rms_norm(x + residual)`` (vLLM's ``fused_add_rms_norm``). Returns x. Saves the allocation and
     the page faults of fresh outputs; at large sizes this is the fastest form."""
+    C = fast_cpu(x, weight, residual)
+    if C is not None and x.dim() == 2:
+        try:
+            C.rms_norm(x, x, weight, float(eps), residual, residual)
+            return x
+        except (ValueError, TypeError):
+            pass
     if residual is None:
         call(_rms_norm_inplace_op, x, weight, eps)
     else:

@@ -25,6 +25,7 @@ from omniops import _ext
 from omniops._backends import OpFamily
 from omniops._registry import call, omni_op
 from omniops._validation import FLOAT_DTYPES, check_same, check_shape, check_tensor, rows_view
+from omniops.ops.prepack import i8_tiles
 from omniops.quant.formats import FP8_BLOCK, INT4_GROUP_SIZES, INT8_MAX_K
 from omniops.reference import quant_gemm as ref
 
@@ -48,7 +49,8 @@ def _w8a8_reference(out: Tensor, x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_sc
 
 
 def _w8a8_cpu(out: Tensor, x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
-    _ext.cpp().w8a8_gemm(out, x_q, x_scale, w_q, w_scale, bias)
+    # amx library: AMX-INT8 on the weight's cached tile copy (packed on first use)
+    _ext.cpp().w8a8_gemm(out, x_q, x_scale, w_q, w_scale, bias, i8_tiles(w_q))
 
 
 def _w8a8_triton(out: Tensor, x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor,
@@ -96,7 +98,7 @@ def _w8a8_linear_reference(out: Tensor, x: Tensor, w_q: Tensor, w_scale: Tensor,
 
 
 def _w8a8_linear_cpu(out: Tensor, x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
-    _ext.cpp().w8a8_linear(out, x, w_q, w_scale, bias)
+    _ext.cpp().w8a8_linear(out, x, w_q, w_scale, bias, i8_tiles(w_q))
 
 
 def _w8a8_linear_triton(out: Tensor, x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:

@@ -33,3 +33,23 @@ def test_linear_pass(dtype):
     want = 3 if dtype != torch.float32 and not _native_half_matmul() else 2
     assert rep.matched["linear"] == want, rep.format()
     assert omni_ops(rep)["grouped_gemm"] == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_pass_measured_choice_follows_the_calibration(dtype):
+    """linear_measure: each linear is rewritten exactly where the calibration on this CPU says omni wins."""
+    from omniops import _calibrate, _ext
+
+    if _ext.cpp() is None:
+        pytest.skip("omniops._C is not built")
+    g = torch.Generator().manual_seed(0)
+    x, big = torch.randn(4, 96, generator=g).to(dtype), torch.randn(40, 96, generator=g).to(dtype)
+    w, w2 = torch.randn(80, 96, generator=g).to(dtype), torch.randn(48, 96, generator=g).to(dtype)
+    b = torch.randn(48, generator=g).to(dtype)
+    args = (x, big, w, b, w2)
+    _, out, rep = compile_omni(linears, *args, options={"linear_measure": True})
+    for o, r in zip(out, linears(*args), strict=True):
+        assert_close(o, r)
+    small = bool(_calibrate.omni_linear_wins(dtype, 4))
+    large = bool(_calibrate.omni_linear_wins(dtype, 40)) and bool(_calibrate.omni_linear_wins(dtype, 1 << 30))
+    assert rep.matched.get("linear", 0) == 2 * small + large, (rep.format(), _calibrate.linear_table(dtype))

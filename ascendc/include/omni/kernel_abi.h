@@ -10,7 +10,7 @@
 #pragma once
 #include <stdint.h>
 
-#define OMNI_KERNEL_ABI_VERSION 3
+#define OMNI_KERNEL_ABI_VERSION 4
 
 #if defined(__GNUC__)
 #define OMNI_EXPORT __attribute__((visibility("default")))
@@ -37,7 +37,7 @@ typedef struct {
 // Every kernel library exports this; the bindings refuse a library built for another ABI version.
 typedef struct {
   int32_t abi_version;
-  const char* isa;  // "avx2", "avx512", "generic"
+  const char* isa;  // "amx", "avx512", "avx2", "generic"
 } OmniLibraryInfo;
 OMNI_EXPORT const OmniLibraryInfo* omni_library_info(void);
 

@@ -12,6 +12,7 @@
 #pragma once
 #include <algorithm>
 
+#include "host/simd.h"
 #include "kernels/moe/expert_gemm.h"
 #include "omni/ops/moe.h"
 
@@ -20,10 +21,17 @@ inline namespace OMNI_ISA_NS {
 namespace moe {
 
 // Workspace carve-up (every part 64-byte aligned).
+// With tiled weights the A operands (gathered tokens xs, activations act) are staged blocked for the tiles
+// (see amx_tiles.h): every expert's rows padded to 16, K to 32 (act_ld, xs_ld); `padded` holds the experts'
+// padded row offsets.
 struct FusedMoeLayout {
-  int64_t offsets, items1, items2, pair_row, row_token, act, ybuf, total;
+  int64_t offsets, items1, items2, pair_row, row_token, act, ybuf, xs, padded, act_ld, xs_ld, total;
   FusedMoeLayout(const OmniFusedMoeArgs& a, int64_t elem_size) {
     const int64_t E = a.num_experts, P = a.tokens * a.top_k;
+    const bool tiles = a.w_layout == OMNI_W_TILES_BF16;
+    const int64_t arows = tiles ? P + 15 * std::min(E, P) : P;
+    act_ld = tiles ? AlignUp(a.inter_size, 32) : a.inter_size;
+    xs_ld = tiles ? AlignUp(a.hidden_size, 32) : 0;
     int64_t at = 0;
     auto take = [&at](int64_t bytes) {
       int64_t p = at;
@@ -35,11 +43,73 @@ struct FusedMoeLayout {
     items2 = take((E + 1) * 8);
     pair_row = take(P * 4);
     row_token = take(P * 4);
-    act = take(P * a.inter_size * elem_size);
+    act = take(arows * act_ld * elem_size);
     ybuf = take(P * a.hidden_size * 4);
+    xs = take(arows * xs_ld * elem_size);
+    padded = take((E + 1) * 8);
     total = at;
   }
 };
+
+// Step 1 of the block: counting sort of the (token, slot) pairs by local expert (stable in pair order). Fills
+// offsets [E + 1], pair_row [P] (-1: expert not on this rank) and row_token [P]; cursor [E] is scratch.
+inline void RouteSort(const OmniFusedMoeArgs& a, int64_t* offsets, int32_t* pair_row, int32_t* row_token,
+                      int64_t* cursor) {
+  const int64_t E = a.num_experts, K = a.top_k, P = a.tokens * a.top_k;
+  for (int64_t e = 0; e <= E; ++e) offsets[e] = 0;
+  for (int64_t p = 0; p < P; ++p) {
+    int32_t e = a.topk_ids[p];
+    if (a.expert_map != nullptr) e = a.expert_map[e];
+    pair_row[p] = e;  // the local expert for now
+    if (e >= 0) ++offsets[e + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) offsets[e + 1] += offsets[e];
+  for (int64_t e = 0; e < E; ++e) cursor[e] = offsets[e];
+  for (int64_t p = 0; p < P; ++p) {
+    const int32_t e = pair_row[p];
+    if (e < 0) {
+      pair_row[p] = -1;
+      continue;
+    }
+    const int64_t r = cursor[e]++;
+    pair_row[p] = static_cast<int32_t>(r);
+    row_token[r] = static_cast<int32_t>(p / K);
+  }
+}
+
+// Step 4: out[t] = T(sum_j w_j * y[row(t, j)]) from the fp32 expert outputs ybuf [P, H].
+template <typename T>
+void CombinePairs(const OmniFusedMoeArgs& a, const int32_t* pair_row, const float* ybuf, const OmniRuntime* rt) {
+  const int64_t T_ = a.tokens, K = a.top_k, H = a.hidden_size;
+  T* out = static_cast<T*>(a.out);
+  auto body = [&]() {
+    int64_t t0, t1;
+    BlockRange(T_, GetBlockIdx(), GetBlockNum(), &t0, &t1);
+    TPipe pipe;
+    TBuf<TPosition::VECCALC> accb;
+    const int64_t hc = std::min<int64_t>(H, 8192);
+    pipe.InitBuffer(accb, hc * sizeof(float));
+    float* acc = accb.Get<float>().GetPhyAddr();
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t h0 = 0; h0 < H; h0 += hc) {
+        const int64_t n = std::min<int64_t>(hc, H - h0);
+        for (int64_t i = 0; i < n; ++i) acc[i] = 0.0f;
+        for (int64_t j = 0; j < K; ++j) {
+          const int32_t r = pair_row[t * K + j];
+          if (r < 0) continue;
+          const float w = a.topk_weights[t * K + j];
+          const float* y = ybuf + static_cast<int64_t>(r) * H + h0;
+          for (int64_t i = 0; i < n; ++i) acc[i] += w * y[i];
+        }
+        T* o = out + t * a.out_stride + h0;
+        int64_t i = 0;
+        for (; i + simd::kW <= n; i += simd::kW) simd::Store(o + i, simd::LoadW(acc + i));  // one rounding, vectorised
+        for (; i < n; ++i) o[i] = FromFloat<T>(acc[i]);
+      }
+    }
+  };
+  LaunchBlocks(BlocksFor(T_, H * (K + 1) * 4, rt), rt, body);
+}
 
 inline int64_t DTypeSize(int32_t dt) { return dt == OMNI_F32 ? 4 : 2; }
 
@@ -54,32 +124,10 @@ void FusedMoeRun(const OmniFusedMoeArgs& a, const OmniRuntime* rt) {
   int32_t* row_token = reinterpret_cast<int32_t*>(ws + L.row_token);
   T* act = reinterpret_cast<T*>(ws + L.act);
   float* ybuf = reinterpret_cast<float*>(ws + L.ybuf);
-  const int64_t E = a.num_experts, T_ = a.tokens, K = a.top_k, H = a.hidden_size, I = a.inter_size;
-  const int64_t P = T_ * K;
+  const int64_t E = a.num_experts, H = a.hidden_size, I = a.inter_size;
 
-  // ---- 1. route: counting sort by local expert (stable in pair order) ----
-  for (int64_t e = 0; e <= E; ++e) offsets[e] = 0;
-  for (int64_t p = 0; p < P; ++p) {
-    int32_t e = a.topk_ids[p];
-    if (a.expert_map != nullptr) e = a.expert_map[e];
-    pair_row[p] = e;  // the local expert for now
-    if (e >= 0) ++offsets[e + 1];
-  }
-  for (int64_t e = 0; e < E; ++e) offsets[e + 1] += offsets[e];
-  {
-    // fill cursor: reuse items1 as the per-expert insertion point
-    for (int64_t e = 0; e < E; ++e) items1[e] = offsets[e];
-    for (int64_t p = 0; p < P; ++p) {
-      const int32_t e = pair_row[p];
-      if (e < 0) {
-        pair_row[p] = -1;
-        continue;
-      }
-      const int64_t r = items1[e]++;
-      pair_row[p] = static_cast<int32_t>(r);
-      row_token[r] = static_cast<int32_t>(p / K);
-    }
-  }
+  // ---- 1. route: counting sort by local expert (items1 as the fill cursor) ----
+  RouteSort(a, offsets, pair_row, row_token, items1);
   const int64_t tiles1 = CeilDiv(I, kNT / 2), tiles2 = CeilDiv(H, kNT);
   items1[0] = items2[0] = 0;
   for (int64_t e = 0; e < E; ++e) {
@@ -149,34 +197,7 @@ void FusedMoeRun(const OmniFusedMoeArgs& a, const OmniRuntime* rt) {
   }
 
   // ---- 4. weighted combine per token ----
-  {
-    T* out = static_cast<T*>(a.out);
-    auto body = [&]() {
-      int64_t t0, t1;
-      BlockRange(T_, GetBlockIdx(), GetBlockNum(), &t0, &t1);
-      TPipe pipe;
-      TBuf<TPosition::VECCALC> accb;
-      const int64_t hc = std::min<int64_t>(H, 8192);
-      pipe.InitBuffer(accb, hc * sizeof(float));
-      float* acc = accb.Get<float>().GetPhyAddr();
-      for (int64_t t = t0; t < t1; ++t) {
-        for (int64_t h0 = 0; h0 < H; h0 += hc) {
-          const int64_t n = std::min<int64_t>(hc, H - h0);
-          for (int64_t i = 0; i < n; ++i) acc[i] = 0.0f;
-          for (int64_t j = 0; j < K; ++j) {
-            const int32_t r = pair_row[t * K + j];
-            if (r < 0) continue;
-            const float w = a.topk_weights[t * K + j];
-            const float* y = ybuf + static_cast<int64_t>(r) * H + h0;
-            for (int64_t i = 0; i < n; ++i) acc[i] += w * y[i];
-          }
-          T* o = out + t * a.out_stride + h0;
-          for (int64_t i = 0; i < n; ++i) o[i] = FromFloat<T>(acc[i]);
-        }
-      }
-    };
-    LaunchBlocks(BlocksFor(T_, H * (K + 1) * 4, rt), rt, body);
-  }
+  CombinePairs<T>(a, pair_row, ybuf, rt);
 }
 
 inline int64_t fused_moe_workspace(const OmniFusedMoeArgs* a) {

@@ -114,23 +114,24 @@ class KernelRmsNorm {
     T* st = st_t.GetPhyAddr();  // may be the residual itself (in place)
     const T* x = x_t.GetPhyAddr();
     const T* rr = r_t.GetPhyAddr();
-    V8 acc0 = Set1(0.0f), acc1 = Set1(0.0f);
-    auto step = [&](int32_t i, V8& acc) {
-      V8 v = Load(x + i);
+    // VW: 16 lanes in the AVX-512 libraries, 8 otherwise.
+    VW acc0 = Set1W(0.0f), acc1 = Set1W(0.0f);
+    auto step = [&](int32_t i, VW& acc) {
+      VW v = LoadW(x + i);
       if constexpr (kResidual) {
-        v = StoreRound(st + i, Add(v, Load(rr + i)));
+        v = StoreRound(st + i, Add(v, LoadW(rr + i)));
       }
       Store(xf + i, v);
       acc = Fma(v, v, acc);
     };
     int32_t i = 0;
-    for (; i + 16 <= n; i += 16) {
+    for (; i + 2 * kW <= n; i += 2 * kW) {
       step(i, acc0);
-      step(i + 8, acc1);
+      step(i + kW, acc1);
     }
-    if (i + 8 <= n) {
+    if (i + kW <= n) {
       step(i, acc0);
-      i += 8;
+      i += kW;
     }
     float total = Sum(Add(acc0, acc1));
     for (; i < n; ++i) {
@@ -161,10 +162,10 @@ class KernelRmsNorm {
     const float* OMNI_RESTRICT xf = work_.Get<float>().GetPhyAddr();
     const float* OMNI_RESTRICT wf = weight_.Get<float>().GetPhyAddr();
     T* o = ot.GetPhyAddr();
-    const simd::V8 rs = simd::Set1(rstd);
+    const simd::VW rs = simd::Set1W(rstd);
     int32_t i = 0;
-    for (; i + 8 <= n; i += 8)
-      simd::Store(o + i, simd::Mul(simd::Round(simd::Mul(simd::Load(xf + i), rs), o), simd::Load(wf + i)));
+    for (; i + simd::kW <= n; i += simd::kW)
+      simd::Store(o + i, simd::Mul(simd::Round(simd::Mul(simd::LoadW(xf + i), rs), o), simd::LoadW(wf + i)));
     for (; i < n; ++i) o[i] = FromFloat<T>(ToFloat(FromFloat<T>(xf[i] * rstd)) * wf[i]);
     CopyOut(out_, dst, ot, n);
   }

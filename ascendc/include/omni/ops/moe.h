@@ -10,6 +10,15 @@ extern "C" {
 typedef enum { OMNI_MOE_SOFTMAX = 0, OMNI_MOE_SIGMOID = 1 } OmniMoeScoring;
 typedef enum { OMNI_MOE_SILU = 0 } OmniMoeActivation;
 
+// How expert weights are laid out in memory.
+//   OMNI_W_ROWS: [B, N, K] row-major, as in checkpoints.
+//   OMNI_W_TILES_BF16: bf16 prepacked for AMX tdpbf16ps, [B, ceil(N/16), ceil(K/32), 16, 16, 2] with element
+//     [b][nb][kb][k2][n][p] = W[b][16*nb + n][32*kb + 2*k2 + p], zero-padded: each (nb, kb) is one 1 KiB B tile
+//     (16 rows of 16 column pairs, the VNNI order tdpbf16ps reads) and a column block's tiles are contiguous
+//     along K, so a work item streams its weights sequentially. w13 [E, 2I, H] is packed as [2E, I, H]
+//     (matrix 2e = gate rows of expert e, 2e + 1 = up rows).
+typedef enum { OMNI_W_ROWS = 0, OMNI_W_TILES_BF16 = 1 } OmniWeightLayout;
+
 typedef struct {
   const void* logits;            // [tokens, num_experts], row stride logits_stride, unit inner stride
   const float* correction_bias;  // [num_experts] fp32 or NULL (added for selection only)
@@ -44,6 +53,9 @@ typedef struct {
   void* out;                     // [rows, n_dim], row stride out_stride
   int64_t x_stride, out_stride, rows, k_dim, n_dim, num_experts;
   int32_t dtype;
+  int32_t w_layout;              // OmniWeightLayout (tiles: w is [E, ceil(N/16), ceil(K/32), 512])
+  void* workspace;               // grouped_gemm_workspace(args) bytes, 64-byte aligned (tiles only)
+  int64_t workspace_bytes;
 } OmniGroupedGemmArgs;
 
 typedef struct {
@@ -72,6 +84,7 @@ typedef struct {
   int32_t dtype;       // activations / output
   int32_t w_dtype;     // weights (== dtype for now)
   int32_t activation;  // OmniMoeActivation
+  int32_t w_layout;    // OmniWeightLayout of w13 and w2
 } OmniFusedMoeArgs;
 
 typedef struct {
@@ -81,6 +94,8 @@ typedef struct {
   void (*moe_combine)(const OmniMoeCombineArgs*, const OmniRuntime*);
   int64_t (*fused_moe_workspace)(const OmniFusedMoeArgs*);
   void (*fused_moe)(const OmniFusedMoeArgs*, const OmniRuntime*);
+  int64_t (*grouped_gemm_workspace)(const OmniGroupedGemmArgs*);
+  uint32_t weight_layouts;  // bit (1 << OmniWeightLayout) for every layout this library's kernels take
 } OmniMoeKernels;
 OMNI_EXPORT const OmniMoeKernels* omni_moe_kernels(void);
 

@@ -12,6 +12,11 @@ extern "C" {
 // out_dtype of w8a8: an OmniDType, or this value for the raw int32 accumulators (no scales, no bias).
 #define OMNI_QGEMM_OUT_I32 100
 
+// w_layout of w8a8: row-major [N, K] (0), or int8 prepacked for AMX tdpbssd (this value; the bit of
+// weight_layouts): [ceil(N/16), ceil(K/64), 16, 16, 4] with element [nb][kb][k4][n][p] = w[16 nb + n][64 kb +
+// 4 k4 + p], zero-padded, i.e. contiguous 1 KiB B tiles along K per 16-column block (cf. OMNI_W_TILES_BF16).
+#define OMNI_W_TILES_I8 2
+
 typedef struct {
   const int8_t* x;         // [M, K], row stride x_stride
   const float* x_scale;    // [M]
@@ -22,6 +27,9 @@ typedef struct {
   int64_t x_stride, w_stride, out_stride;
   int64_t M, N, K;         // K <= 131071: int32 accumulation is exact
   int32_t out_dtype;       // OmniDType or OMNI_QGEMM_OUT_I32
+  int32_t w_layout;        // 0 or OMNI_W_TILES_I8 (then w points at the tiles; w_stride unused)
+  void* workspace;         // w8a8_workspace(args) bytes, 64-byte aligned (tiles only)
+  int64_t workspace_bytes;
 } OmniW8A8Args;
 
 typedef struct {
@@ -63,7 +71,9 @@ typedef struct {
   void (*w4a16_gemm)(const OmniW4A16Args*, const OmniRuntime*);
   void (*fp8_block_gemm)(const OmniFp8BlockArgs*, const OmniRuntime*);
   void (*quantize_per_token_int8)(const OmniQuantI8Args*, const OmniRuntime*);
-  const char* int8_path;   // which int8 inner loop this library uses: "avx512-vnni", "avx2", "scalar"
+  const char* int8_path;   // which int8 inner loop this library uses: "amx", "avx512-vnni", "avx2", "scalar"
+  int64_t (*w8a8_workspace)(const OmniW8A8Args*);
+  uint32_t weight_layouts;  // bit (1 << layout) for every w8a8 weight layout this library takes
 } OmniQuantGemmKernels;
 OMNI_EXPORT const OmniQuantGemmKernels* omni_quant_gemm_kernels(void);
 

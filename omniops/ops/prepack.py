@@ -1,0 +1,147 @@
+"""Weights prepacked once into the AMX tile layout, cached on the weight.
+
+The ``amx`` kernel library multiplies bf16 weights with AMX tiles (tdpbf16ps). A B tile is 16 K-pairs x 16
+columns, so the kernels want each weight matrix ``[N, K]`` rearranged into contiguous 1 KiB tiles
+(``OMNI_W_TILES_BF16`` in ascendc/include/omni/ops/moe.h): ``[ceil(N/16), ceil(K/32), 16, 16, 2]`` with
+element ``[nb][kb][k2][n][p] = W[16 nb + n][32 kb + 2 k2 + p]``, zero-padded. Packing costs one pass over the
+weights, so it is done once per weight and cached:
+
+* ``prepack_moe_weights(w13, w2)`` / ``prepack_linear_weight(w)`` pack now (the model loader calls these so the
+  first request does not pay for it) and return the packed tensors;
+* ``fused_moe`` / ``grouped_gemm`` look the cache up on every bf16 call on the ``amx`` library and pack on a
+  miss, so callers that never prepack still get the tile kernels.
+
+The cache holds a weak reference to the weight: an entry dies with its weight, and an in-place update of the
+weight (its version counter moves) makes the entry stale, so it is repacked. The packed copy doubles the
+weights' memory while the row-major tensor is alive (the kernels take the row-major tensor for its shape only).
+``OMNI_TILES=0`` turns the tile path off (the ``amx`` library then runs the AVX-512 kernels).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from omniops import _ext
+from omniops._backends import _env
+
+_TILES_BF16 = 1 << 1  # bit of OMNI_W_TILES_BF16 in the library's weight_layouts
+_TILES_I8 = 1 << 2  # bit of OMNI_W_TILES_I8 in the quantized-GEMM library's weight_layouts
+_cache: dict[tuple, tuple[weakref.ref, int, Tensor]] = {}
+
+
+def pack_bf16_tiles(w: Tensor) -> Tensor:
+    """``[B, N, K]`` bf16 -> ``[B, ceil(N/16), ceil(K/32), 512]`` (the tile layout above). Pure torch."""
+    if w.dtype != torch.bfloat16 or w.dim() != 3:
+        raise ValueError(f"pack_bf16_tiles: expected a 3-D bfloat16 tensor [B, N, K], got {w.dtype} "
+                         f"{list(w.shape)}")
+    B, N, K = w.shape
+    n_pad, k_pad = -N % 16, -K % 32
+    if n_pad or k_pad:
+        w = F.pad(w, (0, k_pad, 0, n_pad))
+    nb, kb = (N + n_pad) // 16, (K + k_pad) // 32
+    # [B, nb, n(16), kb, k2(16), p(2)] -> [B, nb, kb, k2, n, p]
+    t = w.reshape(B, nb, 16, kb, 16, 2).permute(0, 1, 3, 4, 2, 5)
+    return t.contiguous().view(B, nb, kb, 512)
+
+
+def pack_i8_tiles(w: Tensor) -> Tensor:
+    """``[N, K]`` int8 -> ``[ceil(N/16), ceil(K/64), 1024]`` for AMX tdpbssd: element ``[nb][kb][k4][n][p] =
+    w[16 nb + n][64 kb + 4 k4 + p]``, zero-padded (OMNI_W_TILES_I8). Pure torch."""
+    if w.dtype != torch.int8 or w.dim() != 2:
+        raise ValueError(f"pack_i8_tiles: expected a 2-D int8 tensor [N, K], got {w.dtype} {list(w.shape)}")
+    N, K = w.shape
+    n_pad, k_pad = -N % 16, -K % 64
+    if n_pad or k_pad:
+        w = F.pad(w, (0, k_pad, 0, n_pad))
+    nb, kb = (N + n_pad) // 16, (K + k_pad) // 64
+    t = w.reshape(nb, 16, kb, 16, 4).permute(0, 2, 3, 1, 4)  # [nb, kb, k4, n, p]
+    return t.contiguous().view(nb, kb, 1024)
+
+
+def i8_tiles(w_q: Tensor) -> Tensor | None:
+    """The cached AMX-INT8 tiles of a W8A8 weight ``[N, K]`` (packed on first use), or None where the active
+    library does not take them."""
+    C = _ext.cpp()
+    if (w_q.dtype != torch.int8 or C is None or _env("OMNI_TILES") == "0"
+            or not C.w8a8_tile_layouts() & _TILES_I8):
+        return None
+    return _cached(w_q, "i8", pack_i8_tiles)
+
+
+def tiles_active() -> bool:
+    """True when the active kernel library takes tiled weights (the amx library) and OMNI_TILES allows it."""
+    C = _ext.cpp()
+    return C is not None and _env("OMNI_TILES") != "0" and bool(C.tile_layouts() & _TILES_BF16)
+
+
+def _key(w: Tensor, tag: str) -> tuple:
+    return (tag, w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype)
+
+
+def _cached(w: Tensor, tag: str, pack) -> Tensor:
+    # The weight object itself carries its tiles (attribute lookup, ~0.1 us): the common case of a parameter
+    # passed as is. Views made per call (W[None]) go through the dict below.
+    attr = "_omni_tiles_" + tag
+    own = getattr(w, attr, None)
+    if own is not None and own[0] == w._version and own[1] == w.data_ptr():
+        return own[2]
+    key = _key(w, tag)
+    hit = _cache.get(key)
+    if hit is not None:
+        ref, version, packed = hit
+        # A live referent means the memory at data_ptr is still that weight's; the version says whether it
+        # was written since packing.
+        if ref() is not None and w._version == version:
+            return packed
+    with torch.no_grad():
+        packed = pack(w.detach())
+    # Reference the tensor that owns the memory: callers often pass a fresh view (``W[None]``, ``W.t().t()``)
+    # per call, which would die (and drop the entry) right after the call.
+    owner = w._base if w._base is not None else w
+    _cache[key] = (weakref.ref(owner, lambda _r, k=key: _cache.pop(k, None)), w._version, packed)
+    if w._base is None:
+        setattr(w, attr, (w._version, w.data_ptr(), packed))
+    return packed
+
+
+def prepack_moe_weights(w13: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
+    """Pack (or fetch) the tiles of an MoE layer's ``w13 [E, 2I, H]`` and ``w2 [E, H, I]`` (bf16).
+
+    Returns ``(w13_tiles [2E, ceil(I/16), ceil(H/32), 512], w2_tiles [E, ceil(H/16), ceil(I/32), 512])``; fused_moe
+    finds them by the weights themselves, so passing them on is optional."""
+    if w13.dtype != torch.bfloat16 or w2.dtype != torch.bfloat16:
+        raise ValueError(f"prepack_moe_weights: tiles are bfloat16, got w13 {w13.dtype}, w2 {w2.dtype}")
+    if w13.dim() != 3 or w13.shape[1] % 2:
+        raise ValueError(f"prepack_moe_weights: w13 must be [E, 2*I, H], got {list(w13.shape)}")
+    E, two_i, H = w13.shape
+    t13 = _cached(w13, "w13", lambda w: pack_bf16_tiles(w.reshape(2 * E, two_i // 2, H)))
+    t2 = _cached(w2, "w2", pack_bf16_tiles)
+    return t13, t2
+
+
+def prepack_linear_weight(w: Tensor) -> Tensor:
+    """Pack (or fetch) the tiles of a grouped / dense weight ``[E, N, K]`` or ``[N, K]`` (bf16)."""
+    if w.dtype != torch.bfloat16:
+        raise ValueError(f"prepack_linear_weight: tiles are bfloat16, got {w.dtype}")
+    return _cached(w, "w", lambda t: pack_bf16_tiles(t if t.dim() == 3 else t.unsqueeze(0)))
+
+
+def moe_tiles(w13: Tensor, w2: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The tiles fused_moe should use for these weights, or None (not bf16, or not the amx library)."""
+    if w13.dtype != torch.bfloat16 or not tiles_active():
+        return None
+    return prepack_moe_weights(w13, w2)
+
+
+def linear_tiles(w: Tensor) -> Tensor | None:
+    if w.dtype != torch.bfloat16 or not tiles_active():
+        return None
+    return prepack_linear_weight(w)
+
+
+def clear_cache() -> None:
+    _cache.clear()

@@ -1,0 +1,144 @@
+"""AMX tiles: the prepacked weight layout, the prepack cache, the tile kernels vs the row-major ones, and the
+selection of the amx kernel library (cpuid + the OS's tile permission, OMNI_ISA)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import omniops
+from omniops import _cpu, _ext
+from omniops.ops import prepack
+from omniops.reference import moe as ref
+from omniops.testing import assert_close
+
+needs_cpp = pytest.mark.skipif(_ext.cpp() is None, reason="omniops._C is not built")
+
+
+def _amx_reason() -> str | None:
+    if _ext.cpp() is None:
+        return "omniops._C is not built"
+    info = omniops.cpu_info()
+    if "amx" in info["available_isas"]:
+        return None
+    f = info["features"]
+    if not (f.get("amx_tile") and f.get("amx_bf16")):
+        return f"this CPU ({info['model']}) has no AMX-BF16 tiles"
+    if not info.get("amx_permission"):
+        return "the OS refused the AMX tile permission (arch_prctl ARCH_REQ_XCOMP_PERM)"
+    return "libomni_kernels_amx.so was not built (the compiler lacks -mamx-tile)"
+
+
+needs_amx = pytest.mark.skipif(_amx_reason() is not None, reason=str(_amx_reason()))
+
+
+def test_pack_layout_is_the_documented_one() -> None:
+    B, N, K = 2, 37, 70  # neither a multiple of the tile
+    w = torch.randn(B, N, K).bfloat16()
+    t = prepack.pack_bf16_tiles(w)
+    assert t.shape == (B, 3, 3, 512)
+    tiles = t.view(B, 3, 3, 16, 16, 2)
+    for b, n, k in [(0, 0, 0), (1, 36, 69), (0, 17, 33), (1, 5, 64)]:
+        assert tiles[b, n // 16, k // 32, (k % 32) // 2, n % 16, k % 2] == w[b, n, k]
+    assert tiles[0, 2, :, :, 5:].abs().sum() == 0  # padding columns n >= 37
+    assert tiles[0, :, 2, 3:].abs().sum() == 0  # padding K >= 70
+
+
+def test_prepack_cache_hits_views_and_repacks_after_writes() -> None:
+    prepack.clear_cache()
+    w = torch.randn(3, 48, 64).bfloat16()
+    a = prepack.prepack_linear_weight(w)
+    assert prepack.prepack_linear_weight(w) is a
+    w2 = torch.randn(48, 64).bfloat16()
+    v = prepack.prepack_linear_weight(w2.unsqueeze(0))
+    assert prepack.prepack_linear_weight(w2.unsqueeze(0)) is v  # a fresh view of a live weight still hits
+    with torch.no_grad():
+        w.mul_(2)
+    b = prepack.prepack_linear_weight(w)
+    assert b is not a and torch.equal(b, prepack.pack_bf16_tiles(w))
+    n = len(prepack._cache)
+    del w, a, b
+    assert len(prepack._cache) == n - 1  # the entry dies with its weight
+
+
+def test_prepack_rejects_fp32() -> None:
+    with pytest.raises(ValueError, match="bfloat16"):
+        omniops.prepack_moe_weights(torch.randn(2, 8, 4), torch.randn(2, 4, 4))
+
+
+@needs_amx
+@pytest.mark.parametrize(("T", "H", "inter", "E", "k", "pattern"), [
+    (1, 256, 192, 8, 2, "random"), (16, 100, 37, 5, 3, "random"), (300, 64, 48, 4, 2, "random"),
+    (600, 96, 40, 3, 1, "one_expert"),  # 600 rows of one expert: three row chunks
+])
+def test_tiles_match_rows_kernels_and_reference(T, H, inter, E, k, pattern) -> None:
+    x = torch.randn(T, H).bfloat16()
+    w13 = (torch.randn(E, 2 * inter, H) / H**0.5).bfloat16()
+    w2 = (torch.randn(E, H, inter) / inter**0.5).bfloat16()
+    ids = torch.zeros(T, k, dtype=torch.int32) if pattern == "one_expert" else \
+        torch.rand(T, E).argsort(dim=1)[:, :k].to(torch.int32)
+    weights = torch.softmax(torch.randn(T, k), dim=-1)
+    expected = ref.fused_moe(x, w13, w2, weights, ids)
+    with _cpu.force_isa("amx"):
+        t13, t2 = omniops.prepack_moe_weights(w13, w2)
+        out = torch.empty_like(x)
+        _ext.cpp().fused_moe(out, x, w13, w2, weights, ids, "silu", None, t13, t2)
+        assert torch.equal(omniops.fused_moe(x, w13, w2, weights, ids), out)  # the cached tiles are used
+    with _cpu.force_isa("avx512"):
+        rows = omniops.fused_moe(x, w13, w2, weights, ids)
+    assert_close(out, expected)
+    assert_close(out, rows)
+
+
+@needs_amx
+def test_grouped_gemm_tiles_rows_outside_experts_are_zero() -> None:
+    x = torch.randn(50, 70).bfloat16()
+    w = torch.randn(3, 40, 70).bfloat16()
+    offs = torch.tensor([4, 10, 10, 45])
+    expected = ref.grouped_gemm(x, w, offs)
+    with _cpu.force_isa("amx"):
+        got = omniops.grouped_gemm(x, w, offs)
+    assert_close(got, expected)
+    assert got[:4].abs().sum() == 0 and got[45:].abs().sum() == 0
+
+
+@needs_amx
+def test_tiles_need_the_amx_library() -> None:
+    x, w13, w2 = torch.randn(2, 64).bfloat16(), torch.randn(2, 32, 64).bfloat16(), torch.randn(2, 64, 16).bfloat16()
+    t13, t2 = prepack.prepack_moe_weights(w13, w2)
+    ids, weights = torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1)
+    with _cpu.force_isa("avx512"), pytest.raises(ValueError, match="amx kernel library"):
+        _ext.cpp().fused_moe(torch.empty_like(x), x, w13, w2, weights, ids, "silu", None, t13, t2)
+    with _cpu.force_isa("amx"), pytest.raises(ValueError, match="w2_tiles"):
+        _ext.cpp().fused_moe(torch.empty_like(x), x, w13, w2, weights, ids, "silu", None, t13, t13)
+
+
+@needs_cpp
+def test_amx_library_is_offered_only_with_tiles_and_permission() -> None:
+    info = omniops.cpu_info()
+    f = info["features"]
+    can = bool(f["amx_tile"] and f["amx_bf16"] and f["amx_int8"] and info["amx_permission"]
+               and "avx512" in info["available_isas"])
+    if can and "amx" not in info["available_isas"]:
+        pytest.skip(_amx_reason())
+    assert ("amx" in info["available_isas"]) == can
+    if not can:
+        with pytest.raises(ValueError, match="cannot run on this CPU"):
+            _ext.cpp().set_isa("amx")
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ["amx", "avx512", "avx2", "generic"])
+def test_omni_isa_env_selects_the_library(isa: str) -> None:
+    code = "import omniops; print(omniops.cpu_info()['isa'])"
+    env = dict(os.environ, OMNI_ISA=isa)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    if isa in _cpu.available_isas():
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == isa
+    else:
+        assert r.returncode != 0 and "cannot run on this CPU" in r.stderr
