@@ -82,12 +82,18 @@ def _key(w: Tensor, tag: str) -> tuple:
     return (tag, w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype)
 
 
+def _version(w: Tensor) -> int:
+    # inference tensors (views made under torch.inference_mode, e.g. W[None] inside a compiled graph) keep no
+    # version counter; their memory belongs to a normal weight, whose writes outside inference mode repack
+    return -1 if w.is_inference() else w._version
+
+
 def _cached(w: Tensor, tag: str, pack) -> Tensor:
     # The weight object itself carries its tiles (attribute lookup, ~0.1 us): the common case of a parameter
     # passed as is. Views made per call (W[None]) go through the dict below.
     attr = "_omni_tiles_" + tag
     own = getattr(w, attr, None)
-    if own is not None and own[0] == w._version and own[1] == w.data_ptr():
+    if own is not None and own[0] == _version(w) and own[1] == w.data_ptr():
         return own[2]
     key = _key(w, tag)
     hit = _cache.get(key)
@@ -95,16 +101,16 @@ def _cached(w: Tensor, tag: str, pack) -> Tensor:
         ref, version, packed = hit
         # A live referent means the memory at data_ptr is still that weight's; the version says whether it
         # was written since packing.
-        if ref() is not None and w._version == version:
+        if ref() is not None and _version(w) == version:
             return packed
     with torch.no_grad():
         packed = pack(w.detach())
     # Reference the tensor that owns the memory: callers often pass a fresh view (``W[None]``, ``W.t().t()``)
     # per call, which would die (and drop the entry) right after the call.
     owner = w._base if w._base is not None else w
-    _cache[key] = (weakref.ref(owner, lambda _r, k=key: _cache.pop(k, None)), w._version, packed)
+    _cache[key] = (weakref.ref(owner, lambda _r, k=key: _cache.pop(k, None)), _version(w), packed)
     if w._base is None:
-        setattr(w, attr, (w._version, w.data_ptr(), packed))
+        setattr(w, attr, (_version(w), w.data_ptr(), packed))
     return packed
 
 

@@ -152,6 +152,10 @@ class FusedMoE:
             self.quant = [(Linear(a, quantization), Linear(b, quantization)) for a, b in zip(w13, w2, strict=True)]
             w13 = w2 = None
         self.w13, self.w2 = (w13.contiguous(), w2.contiguous()) if w13 is not None else (None, None)
+        if self.w13 is not None:
+            from omniops.ops.prepack import moe_tiles
+
+            moe_tiles(self.w13, self.w2)  # AMX tile layout packed now (bf16 on the amx library), not on request 1
 
     def __call__(self, x: Tensor) -> Tensor:
         w, ids = self.route(x)
@@ -160,6 +164,7 @@ class FusedMoE:
             sid = torch.arange(self.num_routed, self.num_routed + self.num_shared, dtype=ids.dtype)
             ids = torch.cat([ids, sid.expand(T, -1)], dim=1)
             w = torch.cat([w, w.new_ones(T, self.num_shared)], dim=1)
+        w = w.float()  # fused_moe's fastest entry: fp32 weights, int32 ids
         if self.quant is None:
             return omniops.fused_moe(x, self.w13, self.w2, w, ids)
         d = omniops.moe_dispatch(x, ids, len(self.quant))
