@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=argparse.SUPPRESS)
     p.add_argument("--quantization", default=None, choices=("w8a8", "fp8_block", "w4a16"))
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--threads", type=int, default=None,
+                   help="compute threads of the engine (default: all cores but one, which the HTTP server and "
+                        "clients get — vLLM-CPU reserves one too; measured on 2 cores: ITL p50 at concurrency 1 "
+                        "9 ms with 1 thread vs 11-29 ms with 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key", default=os.environ.get("OMNI_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $OMNI_API_KEY)")
@@ -88,11 +92,16 @@ def _isa() -> str:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch
     import uvicorn
 
     from omniops.serving import EngineConfig, LLMEngine
     from omniops.serving.api import build_app
 
+    threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
+    if threads < 1:
+        raise SystemExit("omni-serve: --threads must be >= 1")
+    torch.set_num_threads(threads)
     try:
         cfg = EngineConfig.from_kwargs(
             args.model, dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
