@@ -27,7 +27,8 @@ from tests.serving.test_pd import burst
 # ---- scripted fake engines -----------------------------------------------------------------------------------
 class FakeEngine:
     """An OpenAI-ish engine whose behaviour the test sets: mode "ok" | "500" | "hang" | "die_before" |
-    "die_after" (a stream that breaks before / after its first token); ``down`` makes /health answer 503.
+    "die_after" (a stream that breaks before / after its first token) | "error_first" (an error event first);
+    ``down`` makes /health answer 503.
     Answers say who answered: the text is the engine's name."""
 
     def __init__(self, name: str):
@@ -78,6 +79,10 @@ class FakeEngine:
 
         async def gen():
             yield ev("")  # carries no token (as the chat role chunk)
+            if mode == "error_first":  # a failed engine step: omni-serve's error event, then [DONE]
+                yield 'data: {"error":{"message":"step failed","type":"server_error"}}\n\n'
+                yield "data: [DONE]\n\n"
+                return
             if mode == "die_before":
                 raise RuntimeError("engine died")
             yield ev(self.name)
@@ -185,8 +190,12 @@ def test_5xx_and_break_before_first_token_are_retried(fakes, tmp_path):
         for _ in range(4):
             status, sse = post(proxy.url, stream=True)
             assert status == 200 and stream_text(sse) == ("good!", [], True)
+        bad.mode = "error_first"
+        for _ in range(4):
+            status, sse = post(proxy.url, stream=True)
+            assert status == 200 and stream_text(sse) == ("good!", [], True)
         stats = proxy.load()["stats"]
-        assert stats["retries"] >= 3 and stats["ok"] == 8 and stats["errors"] == 0
+        assert stats["retries"] >= 5 and stats["ok"] == 12 and stats["errors"] == 0
         assert bad.hits >= 3
     finally:
         proxy.stop()

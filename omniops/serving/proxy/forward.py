@@ -172,6 +172,10 @@ class Stream:
         first). Raises BackendFailed if the stream breaks or ends without [DONE] before that."""
         held: list[bytes] = []
         async for ev in self.events():
+            if ev.startswith(b'data: {"error"'):
+                # the engine failed the request before any token (a failed step): another engine may not
+                self.b.errors_total += 1
+                raise BackendFailed(self.b, f"error event before the first token: {ev[6:300].decode(errors='replace')}")
             held.append(ev)
             if carries_token(ev):
                 return held
