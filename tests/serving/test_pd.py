@@ -168,8 +168,9 @@ def test_kill_a_decode_engine_mid_load(llama):
         assert len(ok) >= n // 2, errors
         # only streams that had sent a token may fail; they say so
         assert all("failed while streaming" in r["error"] for r in errors), errors
-        print(f"\nkill -9 mid-load: {len(ok)} completed, {len(errors)} explicit errors of {n}")
         stats = proxy.load()
+        print(f"\nkill -9 mid-load: {len(ok)} completed ({stats['stats']['retries']} retried), {len(errors)} "
+              f"explicit errors of {n}")
         d2_before = next(x for x in stats["backends"] if x["url"] == d2.url)
         assert not d2_before["healthy"]
         later = asyncio.run(burst(proxy.url, prompts[:8], [8] * 8))
