@@ -4,7 +4,6 @@ each engine) and /metrics (Prometheus, ``omni:proxy_*``)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.responses import JSONResponse, Response
 
+from omniops.serving.api.handlers import ClientGone, until_disconnect
 from omniops.serving.proxy.backends import HealthChecker
 from omniops.serving.proxy.forward import BackendFailed, error_body
 from omniops.serving.proxy.router import Router
@@ -69,30 +69,6 @@ class ProxyMetrics:
         return generate_latest(self.registry)
 
 
-async def until_disconnect(request: Request, work) -> Response:
-    """Run ``work``; if the client disconnects first, cancel it: the upstream connections close and the
-    engines abort the request (a non-streamed answer would otherwise be computed for nobody). The body has been
-    read, so the next ASGI message can only be http.disconnect."""
-    task = asyncio.ensure_future(work)
-
-    async def watch() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
-        raise
-    finally:
-        watcher.cancel()
-    if not task.done():
-        task.cancel()
-        return Response(status_code=499)  # nobody reads it
-    return task.result()
-
-
 def build_app(router: Router, *, health_interval: float = 1.0, health_timeout: float = 5.0,
               url: str | None = None) -> FastAPI:
     health = HealthChecker(router.backends, router.client, health_interval, health_timeout)
@@ -122,7 +98,10 @@ def build_app(router: Router, *, health_interval: float = 1.0, health_timeout: f
             router.stats.client_errors += 1
             msg = payload if isinstance(payload, str) else "the body must be a JSON object"
             return Response(error_body(msg, "invalid_request_error"), 400, media_type="application/json")
-        return await until_disconnect(request, router.handle(path, payload, headers_of(request)))
+        try:
+            return await until_disconnect(request, router.handle(path, payload, headers_of(request)))
+        except ClientGone:  # cancelled: the upstream connections closed and the engines abort the request
+            return Response(status_code=499)  # nobody reads it
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
