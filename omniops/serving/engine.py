@@ -206,7 +206,7 @@ class LLMEngine:
         return outputs
 
     def _output(self, req: Request, finished: bool) -> RequestOutput:
-        detok = self.detok[req.request_id] if finished is False else self.detok.pop(req.request_id)
+        detok = self.detok.pop(req.request_id) if finished else self.detok[req.request_id]
         detok.delta(finished)
         comp = CompletionOutput(0, detok.text[:detok.sent], list(req.output_token_ids),
                                 list(req.logprobs) if req.logprobs is not None else None,

@@ -152,12 +152,16 @@ class KVCacheManager:
         """Register the full blocks whose KV is now computed."""
         if not self.enable_prefix_caching:
             return
-        for i, h in enumerate(self._hashes(req, req.num_computed_tokens)):
-            self.pool.register(req.block_ids[i], h)
+        hashes = self._hashes(req, req.num_computed_tokens)
+        # once per block, not every block every step: a decoding request fills one block per block_size steps
+        for i in range(min(req.num_registered_blocks, len(hashes)), len(hashes)):
+            self.pool.register(req.block_ids[i], hashes[i])
+        req.num_registered_blocks = len(hashes)
 
     def free(self, req: Request) -> None:
         self.pool.release(req.block_ids[::-1])  # tail first: evicted before the (more shareable) head
         req.block_ids = []
+        req.num_registered_blocks = 0
 
     def check_all_free(self) -> None:
         """The invariant once no request is live: every block free, no reference left."""

@@ -28,6 +28,7 @@ class Request:
         self.status = Status.WAITING
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks of all_token_ids, computed lazily
+        self.num_registered_blocks = 0  # leading blocks of block_ids already offered to the prefix cache
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.num_cached_tokens = -1  # prompt tokens served by the prefix cache at first scheduling
         self.num_preemptions = 0

@@ -1,9 +1,9 @@
 """What every model runner shares: the batch's attention metadata, linears (plain or quantized), RoPE tables,
 the paged-attention calls for GQA caches, and the MoE block on ``fused_moe``.
 
-A step's tokens are one flat list (vLLM v1 style): first the decode tokens (one per sequence, attending to
-the paged cache through ``gqa_decode`` / ``mla_decode``), then the prefill chunks (``gqa_prefill`` over the new
-tokens after the sequence's cached context).
+A step's tokens are one flat list (vLLM v1 style): first the decode tokens (one per sequence), then the
+prefill chunks, each after its sequence's cached context. GQA runs them all through one ``gqa_prefill``; MLA
+splits them (``mla_decode`` for the decodes, expanded K/V for the chunks).
 """
 
 from __future__ import annotations
@@ -34,10 +34,6 @@ class AttentionMetadata:
     prefill_query: list[int] = field(default_factory=list)  # their new-token counts, as ints
 
     @property
-    def num_tokens(self) -> int:
-        return self.positions.shape[0]
-
-    @property
     def any_context(self) -> bool:
         return any(self.prefill_context)
 
@@ -52,10 +48,6 @@ class AttentionMetadata:
     @property
     def prefill_block_table(self) -> Tensor:
         return self.block_table[self.num_decode:]
-
-    @property
-    def prefill_context_lens(self) -> Tensor:
-        return self.context_lens[self.num_decode:]
 
     @property
     def prefill_cu_seqlens(self) -> Tensor:
