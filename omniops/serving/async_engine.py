@@ -1,15 +1,19 @@
-"""``AsyncEngine``: the synchronous ``LLMEngine`` on its own thread, driven from asyncio.
+"""``AsyncEngine``: omni-serve's front end of the engine, driven from asyncio.
 
-The engine is not thread-safe, so exactly one thread (``omni-engine``) ever calls it. That thread loops:
-drain the command queue (add / abort), run ``step()`` while any request is unfinished, hand the step's outputs
-to the event loop in ONE ``call_soon_threadsafe`` per step, and block on the queue when there is no work (no
-busy spin: idle connections cost the engine nothing).
+The engine itself runs elsewhere, in one ``EngineLoop`` (``engine_loop``), behind a backend:
 
-Outputs are cumulative (text, token ids and logprobs so far), so each request keeps only its latest output in
-a mailbox, not a queue: a slow reader skips intermediate outputs and neither stalls a step nor grows memory.
+* ``EngineProcess`` (``engine_core``, what omni-serve uses): the engine core in its own process, so the HTTP
+  event loop and the engine never share a GIL; commands and outputs cross a pipe.
+* ``ThreadBackend`` (below, for an ``LLMEngine`` built in this process: tests, embedding): the loop on a thread
+  named ``omni-engine``.
 
-Counts that other code reads (``/load``, ``/metrics``, the ``max_queue`` check) come from ``snapshot``, a dict
-the engine thread replaces as a whole after each command batch and each step; readers never touch the engine.
+Either way the backend hands each loop iteration's ``Published`` (snapshot, answers, outputs, failures) to the
+event loop in one callback. Outputs are cumulative (text, token ids and logprobs so far), so each request keeps
+only its latest output in a mailbox, not a queue: a slow reader skips intermediate outputs and neither stalls a
+step nor grows memory.
+
+Counts that other code reads (``/load``, ``/metrics``, the ``max_queue`` check) come from ``snapshot``, replaced as
+a whole on the event loop with each ``Published``; readers never touch the engine.
 """
 
 from __future__ import annotations
@@ -21,22 +25,16 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
-import torch
+from prometheus_client.core import Metric
 
 from omniops.serving.engine import LLMEngine
+from omniops.serving.engine_loop import STOP, WAKE, Command, EngineError, EngineLoop, Published
 from omniops.serving.outputs import RequestOutput
 from omniops.serving.sampling_params import SamplingParams
 
 log = logging.getLogger("omniops.serving.async_engine")
 
-_STOP = ("stop", "", None)
-# engine counters reported by the snapshot (minus their value at start(): the warmup request is not traffic)
-_COUNTERS = ("prompt_tokens", "prompt_tokens_computed", "generation_tokens")
-_STATS = ("num_preemptions", "prefix_cache_queries", "prefix_cache_hits")
-
-
-class EngineError(RuntimeError):
-    """The request failed inside the engine (a step raised), or the engine thread is not running."""
+__all__ = ["AsyncEngine", "EngineError", "QueueFullError", "RequestStream", "ThreadBackend"]
 
 
 class QueueFullError(RuntimeError):
@@ -88,48 +86,101 @@ class RequestStream:
             return
         self._closed = True
         self.engine._streams.pop(self.request_id, None)
+        self.engine.backend.closed(self.request_id)
         if not self.finished:
-            self.engine._cmds.put(("abort", self.request_id, None))
+            self.engine.backend.submit(("abort", self.request_id, None))
+
+
+class ThreadBackend:
+    """The ``EngineLoop`` of an in-process ``LLMEngine`` on its own thread (not thread-safe: that thread is the
+    only one that calls it). Commands go through a queue; results reach the event loop by
+    ``call_soon_threadsafe``, one per loop iteration."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine, self.config = engine, engine.config
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.dead: BaseException | None = None
+
+    def attach(self, loop: asyncio.AbstractEventLoop, on_published: Callable[[Published], None],
+              on_dead: Callable[[BaseException], None]) -> dict:
+        def post(fn, *args) -> None:
+            try:
+                loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:  # the loop is closed (shutdown): nobody is left to tell
+                pass
+
+        engine_loop = EngineLoop(self.engine, self._recv, lambda pub: post(on_published, pub))
+        conn = getattr(self.engine, "kv_connector", None)
+        if conn is not None:  # KV pulls and acks end on other threads: they wake an idle engine thread
+            conn.wake = lambda: self._cmds.put(WAKE)
+
+        def run() -> None:
+            try:
+                engine_loop.run()
+            except BaseException as e:  # a bug outside step(): keep /health honest and fail everyone
+                log.exception("engine thread died")
+                self.dead = e
+                post(on_dead, EngineError(f"the engine thread died: {e!r}"))
+
+        self._thread = threading.Thread(target=run, name="omni-engine", daemon=True)
+        self._thread.start()
+        return engine_loop.snapshot()
+
+    def _recv(self, block: bool) -> list[Command]:
+        cmds = [self._cmds.get()] if block else []
+        while True:
+            try:
+                cmds.append(self._cmds.get_nowait())
+            except queue.Empty:
+                return cmds
+
+    def submit(self, cmd: Command) -> None:
+        self._cmds.put(cmd)
+
+    def closed(self, request_id: str) -> None:
+        pass
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.dead is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._cmds.put(STOP)
+            self._thread.join(timeout)
+
+    async def metric_families(self, model_name: str) -> list[Metric]:
+        conn = getattr(self.engine, "kv_connector", None)
+        return list(conn.stats.families(model_name)) if conn is not None else []
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, *, max_queue: int | None = None, on_output: OutputHook | None = None):
+    """``engine``: an ``LLMEngine`` built in this process (run on a thread) or a started ``EngineProcess``."""
+
+    def __init__(self, engine, *, max_queue: int | None = None, on_output: OutputHook | None = None):
         if max_queue is not None and max_queue < 0:
             raise ValueError(f"max_queue: must be >= 0, got {max_queue}")
-        self.engine = engine
+        self.backend = ThreadBackend(engine) if isinstance(engine, LLMEngine) else engine
         self.max_queue = max_queue
-        self.max_num_seqs = engine.config.max_num_seqs
+        self.max_num_seqs = self.backend.config.max_num_seqs
         self.on_output = on_output  # called on the loop with (output, previous token time of that request)
-        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, _Mailbox] = {}  # loop side
-        self._pending = 0  # adds submitted by the loop, not yet answered by the engine thread
-        self._live: set[str] = set()  # engine-thread side: ids queued in the engine
+        self.on_dead: list[Callable[[BaseException], None]] = []  # after the engine died and streams failed
+        self._streams: dict[str, _Mailbox] = {}
+        self._pending = 0  # adds submitted, not yet answered by the engine
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._base: dict[str, int] = {}
         self.dead: BaseException | None = None
         self.snapshot: dict = {}
 
     # ---- lifecycle (event loop) ----------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the engine thread; call from the event loop that will read the outputs."""
+        """Start the engine loop; call from the event loop that will read the outputs."""
         self._loop = asyncio.get_running_loop()
-        c = self.engine.counters
-        self._base = {k: getattr(c, k) for k in _COUNTERS}
-        self._base.update({k: v for k, v in self.engine.stats().items() if k in _STATS})
-        self._base.update({f"finished_{r}": n for r, n in c.finished.items()})
-        self._publish()
-        conn = getattr(self.engine, "kv_connector", None)
-        if conn is not None:  # KV pulls and acks end on other threads: they wake an idle engine thread
-            conn.wake = lambda: self._cmds.put(("wake", None, None))
-        self._thread = threading.Thread(target=self._run, name="omni-engine", daemon=True)
-        self._thread.start()
+        self.snapshot = self.backend.attach(self._loop, self._published, self._died)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the thread after its current step; requests still open fail with EngineError."""
-        if self._thread is not None and self._thread.is_alive():
-            self._cmds.put(_STOP)
-            self._thread.join(timeout)
+        """Stop the engine after its current step; requests still open fail with EngineError."""
+        self.backend.stop(timeout)
         self._fail(list(self._streams), EngineError("the server is shutting down"))
 
     def load(self) -> dict:
@@ -141,7 +192,11 @@ class AsyncEngine:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.dead is None
+        return self.dead is None and self.backend.alive
+
+    async def metric_families(self, model_name: str) -> list[Metric]:
+        """The engine's own Prometheus families (KV transfer), fetched from wherever it runs."""
+        return await self.backend.metric_families(model_name) if self.alive else []
 
     # ---- requests (event loop) -----------------------------------------------------------------------------
     def check_queue(self) -> None:
@@ -161,7 +216,7 @@ class AsyncEngine:
         """Queue a request. Raises what ``LLMEngine.add_request`` raises (ValueError / TypeError naming the
         field), QueueFullError, or EngineError; nothing stays queued then."""
         if not self.alive:
-            raise EngineError(f"the engine is not running ({self.dead!r})" if self.dead else "the engine is stopped")
+            raise EngineError(f"the engine is not running ({self.dead})" if self.dead else "the engine is stopped")
         if request_id in self._streams:
             raise ValueError(f"request_id: {request_id!r} is already running")
         self.check_queue()
@@ -169,8 +224,8 @@ class AsyncEngine:
         self._streams[request_id] = box
         stream = RequestStream(self, request_id, box)
         self._pending += 1
-        self._cmds.put(("add", request_id, (prompt, params, time.monotonic() if arrival is None else arrival,
-                                            kv_transfer_params)))
+        self.backend.submit(("add", request_id, (prompt, params, time.monotonic() if arrival is None else arrival,
+                                                 kv_transfer_params)))
         try:
             await box.accepted
         except BaseException:  # rejected, or the caller was cancelled while waiting: leave nothing behind
@@ -178,92 +233,25 @@ class AsyncEngine:
             raise
         return stream
 
-    # ---- engine thread -------------------------------------------------------------------------------------
-    def _run(self) -> None:
-        try:
-            with torch.inference_mode():
-                self._serve()
-        except BaseException as e:  # a bug outside step(): keep /health honest and fail everyone
-            log.exception("engine thread died")
-            self.dead = e
-            self._post(self._fail, None, EngineError(f"the engine thread died: {e!r}"))
+    # ---- backend callbacks (event loop) --------------------------------------------------------------------
+    def _published(self, pub: Published) -> None:
+        self.snapshot = pub.snapshot
+        if pub.answers:
+            self._answer(pub.answers)
+        if pub.outputs:
+            self._deliver(pub.outputs)
+        if pub.failed:
+            self._fail(pub.failed, EngineError(pub.error))
 
-    def _serve(self) -> None:
-        eng = self.engine
-        while True:
-            cmds = [] if eng.has_unfinished_requests() else [self._cmds.get()]  # idle: block, no spin
-            while True:
-                try:
-                    cmds.append(self._cmds.get_nowait())
-                except queue.Empty:
-                    break
-            answers = []
-            for kind, rid, payload in cmds:
-                if kind == "stop":
-                    return
-                if kind == "wake":
-                    continue
-                if kind == "add":
-                    prompt, params, arrival, kvp = payload
-                    try:
-                        eng.add_request(rid, prompt, params, arrival=arrival, kv_transfer_params=kvp)
-                        self._live.add(rid)
-                        answers.append((rid, None))
-                    except Exception as e:  # ValueError / TypeError from validation: the client's 400
-                        answers.append((rid, e))
-                elif rid in self._live:
-                    self._live.discard(rid)
-                    eng.abort_request(rid)
-            if cmds:
-                self._publish()  # before answering, so an accepted request is already in the counts
-            if answers:
-                self._post(self._answer, answers)
-            if not eng.has_unfinished_requests():
-                continue
+    def _died(self, err: BaseException) -> None:
+        self.dead = err
+        self._fail(None, err)
+        for cb in self.on_dead:
             try:
-                outs = eng.step()
-            except Exception as e:
-                self._step_failed(e)
-                continue
-            for o in outs:
-                if o.finished:
-                    self._live.discard(o.request_id)
-            self._publish()
-            if outs:
-                self._post(self._deliver, outs)
-
-    def _step_failed(self, e: Exception) -> None:
-        # Which requests the failed batch held is not reported by the engine, and a half-done step leaves their
-        # state unknown: abort every live request (their KV blocks are freed) and fail them with the error.
-        log.exception("engine step failed; failing %d live requests", len(self._live))
-        failed = list(self._live)
-        for rid in failed:
-            try:
-                self.engine.abort_request(rid)
+                cb(err)
             except Exception:
-                log.exception("abort of %s after a failed step failed too", rid)
-        self._live.clear()
-        self._publish()
-        self._post(self._fail, failed, EngineError(f"the engine failed while running this request: {e!r}"))
+                log.exception("on_dead callback failed")
 
-    def _publish(self) -> None:
-        eng, b = self.engine, self._base
-        s = eng.stats()
-        c = eng.counters
-        snap = {k: s[k] for k in ("running", "waiting", "kv_cache_usage", "prefill_tokens_in_flight",
-                                  "decode_tokens_in_flight")}
-        snap.update({k: s[k] - b.get(k, 0) for k in _STATS})
-        snap.update({k: getattr(c, k) - b.get(k, 0) for k in _COUNTERS})
-        snap["finished"] = {r: n - b.get(f"finished_{r}", 0) for r, n in c.finished.items()}
-        self.snapshot = snap  # one reference swap: readers on the loop see a whole snapshot
-
-    def _post(self, fn: Callable, *args) -> None:
-        try:
-            self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # the loop is closed (shutdown): nobody is left to tell
-            pass
-
-    # ---- event loop callbacks ------------------------------------------------------------------------------
     def _answer(self, answers: list[tuple[str, BaseException | None]]) -> None:
         for rid, err in answers:
             self._pending -= 1

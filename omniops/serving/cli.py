@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-timeout", type=float, default=30.0, metavar="S",
                    help="prefill role: free held blocks when no decode engine acknowledged them within S seconds")
     p.add_argument("--engine-id", default=None, help="this engine's remote_engine_id (default: random)")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the engine core in its own process, the HTTP server in this one (no shared GIL); "
+                        "--no-engine-process runs it on a thread here (always so with --ep > 1)")
     g = p.add_argument_group("expert parallel (omniops.serving.ep)")
     g.add_argument("--ep", type=int, default=1, metavar="N", help="ranks the MoE experts are split over (local "
                    "processes, or torchrun's WORLD_SIZE); attention is replicated")
@@ -89,19 +92,26 @@ def _isa() -> str:
     return f"omni kernels {info['isa']}" if info.get("isa") else f"reference ops ({info.get('reason', 'no _C')})"
 
 
+def _kv_options(args) -> dict:
+    kv_host = args.kv_host or args.host
+    advertise = args.kv_advertise_host or (socket.getfqdn() if kv_host in ("0.0.0.0", "::", "") else kv_host)
+    return {"host": kv_host, "port": args.kv_port, "timeout": args.kv_timeout, "engine_id": args.engine_id,
+            "advertise_host": advertise}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
     import uvicorn
 
-    from omniops.serving import EngineConfig, LLMEngine
+    from omniops.serving import EngineConfig
     from omniops.serving.api import build_app
+    from omniops.serving.engine_core import CoreSpec, EngineProcess, start_engine
 
     threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
     if threads < 1:
         raise SystemExit("omni-serve: --threads must be >= 1")
-    torch.set_num_threads(threads)
     try:
         cfg = EngineConfig.from_kwargs(
             args.model, dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
@@ -113,47 +123,54 @@ def main(argv: list[str] | None = None) -> None:
             placement_nodes=args.placement_nodes, ep_timeout=args.ep_timeout)
         if args.max_queue is not None and args.max_queue < 0:
             raise ValueError(f"max_queue: must be >= 0, got {args.max_queue}")
-        engine = LLMEngine(cfg)
         sock = _bind(args.host, args.port)
-    except (ValueError, TypeError, OSError, RuntimeError) as e:  # RuntimeError: an EP rank failed to start
+        spec = CoreSpec(cfg, threads, args.role, _kv_options(args) if args.role != "mixed" else {},
+                        args.log_level.upper())
+        # expert parallel: rank 0 drives its ranks from this process (they are processes already)
+        in_process = not args.engine_process or cfg.ep > 1
+        if in_process:
+            engine, info = start_engine(spec)
+        else:
+            torch.set_num_threads(1)  # this process only serves HTTP: the cores are the engine core's
+            engine = EngineProcess(spec).start()
+            info = engine.info
+    except (ValueError, TypeError, OSError, RuntimeError) as e:  # RuntimeError: an EP rank / the core failed
         sys.exit(f"omni-serve: {e}")
-    engine.warmup()  # first-call costs of the kernels, before the first client pays them
-    kv_note = ""
-    if args.role != "mixed":
-        from omniops.serving.kv_transfer import KVConnector
-
-        kv_host = args.kv_host or args.host
-        advertise = args.kv_advertise_host or (socket.getfqdn() if kv_host in ("0.0.0.0", "::", "") else kv_host)
-        try:
-            engine.kv_connector = KVConnector(engine, args.role, host=kv_host, port=args.kv_port,
-                                              timeout=args.kv_timeout, engine_id=args.engine_id,
-                                              advertise_host=advertise)
-        except (ValueError, OSError) as e:
-            sys.exit(f"omni-serve: {e}")
-        c = engine.kv_connector
-        kv_note = f", role {args.role} ({c.engine_id}" + (f", KV port {c.host}:{c.port}" if c.port else "") + ")"
+    kv = info["kv"]
+    kv_note = "" if kv is None else (f", role {args.role} ({kv['engine_id']}"
+                                     + (f", KV port {kv['host']}:{kv['port']}" if kv["port"] else "") + ")")
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     name = args.served_model_name or args.model
-    runner = getattr(engine.runner, "compile_report", None)  # eager / compiled, and why
     log.info("omni-serve: model %s as %r, %s, dtype %s, %s, %d KV blocks of %d tokens, max_model_len %d, "
-             "prefix caching %s%s%s, %s", args.model, name, type(engine.model).__name__, engine.model.dtype, _isa(),
-             engine.kv.num_blocks, cfg.block_size, cfg.max_model_len, "on" if cfg.enable_prefix_caching else "off",
-             f", runner {runner}" if runner else "", kv_note, url)
+             "prefix caching %s%s%s, engine %s with %d threads, %s", args.model, name, info["model_class"],
+             info["dtype"], _isa(), info["num_blocks"], cfg.block_size, cfg.max_model_len,
+             "on" if cfg.enable_prefix_caching else "off", f", runner {info['runner']}" if info["runner"] else "",
+             kv_note, "in process" if in_process else "core process", info["threads"], url)
     app = build_app(engine, served_model_name=name, api_key=args.api_key, max_queue=args.max_queue,
                     log_requests=not args.disable_log_requests, url=url)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=not args.disable_uvicorn_access_log,
                             timeout_graceful_shutdown=5, lifespan="on")
     server = uvicorn.Server(config)
-    if engine.ep is not None:  # EP metrics on /metrics; a dead rank shuts the server down (exit status 1)
+    failure: list[BaseException] = []
+
+    def engine_died(err: BaseException) -> None:  # the core process exited: stop serving, exit non-zero
+        failure.append(err)
+        server.should_exit = True
+
+    app.state.engine.on_dead.append(engine_died)
+    ep = getattr(engine, "ep", None)
+    if ep is not None:  # EP metrics on /metrics; a dead rank shuts the server down (exit status 1)
         from omniops.serving.ep.metrics import attach_server
 
-        attach_server(engine.ep, app, server, name)
+        attach_server(ep, app, server, name)
     server.run(sockets=[sock])
-    if engine.ep is not None:
-        engine.ep.shutdown()
-        if engine.ep.error is not None:
-            sys.exit(f"omni-serve: {engine.ep.error}")
+    if ep is not None:
+        ep.shutdown()
+        if ep.error is not None:
+            sys.exit(f"omni-serve: {ep.error}")
+    if failure:
+        sys.exit(f"omni-serve: {failure[0]}")
 
 
 if __name__ == "__main__":

@@ -230,7 +230,7 @@ def test_idle_thread_does_not_spin_and_slow_reader_does_not_stall(engine):
             await asyncio.sleep(0.05)  # the step outputs' callbacks, queued on this loop behind the snapshot
             outs = [o async for o in stream]
             assert len(outs) == 1 and outs[0].finished and len(outs[0].outputs[0].token_ids) == 40
-            clock = time.pthread_getcpuclockid(ae._thread.ident)
+            clock = time.pthread_getcpuclockid(ae.backend._thread.ident)
             t0 = time.clock_gettime(clock)
             await asyncio.sleep(0.5)
             assert time.clock_gettime(clock) - t0 < 0.05, "the idle engine thread burns CPU"

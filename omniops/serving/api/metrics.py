@@ -77,6 +77,7 @@ class ServerMetrics:
     def __init__(self, model_name: str):
         self.model_name = model_name
         self.engine: AsyncEngine | None = None
+        self.engine_families: list[Metric] = []  # the engine's own (KV transfer), fetched before each render
         self.ttft = Histogram(TTFT_BUCKETS)
         self.itl = Histogram(ITL_BUCKETS)
         self.e2e = Histogram(E2E_BUCKETS)
@@ -123,9 +124,7 @@ class ServerMetrics:
                               self.model_name)
         yield self.e2e.family("omni:e2e_request_latency_seconds", "Arrival to last token of finished requests.",
                               self.model_name)
-        conn = getattr(self.engine.engine, "kv_connector", None) if self.engine is not None else None
-        if conn is not None:  # prefill/decode engines: omni:kv_transfer_blocks_total, omni:kv_transfer_seconds, ...
-            yield from conn.stats.families(self.model_name)
+        yield from self.engine_families  # prefill/decode engines: omni:kv_transfer_blocks_total, ...
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

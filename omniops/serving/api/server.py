@@ -21,6 +21,7 @@ from omniops.serving.api.handlers import APIError, ClientGone, OpenAIServing
 from omniops.serving.api.metrics import CONTENT_TYPE, ServerMetrics
 from omniops.serving.async_engine import AsyncEngine
 from omniops.serving.engine import LLMEngine, load_tokenizer
+from omniops.serving.engine_core import EngineProcess
 
 log = logging.getLogger("omniops.serving.api")
 
@@ -82,13 +83,13 @@ def _internal_error(_: Request, exc: Exception) -> Response:
     return APIError(500, f"internal error: {exc!r}", type="server_error").response()
 
 
-def build_app(engine: LLMEngine, *, served_model_name: str | None = None, api_key: str | None = None,
+def build_app(engine: LLMEngine | EngineProcess, *, served_model_name: str | None = None, api_key: str | None = None,
               max_queue: int | None = None, log_requests: bool = True, url: str | None = None) -> FastAPI:
     name = served_model_name or engine.config.model
     metrics = ServerMetrics(name)
     aengine = AsyncEngine(engine, max_queue=max_queue, on_output=metrics.observe)
     metrics.engine = aengine
-    # the server's own tokenizer: the engine thread's is never called from the event loop
+    # the server's own tokenizer: the engine's is never called from the event loop
     serving = OpenAIServing(aengine, load_tokenizer(engine.config.model), name, engine.config.max_model_len,
                             log_requests)
 
@@ -99,7 +100,7 @@ def build_app(engine: LLMEngine, *, served_model_name: str | None = None, api_ke
             log.info("omni-serve: ready on %s (model %s)", url, name)
         yield
         aengine.stop()
-        if getattr(engine, "kv_connector", None) is not None:
+        if getattr(engine, "kv_connector", None) is not None:  # an in-process engine's (a core closes its own)
             engine.kv_connector.close()
 
     app = FastAPI(title="omni-serve", lifespan=lifespan)
@@ -142,6 +143,7 @@ def build_app(engine: LLMEngine, *, served_model_name: str | None = None, api_ke
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        metrics.engine_families = await aengine.metric_families(name)
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     return app
