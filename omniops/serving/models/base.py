@@ -54,13 +54,31 @@ class AttentionMetadata:
         return self.cu_seqlens[self.num_decode:] - self.num_decode
 
 
+def omni_linear_rows(dtype: torch.dtype) -> int:
+    """Up to how many rows the omni GEMM (``grouped_gemm`` over one group: a weight-streaming kernel, AMX tiles
+    packed once on the amx library) beats torch's linear for this dtype, by omniops' startup calibration on this
+    CPU; 0 where it does not, or without a measurement. Decode-sized linears only stream their weight, and torch's
+    CPU GEMM does that below the memory bandwidth (measured on an Intel Xeon with AMX, bf16, 1 thread: 10-13 GB/s
+    against the omni kernel's 14-25 GB/s at 1-16 rows)."""
+    from omniops import _calibrate
+
+    rows = 0
+    for r in _calibrate.ROWS:
+        if not _calibrate.omni_linear_wins(dtype, r):
+            break
+        rows = r
+    return rows
+
+
 class Linear:
-    """``y = x @ W.T`` on torch's GEMM (oneDNN / MKL on CPU), or a QuantLinear with the project's formats."""
+    """``y = x @ W.T``: the omni GEMM at decode-sized row counts where it is measured faster on this CPU, torch's
+    GEMM (oneDNN / MKL) otherwise; or a QuantLinear with the project's formats."""
 
     def __init__(self, weight: Tensor, quantization: str | None = None, bias: Tensor | None = None):
         self.out_features, self.in_features = weight.shape
         self.weight, self.bias = weight, bias
         self.quant = None
+        self.omni_rows = 0
         if quantization is not None:
             scheme = {"w8a8": "int8_channel", "fp8_block": "fp8_block", "w4a16": "int4_group"}[quantization]
             group = next((g for g in (128, 64, 32) if self.in_features % g == 0), None)
@@ -69,10 +87,21 @@ class Linear:
             qw = omniops.quantize_weight(weight.float(), scheme, group_size=group or 128)
             self.quant = omniops.QuantLinear(qw, bias).to(weight.device)
             self.weight = None
+        elif weight.device.type == "cpu" and weight.is_contiguous():
+            self.omni_rows = omni_linear_rows(weight.dtype)
+            self.weight3 = weight.unsqueeze(0)  # the one "expert" of the grouped GEMM
+            self._offsets: dict[int, Tensor] = {}
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.quant is not None:
             return self.quant(x)
+        rows = x.shape[0]
+        if x.dim() == 2 and rows <= self.omni_rows and not torch.compiler.is_compiling():
+            offsets = self._offsets.get(rows)
+            if offsets is None:
+                offsets = self._offsets[rows] = torch.tensor([0, rows])
+            y = omniops.grouped_gemm(x, self.weight3, offsets)
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
 
