@@ -89,17 +89,22 @@ class Linear:
             self.weight = None
         elif weight.device.type == "cpu" and weight.is_contiguous():
             self.omni_rows = omni_linear_rows(weight.dtype)
-            self.weight3 = weight.unsqueeze(0)  # the one "expert" of the grouped GEMM
+            # the one "expert" of the grouped GEMM, made once: a compiled graph that built W[None] itself would hand
+            # the kernel a fresh copy per call, and the AMX tiles would be packed again every step
+            self.weight3 = weight.unsqueeze(0)
             self._offsets: dict[int, Tensor] = {}
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.quant is not None:
             return self.quant(x)
         rows = x.shape[0]
-        if x.dim() == 2 and rows <= self.omni_rows and not torch.compiler.is_compiling():
-            offsets = self._offsets.get(rows)
-            if offsets is None:
-                offsets = self._offsets[rows] = torch.tensor([0, rows])
+        if x.dim() == 2 and rows <= self.omni_rows:
+            if torch.compiler.is_compiling():  # rows is symbolic: no per-size cache in the graph
+                offsets = torch.arange(2) * rows
+            else:
+                offsets = self._offsets.get(rows)
+                if offsets is None:
+                    offsets = self._offsets[rows] = torch.tensor([0, rows])
             y = omniops.grouped_gemm(x, self.weight3, offsets)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
