@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import omniops
+from omniops import _calibrate
 
 
 @dataclass
@@ -60,8 +61,6 @@ def omni_linear_rows(dtype: torch.dtype) -> int:
     CPU; 0 where it does not, or without a measurement. Decode-sized linears only stream their weight, and torch's
     CPU GEMM does that below the memory bandwidth (measured on an Intel Xeon with AMX, bf16, 1 thread: 10-13 GB/s
     against the omni kernel's 14-25 GB/s at 1-16 rows)."""
-    from omniops import _calibrate
-
     rows = 0
     for r in _calibrate.ROWS:
         if not _calibrate.omni_linear_wins(dtype, r):
@@ -97,17 +96,22 @@ class Linear:
     def __call__(self, x: Tensor) -> Tensor:
         if self.quant is not None:
             return self.quant(x)
-        rows = x.shape[0]
-        if x.dim() == 2 and rows <= self.omni_rows:
-            if torch.compiler.is_compiling():  # rows is symbolic: no per-size cache in the graph
-                offsets = torch.arange(2) * rows
-            else:
-                offsets = self._offsets.get(rows)
+        if x.dim() == 2 and self.omni_rows:
+            if torch.compiler.is_compiling():
+                # no branch on the (symbolic) row count: it would guard, and the graphs would depend on the
+                # calibration; the omni GEMM only where it won at every measured size
+                if self.omni_rows >= _calibrate.ROWS[-1]:
+                    return self._omni(x, torch.arange(2) * x.shape[0])
+            elif x.shape[0] <= self.omni_rows:
+                offsets = self._offsets.get(x.shape[0])
                 if offsets is None:
-                    offsets = self._offsets[rows] = torch.tensor([0, rows])
-            y = omniops.grouped_gemm(x, self.weight3, offsets)
-            return y if self.bias is None else y + self.bias
+                    offsets = self._offsets[x.shape[0]] = torch.tensor([0, x.shape[0]])
+                return self._omni(x, offsets)
         return F.linear(x, self.weight, self.bias)
+
+    def _omni(self, x: Tensor, offsets: Tensor) -> Tensor:
+        y = omniops.grouped_gemm(x, self.weight3, offsets)
+        return y if self.bias is None else y + self.bias
 
 
 def rope_cache(config, head_dim: int, max_positions: int, dtype: torch.dtype) -> Tensor:
