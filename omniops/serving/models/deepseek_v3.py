@@ -20,7 +20,15 @@ import torch
 from torch import Tensor
 
 import omniops
-from omniops.serving.models.base import AttentionMetadata, DecoderModel, DenseMLP, FusedMoE, Linear, rope_cache
+from omniops.serving.models.base import (
+    AttentionMetadata,
+    DecoderModel,
+    DenseMLP,
+    FusedMoE,
+    Linear,
+    PerHead,
+    rope_cache,
+)
 from omniops.serving.models.loader import WeightStore
 
 
@@ -62,8 +70,8 @@ class DeepseekV3ForCausalLM(DecoderModel):
             "post_norm": w.get(f"{p}.post_attention_layernorm.weight"),
             "kv_a_norm": w.get(f"{a}.kv_a_layernorm.weight"),
             "kv_b": Linear(kv_b.reshape(-1, self.R), quant),
-            "w_uk": kv_b[:, :self.dn].contiguous(),  # [H, dn, R]
-            "w_uv": kv_b[:, self.dn:].transpose(1, 2).contiguous(),  # [H, R, dv]
+            "w_uk": PerHead(kv_b[:, :self.dn].transpose(1, 2)),  # q_nope [B, H, dn] -> q_latent [B, H, R]
+            "w_uv": PerHead(kv_b[:, self.dn:]),  # latent out [B, H, R] -> [B, H, dv]
             "o": Linear(w.get(f"{a}.o_proj.weight"), quant),
         }
         kv_a = w.get(f"{a}.kv_a_proj_with_mqa.weight")
@@ -126,10 +134,10 @@ class DeepseekV3ForCausalLM(DecoderModel):
         nd = meta.num_decode
         out = x.new_empty(T, H, dv)
         if nd:
-            q_lat = torch.bmm(q[:nd, :, :dn].transpose(0, 1), layer["w_uk"]).transpose(0, 1)  # [Bd, H, R]
+            q_lat = layer["w_uk"](q[:nd, :, :dn])  # [Bd, H, R]
             lat = omniops.mla_decode(torch.cat([q_lat, q_pe[:nd]], -1), cache, meta.decode_block_table,
                                      meta.decode_seq_lens, self.scale, v_dim=R, validate=False)
-            out[:nd] = torch.bmm(lat.transpose(0, 1), layer["w_uv"]).transpose(0, 1)
+            out[:nd] = layer["w_uv"](lat)
         if nd < T:
             self._prefill(layer, q[nd:, :, :dn], q_pe[nd:], kv_c[nd:], k_pe[nd:], cache, meta, out[nd:])
         return layer["o"](out.view(T, H * dv))
