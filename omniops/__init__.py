@@ -6,10 +6,12 @@ Ops are ``torch.library`` custom ops in the ``omni`` namespace with three backen
 
 from __future__ import annotations
 
-from omniops._backends import BACKENDS, BackendError, use_backend
+from omniops._backends import BACKENDS, BackendError, available_backends, use_backend
 from omniops._cpu import cpu_info
 from omniops.ops.activation import silu_and_mul
-from omniops.ops.attention import gqa_attention, gqa_decode, gqa_prefill, mla_cache, mla_decode, reshape_and_cache
+from omniops.ops.attention import gqa_decode, gqa_prefill, mla_decode
+from omniops.ops.gqa_attention import gqa_attention
+from omniops.ops.kv_cache import mla_cache, reshape_and_cache
 from omniops.ops.moe import MoEDispatch, fused_moe, grouped_gemm, moe_combine, moe_dispatch, moe_route
 from omniops.ops.norm import rms_norm, rms_norm_
 from omniops.ops.prepack import prepack_linear_weight, prepack_moe_weights
@@ -29,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendError",
     "BACKENDS",
+    "available_backends",
     "cpu_info",
     "dequantize_weight",
     "fp8_block_gemm",

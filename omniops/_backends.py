@@ -3,7 +3,8 @@
 Selection order: the innermost ``use_backend(...)`` context, else the ``OMNI_BACKEND`` environment variable,
 else the fastest backend available for the tensors' device (CPU: ``cpu`` then ``reference``; CUDA: ``triton``
 then ``reference``). An explicitly requested backend that cannot serve a call raises ``BackendError`` naming
-the op, the backend and the reason, unless the request allowed fallback to the reference.
+the op, the backend and the reason, unless the request allowed fallback to the reference. Each op's
+implementations and their selection: ``omniops._family.OpFamily``.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ import contextlib
 import contextvars
 import functools
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 
 import torch
 
@@ -31,7 +31,7 @@ class BackendError(RuntimeError):
 _ENV_DATA = getattr(os.environ, "_data", None)
 
 
-def _env(name: str) -> str | None:
+def env(name: str) -> str | None:
     if _ENV_DATA is None:  # pragma: no cover - non-CPython
         return os.environ.get(name)
     v = _ENV_DATA.get(name.encode())
@@ -60,11 +60,11 @@ def requested() -> tuple[str, bool] | None:
     req = _REQUEST.get()
     if req is not None:
         return req
-    env = _env("OMNI_BACKEND")
-    if env:
-        if env not in BACKENDS:
-            raise ValueError(f"OMNI_BACKEND: expected one of {BACKENDS}, got {env!r}")
-        return env, False
+    name = env("OMNI_BACKEND")
+    if name:
+        if name not in BACKENDS:
+            raise ValueError(f"OMNI_BACKEND: expected one of {BACKENDS}, got {name!r}")
+        return name, False
     return None
 
 
@@ -78,10 +78,10 @@ def triton_import_error() -> str | None:
 
 
 def triton_interpreted() -> bool:
-    return _env("TRITON_INTERPRET") == "1"
+    return env("TRITON_INTERPRET") == "1"
 
 
-def _generic_reason(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+def generic_reason(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why ``backend`` cannot run on this device/dtype at all, or None."""
     if backend == "reference":
         return None
@@ -113,57 +113,11 @@ def default_order(device: torch.device) -> tuple[str, ...]:
     return ("reference",)
 
 
-Impl = Callable[..., object]
-Supports = Callable[..., "str | None"]
+def available_backends(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[str, ...]:
+    """The backends that can run ops on ``device`` / ``dtype`` here, fastest first (the reference last).
 
-
-@dataclass
-class OpFamily:
-    """The implementations of one op on each backend.
-
-    Every impl has the same signature (the op's "out" form: outputs first, then inputs). ``supports`` maps a
-    backend to an optional check of the call's arguments returning why it cannot serve them, or None.
-    """
-
-    name: str
-    impls: dict[str, Impl]
-    supports: dict[str, Supports] = field(default_factory=dict)
-    # (request, device type, dtype, TRITON_INTERPRET) -> impl, for selections that do not depend on args
-    _cache: dict[tuple, Impl] = field(default_factory=dict, repr=False)
-
-    def select(self, device: torch.device, dtype: torch.dtype, *args: object) -> Impl:
-        req = requested()
-        key = (req, device.type, dtype, _env("TRITON_INTERPRET"))
-        impl = self._cache.get(key)
-        if impl is not None:
-            return impl
-        impl = self._select(req, device, dtype, args)
-        if not self.supports:
-            self._cache[key] = impl
-        return impl
-
-    def _select(self, req: tuple[str, bool] | None, device: torch.device, dtype: torch.dtype, args: tuple) -> Impl:
-        if req is not None:
-            backend, fallback = req
-            reason = self._reason(backend, device, dtype, args)
-            if reason is None:
-                return self.impls[backend]
-            if fallback:
-                return self.impls["reference"]
-            raise BackendError(f"omni::{self.name}: backend '{backend}' cannot run this call: {reason}")
-        for backend in default_order(device):
-            if self._reason(backend, device, dtype, args) is None:
-                return self.impls[backend]
-        return self.impls["reference"]
-
-    def backend_for(self, device: torch.device, dtype: torch.dtype, *args: object) -> str:
-        impl = self.select(device, dtype, *args)
-        return next(name for name, fn in self.impls.items() if fn is impl)
-
-    def _reason(self, backend: str, device: torch.device, dtype: torch.dtype, args: tuple) -> str | None:
-        if backend not in self.impls:
-            return "not implemented for this op"
-        reason = _generic_reason(backend, device, dtype)
-        if reason is None and backend in self.supports:
-            reason = self.supports[backend](*args)
-        return reason
+    A backend listed may still refuse a particular call (a head dim over a kernel's limit): that raises
+    ``BackendError`` when it was requested, or falls through to the next backend by default."""
+    dev = torch.device(device)
+    order = [*(b for b in default_order(dev) if b != "reference"), "triton", "reference"]
+    return tuple(dict.fromkeys(b for b in order if generic_reason(b, dev, dtype) is None))

@@ -43,7 +43,7 @@ def test_unservable_request_names_op_backend_reason(monkeypatch: pytest.MonkeyPa
 
 
 def test_cpu_backend_rejects_other_dtypes_clearly() -> None:
-    reason = _backends._generic_reason("cpu", torch.device("cpu"), torch.float64)
+    reason = _backends.generic_reason("cpu", torch.device("cpu"), torch.float64)
     assert reason is not None and ("float64" in reason or "_C" in reason)
 
 

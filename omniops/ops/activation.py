@@ -10,28 +10,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from omniops import _ext
-from omniops._backends import OpFamily
+from omniops._family import OpFamily
 from omniops._registry import call, omni_op
 from omniops._validation import FLOAT_DTYPES, check_same, check_shape, check_tensor, rows_view
 from omniops.reference import activation as ref
 
 
-def _reference_impl(out: Tensor, x: Tensor) -> None:
+def _silu_and_mul_reference(out: Tensor, x: Tensor) -> None:
+    """x [rows, 2d] -> out [rows, d] (the backends' form: unit inner strides)."""
     out.copy_(ref.silu_and_mul(x))
 
 
-def _cpu_impl(out: Tensor, x: Tensor) -> None:
-    _ext.cpp().silu_and_mul(out, x)
-
-
-def _triton_impl(out: Tensor, x: Tensor) -> None:
-    from omniops.triton.activation import silu_and_mul_forward
-
-    silu_and_mul_forward(out, x)
-
-
-SILU_AND_MUL = OpFamily("silu_and_mul", {"reference": _reference_impl, "cpu": _cpu_impl, "triton": _triton_impl})
+SILU_AND_MUL = OpFamily("silu_and_mul", _silu_and_mul_reference)
 
 
 def _validate(x: Tensor) -> None:

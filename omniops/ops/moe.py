@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from omniops import _ext
-from omniops._backends import OpFamily
+from omniops._family import OpFamily
 from omniops._registry import call, fast_cpu, omni_op
 from omniops._validation import FLOAT_DTYPES, check_same, check_shape, check_tensor, is_fake, rows_view
 from omniops.ops.prepack import linear_tiles, moe_tiles
@@ -62,34 +62,22 @@ def _i32(t: Tensor) -> Tensor:
 # =====================================================================================================
 # moe_route
 # =====================================================================================================
-def _route_reference(w_out: Tensor, ids_out: Tensor, logits: Tensor, top_k: int, scoring: str, renormalize: bool,
-                     num_groups: int, topk_groups: int, bias: Tensor | None, scaling: float) -> None:
-    w, ids = ref.moe_route(logits, top_k, scoring=scoring, renormalize=renormalize,
-                           num_groups=num_groups or None, topk_groups=topk_groups or None,
-                           correction_bias=bias, routed_scaling=scaling)
-    w_out.copy_(w)
-    ids_out.copy_(ids)
+def _moe_route_reference(topk_weights: Tensor, topk_ids: Tensor, router_logits: Tensor, top_k: int, scoring: str,
+                         renormalize: bool, num_groups: int | None, topk_groups: int | None,
+                         correction_bias: Tensor | None, routed_scaling: float) -> None:
+    """The backends' form: logits [T, E] with unit inner stride, correction_bias fp32 contiguous."""
+    w, ids = ref.moe_route(router_logits, top_k, scoring=scoring, renormalize=renormalize, num_groups=num_groups,
+                           topk_groups=topk_groups, correction_bias=correction_bias, routed_scaling=routed_scaling)
+    topk_weights.copy_(w)
+    topk_ids.copy_(ids)
 
 
-def _route_cpu(w_out: Tensor, ids_out: Tensor, logits: Tensor, top_k: int, scoring: str, renormalize: bool,
-               num_groups: int, topk_groups: int, bias: Tensor | None, scaling: float) -> None:
-    _ext.cpp().moe_route(w_out, ids_out, logits, top_k, scoring, renormalize, num_groups, topk_groups,
-                         None if bias is None else bias.float().contiguous(), scaling)
+# The C ABI spells "no groups" 0 and its binding declares no default for it.
+MOE_ROUTE = OpFamily("moe_route", _moe_route_reference, cpu_none={"num_groups": 0, "topk_groups": 0})
 
 
-def _route_triton(w_out: Tensor, ids_out: Tensor, logits: Tensor, top_k: int, scoring: str, renormalize: bool,
-                  num_groups: int, topk_groups: int, bias: Tensor | None, scaling: float) -> None:
-    from omniops.triton.moe import moe_route_forward
-
-    moe_route_forward(w_out, ids_out, logits, top_k, scoring, renormalize, num_groups, topk_groups,
-                      None if bias is None else bias.float().contiguous(), scaling)
-
-
-MOE_ROUTE = OpFamily("moe_route", {"reference": _route_reference, "cpu": _route_cpu, "triton": _route_triton})
-
-
-def _validate_route(logits: Tensor, top_k: int, scoring: str, renormalize: bool, num_groups: int,
-                    topk_groups: int, bias: Tensor | None, scaling: float) -> None:
+def _validate_route(logits: Tensor, top_k: int, scoring: str, renormalize: bool, num_groups: int | None,
+                    topk_groups: int | None, bias: Tensor | None, scaling: float) -> None:
     check_tensor("router_logits", logits, dtypes=FLOAT_DTYPES, dim=2)
     E = logits.shape[1]
     if E < 1:
@@ -119,22 +107,24 @@ def _validate_route(logits: Tensor, top_k: int, scoring: str, renormalize: bool,
         raise ValueError(f"routed_scaling: expected a finite number, got {scaling!r}")
 
 
-def _fake_route(logits: Tensor, top_k: int, scoring: str, renormalize: bool, num_groups: int, topk_groups: int,
-                correction_bias: Tensor | None, routed_scaling: float) -> tuple[Tensor, Tensor]:
+def _fake_route(logits: Tensor, top_k: int, scoring: str, renormalize: bool, num_groups: int | None,
+                topk_groups: int | None, correction_bias: Tensor | None, routed_scaling: float
+                ) -> tuple[Tensor, Tensor]:
     _validate_route(logits, top_k, scoring, renormalize, num_groups, topk_groups, correction_bias, routed_scaling)
     T = logits.shape[0]
     return (logits.new_empty(T, top_k, dtype=torch.float32), logits.new_empty(T, top_k, dtype=torch.int32))
 
 
 @omni_op("moe_route", fake=_fake_route)
-def _moe_route_op(logits: Tensor, top_k: int, scoring: str, renormalize: bool, num_groups: int, topk_groups: int,
-                  correction_bias: Tensor | None, routed_scaling: float) -> tuple[Tensor, Tensor]:
+def _moe_route_op(logits: Tensor, top_k: int, scoring: str, renormalize: bool, num_groups: int | None,
+                  topk_groups: int | None, correction_bias: Tensor | None, routed_scaling: float
+                  ) -> tuple[Tensor, Tensor]:
     w, ids = _fake_route(logits, top_k, scoring, renormalize, num_groups, topk_groups, correction_bias,
                          routed_scaling)
     if logits.shape[0]:
+        bias = None if correction_bias is None else correction_bias.float().contiguous()
         MOE_ROUTE.select(logits.device, logits.dtype)(
-            w, ids, _rows(logits), top_k, scoring, renormalize, num_groups, topk_groups, correction_bias,
-            float(routed_scaling))
+            w, ids, _rows(logits), top_k, scoring, renormalize, num_groups, topk_groups, bias, float(routed_scaling))
     return w, ids
 
 
@@ -158,34 +148,23 @@ def moe_route(
       biased scores; without a bias its best, as DeepSeek-V2), ``renormalize=norm_topk_prob``,
       ``routed_scaling=routed_scaling_factor``. Weights come from the unbiased scores.
     """
-    return call(_moe_route_op, router_logits, top_k, scoring, renormalize, num_groups or 0, topk_groups or 0,
-                correction_bias, float(routed_scaling))
+    return call(_moe_route_op, router_logits, top_k, scoring, renormalize, num_groups, topk_groups, correction_bias,
+                float(routed_scaling))
 
 
 # =====================================================================================================
 # moe_dispatch
 # =====================================================================================================
-def _dispatch_reference(xs: Tensor, tok: Tensor, offs: Tensor, counts: Tensor, inv: Tensor, hidden: Tensor,
-                        ids: Tensor, num_experts: int, block_size: int) -> None:
-    r = ref.moe_dispatch(hidden, ids, num_experts, None if block_size == 1 else block_size)
-    for dst, src in zip((xs, tok, offs, counts, inv), r, strict=True):
+def _moe_dispatch_reference(x_sorted: Tensor, sorted_token_ids: Tensor, expert_offsets: Tensor,
+                            expert_counts: Tensor, inverse_index: Tensor, hidden: Tensor, topk_ids: Tensor,
+                            num_experts: int, block_size: int | None) -> None:
+    """The backends' form: the five outputs of ``MoEDispatch``, then hidden [T, H] and int32 topk_ids."""
+    r = ref.moe_dispatch(hidden, topk_ids, num_experts, block_size)
+    for dst, src in zip((x_sorted, sorted_token_ids, expert_offsets, expert_counts, inverse_index), r, strict=True):
         dst.copy_(src)
 
 
-def _dispatch_cpu(xs: Tensor, tok: Tensor, offs: Tensor, counts: Tensor, inv: Tensor, hidden: Tensor,
-                  ids: Tensor, num_experts: int, block_size: int) -> None:
-    _ext.cpp().moe_dispatch(xs, tok, offs, counts, inv, hidden, ids, num_experts, block_size)
-
-
-def _dispatch_triton(xs: Tensor, tok: Tensor, offs: Tensor, counts: Tensor, inv: Tensor, hidden: Tensor,
-                     ids: Tensor, num_experts: int, block_size: int) -> None:
-    from omniops.triton.moe import moe_dispatch_forward
-
-    moe_dispatch_forward(xs, tok, offs, counts, inv, hidden, ids, num_experts, block_size)
-
-
-MOE_DISPATCH = OpFamily("moe_dispatch",
-                        {"reference": _dispatch_reference, "cpu": _dispatch_cpu, "triton": _dispatch_triton})
+MOE_DISPATCH = OpFamily("moe_dispatch", _moe_dispatch_reference)
 
 
 def _check_ids(name: str, ids: Tensor, hi: int, lo: int = 0) -> None:
@@ -197,7 +176,7 @@ def _check_ids(name: str, ids: Tensor, hi: int, lo: int = 0) -> None:
         raise ValueError(f"{name}: values must lie in [{lo}, {hi}), got min {mn}, max {mx}")
 
 
-def _validate_dispatch(hidden: Tensor, topk_ids: Tensor, num_experts: int, block_size: int) -> None:
+def _validate_dispatch(hidden: Tensor, topk_ids: Tensor, num_experts: int, block_size: int | None) -> None:
     check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, dim=2)
     check_tensor("topk_ids", topk_ids, dtypes=INDEX_DTYPES, dim=2)
     check_same("topk_ids", topk_ids, "hidden", hidden, dtype=False)
@@ -205,22 +184,22 @@ def _validate_dispatch(hidden: Tensor, topk_ids: Tensor, num_experts: int, block
         raise ValueError(f"topk_ids: expected {hidden.shape[0]} rows (tokens of hidden), got {list(topk_ids.shape)}")
     if not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts: expected a positive int, got {num_experts!r}")
-    if not isinstance(block_size, int) or block_size < 1:
+    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"block_size: expected a positive int or None, got {block_size!r}")
 
 
-def _fake_dispatch(hidden: Tensor, topk_ids: Tensor, num_experts: int, block_size: int
+def _fake_dispatch(hidden: Tensor, topk_ids: Tensor, num_experts: int, block_size: int | None
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _validate_dispatch(hidden, topk_ids, num_experts, block_size)
     T, k = topk_ids.shape
-    M = T * k + num_experts * (block_size - 1)
+    M = T * k + num_experts * ((block_size or 1) - 1)
     return (hidden.new_empty(M, hidden.shape[1]), hidden.new_empty(M, dtype=torch.int32),
             hidden.new_empty(num_experts + 1, dtype=torch.int64), hidden.new_empty(num_experts, dtype=torch.int32),
             hidden.new_empty(T, k, dtype=torch.int32))
 
 
 @omni_op("moe_dispatch", fake=_fake_dispatch)
-def _moe_dispatch_op(hidden: Tensor, topk_ids: Tensor, num_experts: int, block_size: int
+def _moe_dispatch_op(hidden: Tensor, topk_ids: Tensor, num_experts: int, block_size: int | None
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     outs = _fake_dispatch(hidden, topk_ids, num_experts, block_size)
     _check_ids("topk_ids", topk_ids, num_experts)
@@ -235,28 +214,24 @@ def moe_dispatch(hidden: Tensor, topk_ids: Tensor, num_experts: int, *, block_si
     is padded to a multiple of it (for tiled GEMMs) and M = T*k + E*(block_size-1) rows are returned, the tail
     past ``expert_offsets[E]`` being padding too. See ``MoEDispatch`` for the fields.
     """
-    return MoEDispatch(*call(_moe_dispatch_op, hidden, topk_ids, num_experts, 1 if block_size is None else block_size))
+    return MoEDispatch(*call(_moe_dispatch_op, hidden, topk_ids, num_experts, block_size))
 
 
 # =====================================================================================================
 # grouped_gemm
 # =====================================================================================================
-def _gemm_reference(out: Tensor, x: Tensor, w: Tensor, offsets: Tensor) -> None:
-    out.copy_(ref.grouped_gemm(x, w, offsets))
+def _grouped_gemm_reference(out: Tensor, x_sorted: Tensor, w: Tensor, expert_offsets: Tensor) -> None:
+    """The backends' form: x_sorted [M, K] with unit inner stride, w contiguous, int64 offsets."""
+    out.copy_(ref.grouped_gemm(x_sorted, w, expert_offsets))
 
 
-def _gemm_cpu(out: Tensor, x: Tensor, w: Tensor, offsets: Tensor) -> None:
-    # bf16 on the amx library: the weight's cached tile copy (packed on first use).
-    _ext.cpp().grouped_gemm(out, x, w, offsets, linear_tiles(w) if x.dtype == torch.bfloat16 else None)
+GROUPED_GEMM = OpFamily("grouped_gemm", _grouped_gemm_reference)
 
 
-def _gemm_triton(out: Tensor, x: Tensor, w: Tensor, offsets: Tensor) -> None:
-    from omniops.triton.moe import grouped_gemm_forward
-
-    grouped_gemm_forward(out, x, w, offsets)
-
-
-GROUPED_GEMM = OpFamily("grouped_gemm", {"reference": _gemm_reference, "cpu": _gemm_cpu, "triton": _gemm_triton})
+@GROUPED_GEMM.impl("cpu")
+def _grouped_gemm_cpu(out: Tensor, x_sorted: Tensor, w: Tensor, expert_offsets: Tensor) -> None:
+    # bf16 on the amx library: the weight's cached tile copy (packed on first use)
+    _ext.cpp().grouped_gemm(out, x_sorted, w, expert_offsets, linear_tiles(w))
 
 
 def _validate_gemm(x: Tensor, w: Tensor, offsets: Tensor) -> None:
@@ -289,7 +264,7 @@ def _grouped_gemm_op(x_sorted: Tensor, w: Tensor, expert_offsets: Tensor) -> Ten
     impl = GROUPED_GEMM.select(x_sorted.device, x_sorted.dtype)
     # The C++ entry point checks the offset values itself (one pass in C++, no tensor ops): the ~20 us of torch
     # ops below would double a decode-sized call (the linear pass calls this once per linear and step).
-    if impl is not _gemm_cpu:
+    if impl is not _grouped_gemm_cpu:
         _check_offset_values(x_sorted, expert_offsets)
     if out.numel():
         offs = expert_offsets if expert_offsets.dtype == torch.int64 else expert_offsets.to(torch.int64)
@@ -307,22 +282,12 @@ def grouped_gemm(x_sorted: Tensor, w: Tensor, expert_offsets: Tensor) -> Tensor:
 # =====================================================================================================
 # moe_combine
 # =====================================================================================================
-def _combine_reference(out: Tensor, y: Tensor, w: Tensor, inv: Tensor) -> None:
-    out.copy_(ref.moe_combine(y, w, inv))
+def _moe_combine_reference(out: Tensor, expert_out: Tensor, topk_weights: Tensor, inverse_index: Tensor) -> None:
+    """The backends' form: expert_out rows with unit inner stride, fp32 weights, int32 inverse_index."""
+    out.copy_(ref.moe_combine(expert_out, topk_weights, inverse_index))
 
 
-def _combine_cpu(out: Tensor, y: Tensor, w: Tensor, inv: Tensor) -> None:
-    _ext.cpp().moe_combine(out, y, w, inv)
-
-
-def _combine_triton(out: Tensor, y: Tensor, w: Tensor, inv: Tensor) -> None:
-    from omniops.triton.moe import moe_combine_forward
-
-    moe_combine_forward(out, y, w, inv)
-
-
-MOE_COMBINE = OpFamily("moe_combine",
-                       {"reference": _combine_reference, "cpu": _combine_cpu, "triton": _combine_triton})
+MOE_COMBINE = OpFamily("moe_combine", _moe_combine_reference)
 
 
 def _validate_combine(y: Tensor, w: Tensor, inv: Tensor) -> None:
@@ -358,29 +323,21 @@ def moe_combine(expert_out: Tensor, topk_weights: Tensor, inverse_index: Tensor)
 # =====================================================================================================
 # fused_moe
 # =====================================================================================================
-def _fused_reference(out: Tensor, hidden: Tensor, w13: Tensor, w2: Tensor, weights: Tensor, ids: Tensor,
-                     activation: str, expert_map: Tensor | None) -> None:
-    out.copy_(ref.fused_moe(hidden, w13, w2, weights, ids, activation, expert_map))
+def _fused_moe_reference(out: Tensor, hidden: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
+                         topk_ids: Tensor, activation: str, expert_map: Tensor | None) -> None:
+    """The backends' form: contiguous weights, fp32 topk_weights, int32 topk_ids and expert_map."""
+    out.copy_(ref.fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation, expert_map))
 
 
-def _fused_cpu(out: Tensor, hidden: Tensor, w13: Tensor, w2: Tensor, weights: Tensor, ids: Tensor,
-               activation: str, expert_map: Tensor | None) -> None:
-    # bf16 on the amx library: AMX tiles on the weights' cached tile copies (packed on first use).
-    tiles = moe_tiles(w13, w2) if hidden.dtype == torch.bfloat16 else None
-    if tiles is None:
-        _ext.cpp().fused_moe(out, hidden, w13, w2, weights, ids, activation, expert_map)
-    else:
-        _ext.cpp().fused_moe(out, hidden, w13, w2, weights, ids, activation, expert_map, *tiles)
+FUSED_MOE = OpFamily("fused_moe", _fused_moe_reference)
 
 
-def _fused_triton(out: Tensor, hidden: Tensor, w13: Tensor, w2: Tensor, weights: Tensor, ids: Tensor,
-                  activation: str, expert_map: Tensor | None) -> None:
-    from omniops.triton.moe import fused_moe_forward
-
-    fused_moe_forward(out, hidden, w13, w2, weights, ids, activation, expert_map)
-
-
-FUSED_MOE = OpFamily("fused_moe", {"reference": _fused_reference, "cpu": _fused_cpu, "triton": _fused_triton})
+@FUSED_MOE.impl("cpu")
+def _fused_moe_cpu(out: Tensor, hidden: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor,
+                   activation: str, expert_map: Tensor | None) -> None:
+    # bf16 on the amx library: AMX tiles on the weights' cached tile copies (packed on first use)
+    tiles = moe_tiles(w13, w2) or (None, None)
+    _ext.cpp().fused_moe(out, hidden, w13, w2, topk_weights, topk_ids, activation, expert_map, *tiles)
 
 
 def _validate_fused(hidden: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor,
@@ -467,8 +424,7 @@ def fused_moe(
         # The common eager call: straight to C++, which checks everything (see _registry.fast_cpu).
         try:
             out = torch.empty_like(hidden, memory_format=torch.contiguous_format)
-            tiles = moe_tiles(w13, w2) if hidden.dtype == torch.bfloat16 else None
-            C.fused_moe(out, hidden, w13, w2, topk_weights, topk_ids, activation, expert_map, *(tiles or ()))
+            _fused_moe_cpu(out, hidden, w13, w2, topk_weights, topk_ids, activation, expert_map)
             return out
         except (ValueError, TypeError):
             pass  # the checked path below raises the error of this input

@@ -13,16 +13,15 @@ import math
 import torch
 from torch import Tensor
 
-from omniops import _ext
-from omniops._backends import OpFamily
+from omniops._family import OpFamily
 from omniops._registry import call, fast_cpu, omni_op
 from omniops._validation import FLOAT_DTYPES, check_same, check_shape, check_tensor, rows_view
 from omniops.reference import norm as ref
 
 
-# ---- backends: the "out" form, on [rows, hidden] views -------------------------------------------------------
-def _reference_impl(out: Tensor, x: Tensor, weight: Tensor, eps: float, residual: Tensor | None,
-                    residual_out: Tensor | None) -> None:
+def _rms_norm_reference(out: Tensor, x: Tensor, weight: Tensor, eps: float, residual: Tensor | None,
+                        residual_out: Tensor | None) -> None:
+    """The backends' form, on [rows, hidden] views; out and residual_out may be x and residual (in place)."""
     if residual is None:
         out.copy_(ref.rms_norm(x, weight, eps))
     else:
@@ -31,19 +30,7 @@ def _reference_impl(out: Tensor, x: Tensor, weight: Tensor, eps: float, residual
         out.copy_(y)
 
 
-def _cpu_impl(out: Tensor, x: Tensor, weight: Tensor, eps: float, residual: Tensor | None,
-              residual_out: Tensor | None) -> None:
-    _ext.cpp().rms_norm(out, x, weight, eps, residual, residual_out)
-
-
-def _triton_impl(out: Tensor, x: Tensor, weight: Tensor, eps: float, residual: Tensor | None,
-                 residual_out: Tensor | None) -> None:
-    from omniops.triton.norm import rms_norm_forward
-
-    rms_norm_forward(out, x, weight, eps, residual, residual_out)
-
-
-RMS_NORM = OpFamily("rms_norm", {"reference": _reference_impl, "cpu": _cpu_impl, "triton": _triton_impl})
+RMS_NORM = OpFamily("rms_norm", _rms_norm_reference)
 
 
 # ---- validation (metadata only: runs on fake tensors too) ---------------------------------------------------

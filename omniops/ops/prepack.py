@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from omniops import _ext
-from omniops._backends import _env
+from omniops._backends import env
 
 _TILES_BF16 = 1 << 1  # bit of OMNI_W_TILES_BF16 in the library's weight_layouts
 _TILES_I8 = 1 << 2  # bit of OMNI_W_TILES_I8 in the quantized-GEMM library's weight_layouts
@@ -66,7 +66,7 @@ def i8_tiles(w_q: Tensor) -> Tensor | None:
     """The cached AMX-INT8 tiles of a W8A8 weight ``[N, K]`` (packed on first use), or None where the active
     library does not take them."""
     C = _ext.cpp()
-    if (w_q.dtype != torch.int8 or C is None or _env("OMNI_TILES") == "0"
+    if (w_q.dtype != torch.int8 or C is None or env("OMNI_TILES") == "0"
             or not C.w8a8_tile_layouts() & _TILES_I8):
         return None
     return _cached(w_q, "i8", pack_i8_tiles)
@@ -75,7 +75,7 @@ def i8_tiles(w_q: Tensor) -> Tensor | None:
 def tiles_active() -> bool:
     """True when the active kernel library takes tiled weights (the amx library) and OMNI_TILES allows it."""
     C = _ext.cpp()
-    return C is not None and _env("OMNI_TILES") != "0" and bool(C.tile_layouts() & _TILES_BF16)
+    return C is not None and env("OMNI_TILES") != "0" and bool(C.tile_layouts() & _TILES_BF16)
 
 
 def _key(w: Tensor, tag: str) -> tuple:

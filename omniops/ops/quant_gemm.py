@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from omniops import _ext
-from omniops._backends import OpFamily
+from omniops._family import OpFamily
 from omniops._registry import call, omni_op
 from omniops._validation import FLOAT_DTYPES, check_same, check_shape, check_tensor, rows_view
 from omniops.ops.prepack import i8_tiles
@@ -42,92 +42,46 @@ def _c2(t: Tensor) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-# ---- backends: out form on 2-D views --------------------------------------------------------------------
+# ---- families: the reference in the backends' form (out [M, N], x rows with unit inner stride) ----------------
 def _w8a8_reference(out: Tensor, x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor,
                     bias: Tensor | None) -> None:
     out.copy_(ref.w8a8_gemm(x_q, x_scale, w_q, w_scale, bias, out.dtype))
 
 
-def _w8a8_cpu(out: Tensor, x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
-    # amx library: AMX-INT8 on the weight's cached tile copy (packed on first use)
-    _ext.cpp().w8a8_gemm(out, x_q, x_scale, w_q, w_scale, bias, i8_tiles(w_q))
+def _w4a16_reference(out: Tensor, x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor | None,
+                     group_size: int, bias: Tensor | None) -> None:
+    out.copy_(ref.w4a16_gemm(x, w_packed, scales, zeros, group_size, bias))
 
 
-def _w8a8_triton(out: Tensor, x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor,
-                 bias: Tensor | None) -> None:
-    from omniops.triton.quant_gemm import w8a8_gemm_forward
-
-    w8a8_gemm_forward(out, x_q, x_scale, w_q, w_scale, bias)
-
-
-def _w4a16_reference(out: Tensor, x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
-                     bias: Tensor | None) -> None:
-    out.copy_(ref.w4a16_gemm(x, w, scales, zeros, group_size, bias))
-
-
-def _w4a16_cpu(out: Tensor, x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
-               bias: Tensor | None) -> None:
-    _ext.cpp().w4a16_gemm(out, x, w, scales, zeros, group_size, bias)
-
-
-def _w4a16_triton(out: Tensor, x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
-                  bias: Tensor | None) -> None:
-    from omniops.triton.quant_gemm import w4a16_gemm_forward
-
-    w4a16_gemm_forward(out, x, w, scales, zeros, group_size, bias)
-
-
-def _fp8_reference(out: Tensor, x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor,
-                   bias: Tensor | None) -> None:
+def _fp8_block_gemm_reference(out: Tensor, x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor,
+                              bias: Tensor | None) -> None:
     out.copy_(ref.fp8_block_gemm(x_q, x_scale, w_q, w_scale, bias, out.dtype))
-
-
-def _fp8_cpu(out: Tensor, x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
-    _ext.cpp().fp8_block_gemm(out, x_q, x_scale, w_q, w_scale, bias)
-
-
-def _fp8_triton(out: Tensor, x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor,
-                bias: Tensor | None) -> None:
-    from omniops.triton.quant_gemm import fp8_block_gemm_forward
-
-    fp8_block_gemm_forward(out, x_q, x_scale, w_q, w_scale, bias)
 
 
 def _w8a8_linear_reference(out: Tensor, x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
     out.copy_(ref.w8a8_linear(x, w_q, w_scale, bias, out.dtype))
 
 
-def _w8a8_linear_cpu(out: Tensor, x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
-    _ext.cpp().w8a8_linear(out, x, w_q, w_scale, bias, i8_tiles(w_q))
-
-
-def _w8a8_linear_triton(out: Tensor, x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
-    from omniops.triton.quant_gemm import w8a8_linear_forward
-
-    w8a8_linear_forward(out, x, w_q, w_scale, bias)
-
-
-def _fp8_linear_reference(out: Tensor, x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
+def _fp8_block_linear_reference(out: Tensor, x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
     out.copy_(ref.fp8_block_linear(x, w_q, w_scale, bias, out.dtype))
 
 
-def _fp8_linear_cpu(out: Tensor, x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
-    _ext.cpp().fp8_block_linear(out, x, w_q, w_scale, bias)
+W8A8 = OpFamily("w8a8_gemm", _w8a8_reference)
+W4A16 = OpFamily("w4a16_gemm", _w4a16_reference)
+FP8_BLOCK_GEMM = OpFamily("fp8_block_gemm", _fp8_block_gemm_reference)
+W8A8_LINEAR = OpFamily("w8a8_linear", _w8a8_linear_reference)
+FP8_BLOCK_LINEAR = OpFamily("fp8_block_linear", _fp8_block_linear_reference)
 
 
-def _fp8_linear_triton(out: Tensor, x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
-    from omniops.triton.quant_gemm import fp8_block_linear_forward
+# amx library: AMX-INT8 on the weight's cached tile copy (packed on first use)
+@W8A8.impl("cpu")
+def _w8a8_cpu(out: Tensor, x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
+    _ext.cpp().w8a8_gemm(out, x_q, x_scale, w_q, w_scale, bias, i8_tiles(w_q))
 
-    fp8_block_linear_forward(out, x, w_q, w_scale, bias)
 
-
-W8A8 = OpFamily("w8a8_gemm", {"reference": _w8a8_reference, "cpu": _w8a8_cpu, "triton": _w8a8_triton})
-W4A16 = OpFamily("w4a16_gemm", {"reference": _w4a16_reference, "cpu": _w4a16_cpu, "triton": _w4a16_triton})
-FP8_BLOCK_GEMM = OpFamily("fp8_block_gemm", {"reference": _fp8_reference, "cpu": _fp8_cpu, "triton": _fp8_triton})
-W8A8_LINEAR = OpFamily("w8a8_linear", {"reference": _w8a8_linear_reference, "cpu": _w8a8_linear_cpu,
-                                        "triton": _w8a8_linear_triton})
-FP8_BLOCK_LINEAR = OpFamily("fp8_block_linear", {"reference": _fp8_linear_reference, "cpu": _fp8_linear_cpu,
-                                                 "triton": _fp8_linear_triton})
+@W8A8_LINEAR.impl("cpu")
+def _w8a8_linear_cpu(out: Tensor, x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
+    _ext.cpp().w8a8_linear(out, x, w_q, w_scale, bias, i8_tiles(w_q))
 
 
 # ---- validation (metadata only) ---------------------------------------------------------------------------

@@ -19,35 +19,22 @@ import math
 import torch
 from torch import Tensor
 
-from omniops import _ext
-from omniops._backends import OpFamily
+from omniops._family import OpFamily
 from omniops._registry import call, omni_op
 from omniops._validation import FLOAT_DTYPES, check_same, check_tensor, is_fake
 from omniops.reference import rotary as ref
 
 
-# Backends work on q, k as [tokens, heads, head_size] views with unit inner stride, positions int64 [tokens].
-def _reference_impl(positions: Tensor, q: Tensor, k: Tensor, cache: Tensor, rotary_dim: int, is_neox: bool,
-                    q_out: Tensor, k_out: Tensor) -> None:
-    hs = q.shape[-1]
-    qn, kn = ref.rotary_embedding(positions, q, k, cache, hs, rotary_dim, is_neox)
+def _rotary_reference(positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Tensor, rotary_dim: int,
+                      is_neox: bool, q_out: Tensor, k_out: Tensor) -> None:
+    """The backends' form: q, k (and their outputs, which may be q, k) as [tokens, heads, head_size] views with
+    unit inner stride, positions int64 [tokens]; no k is a [tokens, 0, head_size] tensor."""
+    qn, kn = ref.rotary_embedding(positions, q, k, cos_sin_cache, q.shape[-1], rotary_dim, is_neox)
     q_out.copy_(qn)
     k_out.copy_(kn)
 
 
-def _cpu_impl(positions: Tensor, q: Tensor, k: Tensor, cache: Tensor, rotary_dim: int, is_neox: bool,
-              q_out: Tensor, k_out: Tensor) -> None:
-    _ext.cpp().rotary_embedding(positions, q, k, cache, rotary_dim, is_neox, q_out, k_out)
-
-
-def _triton_impl(positions: Tensor, q: Tensor, k: Tensor, cache: Tensor, rotary_dim: int, is_neox: bool,
-                 q_out: Tensor, k_out: Tensor) -> None:
-    from omniops.triton.rotary import rotary_embedding_forward
-
-    rotary_embedding_forward(positions, q, k, cache, rotary_dim, is_neox, q_out, k_out)
-
-
-ROTARY = OpFamily("rotary_embedding", {"reference": _reference_impl, "cpu": _cpu_impl, "triton": _triton_impl})
+ROTARY = OpFamily("rotary_embedding", _rotary_reference)
 
 
 def _heads_view(name: str, t: Tensor, lead: int, head_size: int) -> tuple[Tensor, bool]:

@@ -1,4 +1,4 @@
-"""Persistent-grid sizing shared by the Triton launchers."""
+"""Grid and tile sizing shared by the Triton launchers."""
 
 from __future__ import annotations
 
@@ -22,3 +22,8 @@ def persistent_grid(tiles: int, device: torch.device, programs_per_core: int = 4
     """Number of programs for ``tiles`` units of work: at most a few per core, at least 1."""
     cores = _cores(device.type, device.index or 0)
     return (max(1, min(tiles, cores * programs_per_core)),)
+
+
+def pow2(n: int, lo: int = 1) -> int:
+    """The smallest power of two >= n (tile sizes: tl.arange needs one), at least ``lo``."""
+    return max(lo, 1 << max(int(n) - 1, 0).bit_length())

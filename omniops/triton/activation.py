@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from omniops.ops.activation import SILU_AND_MUL
 from omniops.triton._grid import persistent_grid
 
 
@@ -25,6 +26,7 @@ def _silu_and_mul_fwd_kernel(X, Y, x_stride, y_stride, n_rows, d, BLOCK: tl.cons
         tl.store(Y + row * y_stride + c, y.to(Y.dtype.element_ty), mask=mask)
 
 
+@SILU_AND_MUL.impl("triton")
 def silu_and_mul_forward(out: torch.Tensor, x: torch.Tensor) -> None:
     """x: [rows, 2d], out: [rows, d], unit inner strides."""
     rows, d = out.shape

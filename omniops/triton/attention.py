@@ -1,10 +1,9 @@
-"""Paged attention in Triton: GQA decode and MLA decode (split-KV flash-decoding + a combine kernel), varlen
-prefill with an optional paged prefix, and the two cache writers.
+"""Paged attention in Triton: GQA decode and MLA decode (split-KV flash-decoding + a combine kernel) and varlen
+prefill with an optional paged prefix.
 
-Launchers: ``gqa_decode_forward``, ``mla_decode_forward``, ``gqa_prefill_forward``, ``reshape_and_cache_forward``,
-``mla_cache_forward``. Every grid is persistent (``persistent_grid``); softmax and accumulation are fp32; fp32
-dots use IEEE precision (no TF32). Loads of key positions outside a sequence's range are masked, so foreign
-cache blocks are never read.
+Launchers: ``gqa_decode_forward``, ``mla_decode_forward``, ``gqa_prefill_forward``. Every grid is persistent
+(``persistent_grid``); softmax and accumulation are fp32; fp32 dots use IEEE precision (no TF32). Loads of key
+positions outside a sequence's range are masked, so foreign cache blocks are never read.
 """
 
 from __future__ import annotations
@@ -13,11 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from omniops.triton._grid import persistent_grid
-
-
-def _p2(n: int, lo: int = 1) -> int:
-    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+from omniops.ops.attention import GQA_DECODE, GQA_PREFILL, MLA_DECODE
+from omniops.triton._grid import persistent_grid, pow2
 
 
 def _dot_min() -> int:
@@ -191,7 +187,7 @@ def _combine(out: torch.Tensor, wo, wm, wl, num_splits: int) -> None:
     B, H, dv = out.shape
     _combine_kernel[persistent_grid(B * H, out.device)](
         wo, wm, wl, out, out.stride(0), out.stride(1), B * H, H, num_splits, dv,
-        BLOCK_S=_p2(num_splits), BLOCK_DV=_p2(dv), num_warps=4,
+        BLOCK_S=pow2(num_splits), BLOCK_DV=pow2(dv), num_warps=4,
     )
 
 
@@ -202,29 +198,32 @@ def _workspace(B: int, S: int, H: int, dv: int, device: torch.device):
     return wo, wm, wl
 
 
-def gqa_decode_forward(out, q, k_cache, v_cache, block_table, seq_lens, scale: float, soft_cap: float,
-                       window: int) -> None:
+@GQA_DECODE.impl("triton")
+def gqa_decode_forward(out, q, k_cache, v_cache, block_table, seq_lens, scale: float, soft_cap: float | None,
+                       window: int | None) -> None:
     """out [B, Hq, Dv] (contiguous); q [B, Hq, D]; caches [nb, bs, Hkv, *]; int32 block_table/seq_lens."""
     B, hq, d = q.shape
     hkv, bs = k_cache.shape[2], k_cache.shape[1]
     dv = v_cache.shape[-1]
     G = hq // hkv
-    block_n = max(16, min(64, _p2(bs)))
+    block_n = max(16, min(64, pow2(bs)))
     S, split_len = _splits(B * hkv, block_table.shape[1] * bs, q.device)
     split_len = -(-split_len // block_n) * block_n
     wo, wm, wl = _workspace(B, S, hq, dv, q.device)
     items = B * hkv * S
+    has_cap = soft_cap is not None and soft_cap > 0
     _gqa_decode_kernel[persistent_grid(items, q.device)](
         q, k_cache, v_cache, block_table, seq_lens, wo, wm, wl,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0),
-        items, hkv, G, hq, d, dv, bs, S, split_len, window, scale, soft_cap if soft_cap > 0 else 1.0,
-        HAS_CAP=soft_cap > 0, IEEE=q.dtype == torch.float32, BLOCK_G=_p2(G, _dot_min()), BLOCK_N=block_n,
-        BLOCK_D=_p2(d), BLOCK_DV=_p2(dv), num_warps=4,
+        items, hkv, G, hq, d, dv, bs, S, split_len, window or 0, scale, soft_cap if has_cap else 1.0,
+        HAS_CAP=has_cap, IEEE=q.dtype == torch.float32, BLOCK_G=pow2(G, _dot_min()), BLOCK_N=block_n,
+        BLOCK_D=pow2(d), BLOCK_DV=pow2(dv), num_warps=4,
     )
     _combine(out, wo, wm, wl, S)
 
 
+@MLA_DECODE.impl("triton")
 def mla_decode_forward(out, q, kv_cache, block_table, seq_lens, scale: float, v_dim: int) -> None:
     """out [B, H, v_dim]; q [B, H, L]; kv_cache [nb, bs, L] (unit inner stride)."""
     B, H, L = q.shape
@@ -232,7 +231,7 @@ def mla_decode_forward(out, q, kv_cache, block_table, seq_lens, scale: float, v_
     if kv_cache.stride(-1) != 1:
         raise ValueError("kv_cache: the triton kernel needs a unit inner stride")
     # GPU: 16 heads x 512 dims of q and of the fp32 accumulator per program keep registers from spilling.
-    block_h = min(_p2(H, _dot_min()), 16 if torch.cuda.is_available() else 64)
+    block_h = min(pow2(H, _dot_min()), 16 if torch.cuda.is_available() else 64)
     n_hb = -(-H // block_h)
     block_n = 16 if not torch.cuda.is_available() else 32
     S, split_len = _splits(B * n_hb, block_table.shape[1] * bs, q.device)
@@ -244,8 +243,8 @@ def mla_decode_forward(out, q, kv_cache, block_table, seq_lens, scale: float, v_
         q, kv_cache, block_table, seq_lens, wo, wm, wl,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
         items, H, n_hb, v_dim, rope, bs, S, split_len, scale,
-        IEEE=q.dtype == torch.float32, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_DV=_p2(v_dim),
-        BLOCK_DR=_p2(rope, _dot_min()), num_warps=8,
+        IEEE=q.dtype == torch.float32, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_DV=pow2(v_dim),
+        BLOCK_DR=pow2(rope, _dot_min()), num_warps=8,
     )
     _combine(out, wo, wm, wl, S)
 
@@ -333,6 +332,7 @@ def _prefill_kernel(
                      mask=jmask[:, None] & dvmask[None, :])
 
 
+@GQA_PREFILL.impl("triton")
 def gqa_prefill_forward(out, q, k, v, cu_seqlens, causal: bool, scale: float, k_cache, v_cache, block_table,
                         context_lens) -> None:
     """out [T, Hq, Dv]; q/k/v [T, H, *]; cu_seqlens int32 [B+1]; optional paged prefix. Reads the longest
@@ -361,85 +361,5 @@ def gqa_prefill_forward(out, q, k, v, cu_seqlens, causal: bool, scale: float, k_
         bt.stride(0) if has_cache else 0,
         items, n_tiles, hq, hq // hkv, d, dv, kc.shape[1] if has_cache else 1, scale,
         CAUSAL=causal, HAS_CACHE=has_cache, IEEE=q.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=_p2(d), BLOCK_DV=_p2(dv), num_warps=4,
-    )
-
-
-@triton.jit
-def _reshape_and_cache_kernel(
-    KEY, VALUE, KC, VC, SLOTS, key_ts, key_hs, val_ts, val_hs, kc_bs, kc_ts, kc_hs, vc_bs, vc_ts, vc_hs,
-    n_tokens, heads, head_dim, v_dim, block_size,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    h = tl.arange(0, BLOCK_H)
-    d = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
-    for t in range(pid, n_tokens, nprog):
-        slot = tl.load(SLOTS + t).to(tl.int64)
-        ok = slot >= 0
-        blk = tl.where(ok, slot // block_size, 0)
-        off = tl.where(ok, slot % block_size, 0)
-        n_heads = tl.where(ok, heads, 0)  # slot -1: nothing to write (a scalar bool mask trips the interpreter)
-        for h0 in range(0, heads, BLOCK_H):
-            hh = h0 + h
-            km = (hh[:, None] < n_heads) & (d[None, :] < head_dim)
-            x = tl.load(KEY + t * key_ts + hh[:, None] * key_hs + d[None, :], mask=km, other=0.0)
-            tl.store(KC + blk * kc_bs + off * kc_ts + hh[:, None] * kc_hs + d[None, :], x, mask=km)
-            vm = (hh[:, None] < n_heads) & (dv[None, :] < v_dim)
-            y = tl.load(VALUE + t * val_ts + hh[:, None] * val_hs + dv[None, :], mask=vm, other=0.0)
-            tl.store(VC + blk * vc_bs + off * vc_ts + hh[:, None] * vc_hs + dv[None, :], y, mask=vm)
-
-
-def reshape_and_cache_forward(key, value, k_cache, v_cache, slot_mapping) -> None:
-    T, H, d = key.shape
-    dv = value.shape[-1]
-    if T == 0:
-        return
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
-        key, value = key.contiguous(), value.contiguous()
-        if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-            raise ValueError("k_cache, v_cache: the triton kernel needs a unit inner stride")
-    bd, bdv = _p2(d), _p2(dv)
-    block_h = max(1, min(_p2(H), 4096 // max(bd, bdv)))
-    _reshape_and_cache_kernel[persistent_grid(T, key.device)](
-        key, value, k_cache, v_cache, slot_mapping, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), T, H, d, dv, k_cache.shape[1],
-        BLOCK_H=block_h, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=4,
-    )
-
-
-@triton.jit
-def _mla_cache_kernel(KVC, KPE, CACHE, SLOTS, c_ts, p_ts, bs_stride, ts_stride, n_tokens, rank, rope, block_size,
-                      BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    r = tl.arange(0, BLOCK_R)
-    p = tl.arange(0, BLOCK_P)
-    for t in range(pid, n_tokens, nprog):
-        slot = tl.load(SLOTS + t).to(tl.int64)
-        ok = slot >= 0
-        dst = CACHE + tl.where(ok, slot // block_size, 0) * bs_stride + tl.where(ok, slot % block_size, 0) * ts_stride
-        n_r = tl.where(ok, rank, 0)
-        n_p = tl.where(ok, rope, 0)
-        x = tl.load(KVC + t * c_ts + r, mask=r < n_r, other=0.0)
-        tl.store(dst + r, x, mask=r < n_r)
-        y = tl.load(KPE + t * p_ts + p, mask=p < n_p, other=0.0)
-        tl.store(dst + rank + p, y, mask=p < n_p)
-
-
-def mla_cache_forward(kv_c, k_pe, kv_cache, slot_mapping) -> None:
-    T, rank = kv_c.shape
-    rope = k_pe.shape[1]
-    if T == 0:
-        return
-    kv_c = kv_c if kv_c.stride(-1) == 1 else kv_c.contiguous()
-    k_pe = k_pe if k_pe.stride(-1) == 1 else k_pe.contiguous()
-    if kv_cache.stride(-1) != 1:
-        raise ValueError("kv_cache: the triton kernel needs a unit inner stride")
-    _mla_cache_kernel[persistent_grid(T, kv_c.device)](
-        kv_c, k_pe, kv_cache, slot_mapping, kv_c.stride(0), k_pe.stride(0), kv_cache.stride(0), kv_cache.stride(1),
-        T, rank, rope, kv_cache.shape[1], BLOCK_R=_p2(rank), BLOCK_P=_p2(rope), num_warps=4,
+        BLOCK_D=pow2(d), BLOCK_DV=pow2(dv), num_warps=4,
     )

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from omniops.ops.moe import FUSED_MOE, GROUPED_GEMM, MOE_COMBINE, MOE_DISPATCH, MOE_ROUTE
 from omniops.triton._grid import persistent_grid
 
 
@@ -82,17 +83,20 @@ def _route_kernel(L, BIAS, W, IDS, l_stride, T, E, PER, scaling,
                 tl.store(W + t * TOPK + j, wj * scaling)
 
 
-def moe_route_forward(w_out: torch.Tensor, ids_out: torch.Tensor, logits: torch.Tensor, top_k: int, scoring: str,
-                      renormalize: bool, num_groups: int, topk_groups: int, bias: torch.Tensor | None,
-                      scaling: float) -> None:
-    T, E = logits.shape
-    grouped = num_groups > 1
+@MOE_ROUTE.impl("triton")
+def moe_route_forward(topk_weights: torch.Tensor, topk_ids: torch.Tensor, router_logits: torch.Tensor, top_k: int,
+                      scoring: str, renormalize: bool, num_groups: int | None, topk_groups: int | None,
+                      correction_bias: torch.Tensor | None, routed_scaling: float) -> None:
+    T, E = router_logits.shape
+    grouped = num_groups is not None and num_groups > 1
     G = num_groups if grouped else 1
     per = E // G
-    _route_kernel[persistent_grid(T, logits.device)](
-        logits, bias if bias is not None else w_out, w_out, ids_out, logits.stride(0), T, E, per, float(scaling),
+    has_bias = correction_bias is not None
+    _route_kernel[persistent_grid(T, router_logits.device)](
+        router_logits, correction_bias if has_bias else topk_weights, topk_weights, topk_ids,
+        router_logits.stride(0), T, E, per, float(routed_scaling),
         TOPK=top_k, TOPK_G=topk_groups if grouped else 1, SOFTMAX=scoring == "softmax", RENORM=bool(renormalize),
-        HAS_BIAS=bias is not None, GROUPED=grouped, BLOCK_G=triton.next_power_of_2(G),
+        HAS_BIAS=has_bias, GROUPED=grouped, BLOCK_G=triton.next_power_of_2(G),
         BLOCK_P=triton.next_power_of_2(per),
     )
 
@@ -155,22 +159,25 @@ def _gather_rows_kernel(X, TOK, OUT, x_stride, rows, H, BLOCK: tl.constexpr):
         tl.store(OUT + r.to(tl.int64) * H + c, v, mask=m)
 
 
-def moe_dispatch_forward(xs: torch.Tensor, tok: torch.Tensor, offs: torch.Tensor, counts: torch.Tensor,
-                         inv: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor, num_experts: int,
-                         block_size: int) -> None:
-    T, k = ids.shape
-    cnt, offsets, rows = _sort_pairs(ids.reshape(-1), num_experts, block_size)
-    counts.copy_(cnt)
-    offs.copy_(offsets)
-    inv.copy_(rows.view(T, k))
+@MOE_DISPATCH.impl("triton")
+def moe_dispatch_forward(x_sorted: torch.Tensor, sorted_token_ids: torch.Tensor, expert_offsets: torch.Tensor,
+                         expert_counts: torch.Tensor, inverse_index: torch.Tensor, hidden: torch.Tensor,
+                         topk_ids: torch.Tensor, num_experts: int, block_size: int | None) -> None:
+    T, k = topk_ids.shape
+    cnt, offsets, rows = _sort_pairs(topk_ids.reshape(-1), num_experts, block_size or 1)
+    expert_counts.copy_(cnt)
+    expert_offsets.copy_(offsets)
+    inverse_index.copy_(rows.view(T, k))
+    tok = sorted_token_ids
     tok.fill_(-1)
-    tok[rows] = torch.arange(T, device=ids.device, dtype=torch.int32).repeat_interleave(k)
-    M, H = xs.shape
+    tok[rows] = torch.arange(T, device=topk_ids.device, dtype=torch.int32).repeat_interleave(k)
+    M, H = x_sorted.shape
     if M == 0 or H == 0:
         return
     block = min(triton.next_power_of_2(H), 1024)
     tiles = M * triton.cdiv(H, block)
-    _gather_rows_kernel[persistent_grid(tiles, xs.device)](hidden, tok, xs, hidden.stride(0), M, H, BLOCK=block)
+    _gather_rows_kernel[persistent_grid(tiles, x_sorted.device)](hidden, tok, x_sorted, hidden.stride(0), M, H,
+                                                                 BLOCK=block)
 
 
 # ---- grouped GEMM ---------------------------------------------------------------------------------------
@@ -210,18 +217,20 @@ def _gemm_blocks(n: int, k: int) -> tuple[int, int, int]:
     return 16, max(16, min(64, triton.next_power_of_2(n))), max(16, min(64, triton.next_power_of_2(k)))
 
 
-def grouped_gemm_forward(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> None:
-    M, K = x.shape
+@GROUPED_GEMM.impl("triton")
+def grouped_gemm_forward(out: torch.Tensor, x_sorted: torch.Tensor, w: torch.Tensor,
+                         expert_offsets: torch.Tensor) -> None:
+    M, K = x_sorted.shape
     E, N, _ = w.shape
     out.zero_()  # rows of no expert
     if K == 0:
         return
     BM, BN, BK = _gemm_blocks(N, K)
-    tile_e, tile_s, n_mtiles = _tile_schedule(offsets, E, BM, M)
+    tile_e, tile_s, n_mtiles = _tile_schedule(expert_offsets, E, BM, M)
     tiles = n_mtiles * triton.cdiv(N, BN)
-    _grouped_gemm_kernel[persistent_grid(tiles, x.device)](
-        x, w, out, tile_e, tile_s, offsets, x.stride(0), out.stride(0), N, K, n_mtiles,
-        BM=BM, BN=BN, BK=BK, PREC=_dot_precision(x.dtype))
+    _grouped_gemm_kernel[persistent_grid(tiles, x_sorted.device)](
+        x_sorted, w, out, tile_e, tile_s, expert_offsets, x_sorted.stride(0), out.stride(0), N, K, n_mtiles,
+        BM=BM, BN=BN, BK=BK, PREC=_dot_precision(x_sorted.dtype))
 
 
 # ---- combine --------------------------------------------------------------------------------------------
@@ -244,14 +253,17 @@ def _combine_kernel(Y, W, INV, OUT, y_stride, out_stride, T, H, TOPK, BLOCK: tl.
         tl.store(OUT + t.to(tl.int64) * out_stride + c, acc.to(OUT.dtype.element_ty), mask=m)
 
 
-def moe_combine_forward(out: torch.Tensor, y: torch.Tensor, w: torch.Tensor, inv: torch.Tensor) -> None:
+@MOE_COMBINE.impl("triton")
+def moe_combine_forward(out: torch.Tensor, expert_out: torch.Tensor, topk_weights: torch.Tensor,
+                        inverse_index: torch.Tensor) -> None:
     T, H = out.shape
     if T == 0 or H == 0:
         return
     block = min(triton.next_power_of_2(H), 1024)
     tiles = T * triton.cdiv(H, block)
     _combine_kernel[persistent_grid(tiles, out.device)](
-        y, w, inv, out, y.stride(0), out.stride(0), T, H, inv.shape[1], BLOCK=block)
+        expert_out, topk_weights, inverse_index, out, expert_out.stride(0), out.stride(0), T, H,
+        inverse_index.shape[1], BLOCK=block)
 
 
 # ---- fused MoE ------------------------------------------------------------------------------------------
@@ -327,14 +339,15 @@ def _moe_down_kernel(ACT, W2, Y, ROW_PAIR, TILE_E, TILE_S, OFFS, H, INTER, n_mti
             tl.store(Y + pair[:, None] * H + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
 
 
+@FUSED_MOE.impl("triton")
 def fused_moe_forward(out: torch.Tensor, hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                      weights: torch.Tensor, ids: torch.Tensor, activation: str,
+                      topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str,
                       expert_map: torch.Tensor | None) -> None:
     T, H = hidden.shape
     E, two_i, _ = w13.shape
     inter = two_i // 2
-    k = ids.shape[1]
-    local = ids.reshape(-1).long()
+    k = topk_ids.shape[1]
+    local = topk_ids.reshape(-1).long()
     if expert_map is not None:
         local = expert_map.long()[local]
     P = T * k
@@ -366,4 +379,4 @@ def fused_moe_forward(out: torch.Tensor, hidden: torch.Tensor, w13: torch.Tensor
     _moe_down_kernel[persistent_grid(n_mtiles * triton.cdiv(H, BN2), dev)](
         act, w2, y, row_pair, tile_e, tile_s, offsets, H, inter, n_mtiles, BM=BM2, BN=BN2, BK=BK2, PREC=prec)
     inv = torch.where(valid, torch.arange(P, device=dev), -1).to(torch.int32).view(T, k)
-    moe_combine_forward(out, y, weights, inv)
+    moe_combine_forward(out, y, topk_weights, inv)

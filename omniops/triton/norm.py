@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from omniops.ops.norm import RMS_NORM
 from omniops.triton._grid import persistent_grid
 
 _MAX_BLOCK = 8192  # one row in registers up to this size; longer rows take two passes
@@ -63,6 +64,7 @@ def _rms_norm_fwd_kernel(
                 tl.store(y_row + c0 + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
+@RMS_NORM.impl("triton")
 def rms_norm_forward(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
                      residual: torch.Tensor | None, residual_out: torch.Tensor | None) -> None:
     """x, residual, out, residual_out: [rows, hidden] with unit inner stride; out may be x (in place)."""

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from omniops.ops.quant_gemm import FP8_BLOCK_GEMM, FP8_BLOCK_LINEAR, W4A16, W8A8, W8A8_LINEAR
 from omniops.triton._grid import persistent_grid
 
 
@@ -203,6 +204,7 @@ def _bm(m: int) -> int:
     return max(16, min(64, triton.next_power_of_2(m)))
 
 
+@W8A8.impl("triton")
 def w8a8_gemm_forward(out: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
                       w_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
     """out [M, N] (float or int32), x_q [M, K], w_q [N, K] int8 with unit inner stride; scales [M], [N]."""
@@ -216,14 +218,15 @@ def w8a8_gemm_forward(out: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tenso
         HAS_BIAS=bias is not None, OUT_INT32=out.dtype == torch.int32, BM=bm, BN=bn, BK=bk, num_warps=4)
 
 
-def w4a16_gemm_forward(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,
+@W4A16.impl("triton")
+def w4a16_gemm_forward(out: torch.Tensor, x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor,
                        zeros: torch.Tensor | None, group_size: int, bias: torch.Tensor | None) -> None:
     M, K = x.shape
-    N = w.shape[0]
+    N = w_packed.shape[0]
     bm, bn, bk = _bm(M), 64, min(group_size, 64)
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     _w4a16_kernel[persistent_grid(tiles, out.device)](
-        x, w, scales, zeros if zeros is not None else w, bias if bias is not None else x, out, M, N, K,
+        x, w_packed, scales, zeros if zeros is not None else w_packed, bias if bias is not None else x, out, M, N, K,
         x.stride(0), out.stride(0), group_size,
         HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, DOT_F32=x.dtype == torch.float32,
         BM=bm, BN=bn, BK=bk, num_warps=4)
@@ -233,6 +236,7 @@ def _native_fp8(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+@FP8_BLOCK_GEMM.impl("triton")
 def fp8_block_gemm_forward(out: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
                            w_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
     M, K = x_q.shape
@@ -247,6 +251,7 @@ def fp8_block_gemm_forward(out: torch.Tensor, x_q: torch.Tensor, x_scale: torch.
         HAS_BIAS=bias is not None, NATIVE_FP8=native, BM=bm, BN=bn, BK=128, num_warps=4)
 
 
+@W8A8_LINEAR.impl("triton")
 def w8a8_linear_forward(out: torch.Tensor, x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
                         bias: torch.Tensor | None) -> None:
     """out [M, N] float = w8a8 GEMM of x [M, K] float (unit inner stride) quantized per token."""
@@ -258,6 +263,7 @@ def w8a8_linear_forward(out: torch.Tensor, x: torch.Tensor, w_q: torch.Tensor, w
     w8a8_gemm_forward(out, x_q, x_s, w_q, w_scale, bias)
 
 
+@FP8_BLOCK_LINEAR.impl("triton")
 def fp8_block_linear_forward(out: torch.Tensor, x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
                              bias: torch.Tensor | None) -> None:
     """out [M, N] float = FP8 block GEMM of x [M, K] float quantized per token per 128 of K."""

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from omniops.ops.rotary import ROTARY
 from omniops.triton._grid import persistent_grid
 
 
@@ -70,7 +71,8 @@ def _rotary_fwd_kernel(
                       IS_NEOX, COPY_TAIL, BLOCK_H, BLOCK_R, BLOCK_D)
 
 
-def rotary_embedding_forward(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cache: torch.Tensor,
+@ROTARY.impl("triton")
+def rotary_embedding_forward(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
                              rotary_dim: int, is_neox: bool, q_out: torch.Tensor, k_out: torch.Tensor) -> None:
     """positions int64 [T]; q, k, q_out, k_out [T, heads, head_size] (unit inner stride); cache contiguous."""
     tokens, q_heads, head_size = q.shape
@@ -86,7 +88,7 @@ def rotary_embedding_forward(positions: torch.Tensor, q: torch.Tensor, k: torch.
     block_d = triton.next_power_of_2(tail) if tail > 0 else 1
     block_h = max(1, min(triton.next_power_of_2(max(q_heads, k_heads, 1)), max(1, 4096 // block_r)))
     _rotary_fwd_kernel[persistent_grid(tokens, q.device)](
-        positions, q, k, q_out, k_out, cache,
+        positions, q, k, q_out, k_out, cos_sin_cache,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
         tokens, q_heads, k_heads, head_size, half,
