@@ -65,11 +65,6 @@ def resolve_scale(scale: float | None, q: object) -> float:
     return float(scale)
 
 
-def inner_contiguous(t: Tensor) -> Tensor:
-    """``t`` with a unit stride in its last dim (the kernels' one layout requirement): itself or a copy."""
-    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
-
-
 def cpu_cache_reason(dim_limit: int, *caches: Tensor) -> str | None:
     """Why the cpu kernels cannot read these caches, or None."""
     for c in caches:

@@ -13,6 +13,7 @@ from torch import Tensor
 from omniops._family import OpFamily
 from omniops._registry import call, omni_op
 from omniops._validation import FLOAT_DTYPES, check_same, check_shape, check_tensor, rows_view
+from omniops.ops._layout import as_rows
 from omniops.reference import activation as ref
 
 
@@ -44,10 +45,7 @@ def _run(out: Tensor, x: Tensor) -> None:
         _run(tmp, x)
         out.copy_(tmp)
         return
-    x2 = rows_view(x)
-    if x2 is None:
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    impl(o2, x2)
+    impl(o2, as_rows(x))
 
 
 def _fake(x: Tensor) -> Tensor:

@@ -36,9 +36,9 @@ from omniops.ops._attention_checks import (
     check_table_values,
     check_tables,
     cpu_cache_reason,
-    inner_contiguous,
     resolve_scale,
 )
+from omniops.ops._layout import inner_contiguous
 from omniops.reference import attention as ref
 
 

@@ -19,9 +19,9 @@ from omniops.ops._attention_checks import (
     CPU_MAX_PREFILL_DIM,
     check_dims,
     check_like,
-    inner_contiguous,
     resolve_scale,
 )
+from omniops.ops._layout import inner_contiguous
 from omniops.reference import attention as ref
 
 

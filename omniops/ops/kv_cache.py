@@ -20,8 +20,8 @@ from omniops.ops._attention_checks import (
     check_like,
     check_slot_values,
     cpu_cache_reason,
-    inner_contiguous,
 )
+from omniops.ops._layout import inner_contiguous
 from omniops.reference import attention as ref
 
 _ANY_DIM = 1 << 30  # the cache writers copy rows of any width

@@ -25,7 +25,8 @@ from torch import Tensor
 from omniops import _ext
 from omniops._family import OpFamily
 from omniops._registry import call, fast_cpu, omni_op
-from omniops._validation import FLOAT_DTYPES, check_same, check_shape, check_tensor, is_fake, rows_view
+from omniops._validation import FLOAT_DTYPES, check_same, check_shape, check_tensor, is_fake
+from omniops.ops._layout import as_int32, as_rows
 from omniops.ops.prepack import linear_tiles, moe_tiles
 from omniops.reference import moe as ref
 
@@ -48,15 +49,6 @@ class MoEDispatch(NamedTuple):
     expert_offsets: Tensor
     expert_counts: Tensor
     inverse_index: Tensor
-
-
-def _rows(t: Tensor) -> Tensor:
-    v = rows_view(t)
-    return v if v is not None else t.contiguous()
-
-
-def _i32(t: Tensor) -> Tensor:
-    return t.to(torch.int32).contiguous()
 
 
 # =====================================================================================================
@@ -124,7 +116,7 @@ def _moe_route_op(logits: Tensor, top_k: int, scoring: str, renormalize: bool, n
     if logits.shape[0]:
         bias = None if correction_bias is None else correction_bias.float().contiguous()
         MOE_ROUTE.select(logits.device, logits.dtype)(
-            w, ids, _rows(logits), top_k, scoring, renormalize, num_groups, topk_groups, bias, float(routed_scaling))
+            w, ids, as_rows(logits), top_k, scoring, renormalize, num_groups, topk_groups, bias, float(routed_scaling))
     return w, ids
 
 
@@ -203,7 +195,8 @@ def _moe_dispatch_op(hidden: Tensor, topk_ids: Tensor, num_experts: int, block_s
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     outs = _fake_dispatch(hidden, topk_ids, num_experts, block_size)
     _check_ids("topk_ids", topk_ids, num_experts)
-    MOE_DISPATCH.select(hidden.device, hidden.dtype)(*outs, _rows(hidden), _i32(topk_ids), num_experts, block_size)
+    args = (*outs, as_rows(hidden), as_int32(topk_ids), num_experts, block_size)
+    MOE_DISPATCH.select(hidden.device, hidden.dtype)(*args)
     return outs
 
 
@@ -268,7 +261,7 @@ def _grouped_gemm_op(x_sorted: Tensor, w: Tensor, expert_offsets: Tensor) -> Ten
         _check_offset_values(x_sorted, expert_offsets)
     if out.numel():
         offs = expert_offsets if expert_offsets.dtype == torch.int64 else expert_offsets.to(torch.int64)
-        impl(out, _rows(x_sorted), w.contiguous(), offs.contiguous())
+        impl(out, as_rows(x_sorted), w.contiguous(), offs.contiguous())
     return out
 
 
@@ -310,7 +303,7 @@ def _moe_combine_op(expert_out: Tensor, topk_weights: Tensor, inverse_index: Ten
     out = _fake_combine(expert_out, topk_weights, inverse_index)
     if out.numel():
         MOE_COMBINE.select(expert_out.device, expert_out.dtype)(
-            out, _rows(expert_out), topk_weights.float().contiguous(), _i32(inverse_index))
+            out, as_rows(expert_out), topk_weights.float().contiguous(), as_int32(inverse_index))
     return out
 
 
@@ -389,8 +382,8 @@ def _fused_moe_op(hidden: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
     out = _fake_fused(hidden, w13, w2, topk_weights, topk_ids, activation, expert_map)
     if hidden.shape[0]:
         FUSED_MOE.select(hidden.device, hidden.dtype)(
-            out, _rows(hidden), w13.contiguous(), w2.contiguous(), topk_weights.float().contiguous(),
-            _i32(topk_ids), activation, None if expert_map is None else _i32(expert_map))
+            out, as_rows(hidden), w13.contiguous(), w2.contiguous(), topk_weights.float().contiguous(),
+            as_int32(topk_ids), activation, None if expert_map is None else as_int32(expert_map))
     return out
 
 

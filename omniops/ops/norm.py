@@ -16,6 +16,7 @@ from torch import Tensor
 from omniops._family import OpFamily
 from omniops._registry import call, fast_cpu, omni_op
 from omniops._validation import FLOAT_DTYPES, check_same, check_shape, check_tensor, rows_view
+from omniops.ops._layout import as_rows
 from omniops.reference import norm as ref
 
 
@@ -50,11 +51,6 @@ def _validate(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = N
         check_shape("residual", residual, tuple(x.shape), "as x")
 
 
-def _rows(t: Tensor) -> Tensor:
-    v = rows_view(t)
-    return v if v is not None else t.reshape(-1, t.shape[-1]).contiguous()
-
-
 def _run(out: Tensor, x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None,
          residual_out: Tensor | None = None) -> None:
     """Run the selected backend writing into ``out`` (and ``residual_out``), which may alias x/residual."""
@@ -71,7 +67,7 @@ def _run(out: Tensor, x: Tensor, weight: Tensor, eps: float, residual: Tensor | 
             residual_out.copy_(tmp_r)
         out.copy_(tmp)
         return
-    impl(o2, _rows(x), weight.contiguous(), float(eps), _rows(residual) if residual is not None else None, ro2)
+    impl(o2, as_rows(x), weight.contiguous(), float(eps), as_rows(residual) if residual is not None else None, ro2)
 
 
 # ---- custom ops -----------------------------------------------------------------------------------------------

@@ -24,22 +24,13 @@ from torch import Tensor
 from omniops import _ext
 from omniops._family import OpFamily
 from omniops._registry import call, omni_op
-from omniops._validation import FLOAT_DTYPES, check_same, check_shape, check_tensor, rows_view
+from omniops._validation import FLOAT_DTYPES, check_same, check_shape, check_tensor
+from omniops.ops._layout import as_rows
 from omniops.ops.prepack import i8_tiles
 from omniops.quant.formats import FP8_BLOCK, INT4_GROUP_SIZES, INT8_MAX_K
 from omniops.reference import quant_gemm as ref
 
 W8A8_OUT_DTYPES = (*FLOAT_DTYPES, torch.int32)
-
-
-def _rows(t: Tensor) -> Tensor:
-    """[..., K] -> [rows, K] with unit inner stride (a view when the layout allows)."""
-    v = rows_view(t)
-    return v if v is not None else t.reshape(-1, t.shape[-1]).contiguous()
-
-
-def _c2(t: Tensor) -> Tensor:
-    return t if t.is_contiguous() else t.contiguous()
 
 
 # ---- families: the reference in the backends' form (out [M, N], x rows with unit inner stride) ----------------
@@ -104,22 +95,41 @@ def _check_w(name: str, w: Tensor, dtype: torch.dtype, x: Tensor, k: int, what: 
     return w.shape[0]
 
 
+def _check_int8_weight(w_q: Tensor, w_scale: Tensor, x: Tensor, k: int, x_name: str) -> int:
+    """W8A8's weight operands: int8 ``w_q [N, K]`` and one fp32 scale per output channel. Returns N."""
+    if k > INT8_MAX_K:
+        raise ValueError(f"{x_name}: K={k} exceeds {INT8_MAX_K}, beyond which int32 accumulation can overflow")
+    n = _check_w("w_q", w_q, torch.int8, x, k, f"K of {x_name}")
+    check_tensor("w_scale", w_scale, dtypes=(torch.float32,))
+    check_same("w_scale", w_scale, "w_q", w_q, dtype=False)
+    if tuple(w_scale.shape) not in ((n,), (n, 1)):
+        raise ValueError(f"w_scale: expected shape [{n}] (one scale per output channel), got {list(w_scale.shape)}")
+    return n
+
+
+def _check_fp8_weight(w_q: Tensor, w_scale: Tensor, x: Tensor, k: int, x_name: str) -> int:
+    """FP8 block's weight operands: e4m3 ``w_q [N, K]`` and fp32 scales per 128x128 block. Returns N."""
+    n = _check_w("w_q", w_q, torch.float8_e4m3fn, x, k, f"K of {x_name}")
+    check_tensor("w_scale", w_scale, dtypes=(torch.float32,), dim=2)
+    check_same("w_scale", w_scale, "w_q", w_q, dtype=False)
+    check_shape("w_scale", w_scale, (math.ceil(n / FP8_BLOCK), math.ceil(k / FP8_BLOCK)), "[ceil(N/128), ceil(K/128)]")
+    return n
+
+
+def _check_float_out(out_dtype: torch.dtype) -> None:
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype: expected float32, float16 or bfloat16, got {out_dtype}")
+
+
 def _validate_w8a8(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
                    out_dtype: torch.dtype) -> None:
     check_tensor("x_q", x_q, dtypes=(torch.int8,), min_dim=1)
-    k = x_q.shape[-1]
-    if k > INT8_MAX_K:
-        raise ValueError(f"x_q: K={k} exceeds {INT8_MAX_K}, beyond which int32 accumulation can overflow")
-    n = _check_w("w_q", w_q, torch.int8, x_q, k, "K of x_q")
+    n = _check_int8_weight(w_q, w_scale, x_q, x_q.shape[-1], "x_q")
     check_tensor("x_scale", x_scale, dtypes=(torch.float32,))
     check_same("x_scale", x_scale, "x_q", x_q, dtype=False)
     lead = tuple(x_q.shape[:-1])
     if tuple(x_scale.shape) not in (lead, (*lead, 1)):
         raise ValueError(f"x_scale: expected shape {list(lead) + [1]} (one scale per token), got {list(x_scale.shape)}")
-    check_tensor("w_scale", w_scale, dtypes=(torch.float32,))
-    check_same("w_scale", w_scale, "w_q", w_q, dtype=False)
-    if tuple(w_scale.shape) not in ((n,), (n, 1)):
-        raise ValueError(f"w_scale: expected shape [{n}] (one scale per output channel), got {list(w_scale.shape)}")
     if out_dtype not in W8A8_OUT_DTYPES:
         raise TypeError(f"out_dtype: expected float32, float16, bfloat16 or int32, got {out_dtype}")
     if out_dtype == torch.int32 and bias is not None:
@@ -155,16 +165,12 @@ def _validate_fp8(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bi
                   out_dtype: torch.dtype) -> None:
     check_tensor("x_q", x_q, dtypes=(torch.float8_e4m3fn,), min_dim=1)
     k = x_q.shape[-1]
-    n = _check_w("w_q", w_q, torch.float8_e4m3fn, x_q, k, "K of x_q")
-    kb = math.ceil(k / FP8_BLOCK)
+    n = _check_fp8_weight(w_q, w_scale, x_q, k, "x_q")
     check_tensor("x_scale", x_scale, dtypes=(torch.float32,))
     check_same("x_scale", x_scale, "x_q", x_q, dtype=False)
-    check_shape("x_scale", x_scale, (*x_q.shape[:-1], kb), "[..., ceil(K/128)]: per token per 128 of K")
-    check_tensor("w_scale", w_scale, dtypes=(torch.float32,), dim=2)
-    check_same("w_scale", w_scale, "w_q", w_q, dtype=False)
-    check_shape("w_scale", w_scale, (math.ceil(n / FP8_BLOCK), kb), "[ceil(N/128), ceil(K/128)]")
-    if out_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"out_dtype: expected float32, float16 or bfloat16, got {out_dtype}")
+    check_shape("x_scale", x_scale, (*x_q.shape[:-1], math.ceil(k / FP8_BLOCK)),
+                "[..., ceil(K/128)]: per token per 128 of K")
+    _check_float_out(out_dtype)
     _check_bias(bias, n, out_dtype, w_q)
 
 
@@ -172,24 +178,8 @@ def _validate_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | Non
                      fp8: bool) -> None:
     """The fused linears: float x [..., K]; the weight operands and bias as in the two-step GEMM."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES, min_dim=1)
-    k = x.shape[-1]
-    if fp8:
-        n = _check_w("w_q", w_q, torch.float8_e4m3fn, x, k, "K of x")
-        check_tensor("w_scale", w_scale, dtypes=(torch.float32,), dim=2)
-        check_same("w_scale", w_scale, "w_q", w_q, dtype=False)
-        check_shape("w_scale", w_scale, (math.ceil(n / FP8_BLOCK), math.ceil(k / FP8_BLOCK)),
-                    "[ceil(N/128), ceil(K/128)]")
-    else:
-        if k > INT8_MAX_K:
-            raise ValueError(f"x: K={k} exceeds {INT8_MAX_K}, beyond which int32 accumulation can overflow")
-        n = _check_w("w_q", w_q, torch.int8, x, k, "K of x")
-        check_tensor("w_scale", w_scale, dtypes=(torch.float32,))
-        check_same("w_scale", w_scale, "w_q", w_q, dtype=False)
-        if tuple(w_scale.shape) not in ((n,), (n, 1)):
-            raise ValueError(f"w_scale: expected shape [{n}] (one scale per output channel), "
-                             f"got {list(w_scale.shape)}")
-    if out_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"out_dtype: expected float32, float16 or bfloat16, got {out_dtype}")
+    n = (_check_fp8_weight if fp8 else _check_int8_weight)(w_q, w_scale, x, x.shape[-1], "x")
+    _check_float_out(out_dtype)
     _check_bias(bias, n, out_dtype, w_q)
 
 
@@ -207,15 +197,16 @@ def _finish_empty(out: Tensor, bias: Tensor | None) -> Tensor:
 
 def _run(family: OpFamily, x: Tensor, n: int, out_dtype: torch.dtype, sel_dtype: torch.dtype, bias: Tensor | None,
          *operands: object) -> Tensor:
-    """``out [..., n]`` = the selected backend of ``family`` on (out rows, x rows, *operands, bias); the empty
-    cases (no output, K == 0) without a kernel."""
+    """``out [..., n]`` = the selected backend of ``family`` on (out rows, x rows, *operands, bias), tensor
+    operands made contiguous; the empty cases (no output, K == 0) without a kernel."""
     out = _out(x, n, out_dtype)
     if out.numel() == 0:
         return out
     if x.shape[-1] == 0:
         return _finish_empty(out, bias)
-    impl = family.select(x.device, sel_dtype, out)
-    impl(out.view(-1, n), _rows(x), *operands, None if bias is None else _c2(bias))
+    args = [out.view(-1, n), as_rows(x), *operands, bias]
+    args[2:] = [a.contiguous() if isinstance(a, Tensor) else a for a in args[2:]]
+    family.select(x.device, sel_dtype, *args)(*args)
     return out
 
 
@@ -231,8 +222,7 @@ def _w8a8_op(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: T
              out_dtype: torch.dtype) -> Tensor:
     _validate_w8a8(x_q, x_scale, w_q, w_scale, bias, out_dtype)
     sel_dtype = torch.float32 if out_dtype == torch.int32 else out_dtype
-    return _run(W8A8, x_q, w_q.shape[0], out_dtype, sel_dtype, bias, _c2(x_scale.reshape(-1)), _c2(w_q),
-                _c2(w_scale.reshape(-1)))
+    return _run(W8A8, x_q, w_q.shape[0], out_dtype, sel_dtype, bias, x_scale.reshape(-1), w_q, w_scale.reshape(-1))
 
 
 def _fake_w4a16(x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
@@ -245,8 +235,8 @@ def _fake_w4a16(x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor | Non
 def _w4a16_op(x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
               bias: Tensor | None) -> Tensor:
     _validate_w4a16(x, w_packed, scales, zeros, group_size, bias)
-    return _run(W4A16, x, w_packed.shape[0], x.dtype, x.dtype, bias, _c2(w_packed), _c2(scales),
-                None if zeros is None else _c2(zeros), group_size)
+    return _run(W4A16, x, w_packed.shape[0], x.dtype, x.dtype, bias, w_packed, scales, zeros,
+                group_size)
 
 
 def _fake_fp8(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
@@ -260,7 +250,7 @@ def _fp8_op(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Te
             out_dtype: torch.dtype) -> Tensor:
     _validate_fp8(x_q, x_scale, w_q, w_scale, bias, out_dtype)
     return _run(FP8_BLOCK_GEMM, x_q, w_q.shape[0], out_dtype, out_dtype, bias,
-                _c2(x_scale.reshape(-1, x_scale.shape[-1])), _c2(w_q), _c2(w_scale))
+                x_scale.reshape(-1, x_scale.shape[-1]), w_q, w_scale)
 
 
 def _fake_w8a8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
@@ -271,7 +261,7 @@ def _fake_w8a8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | No
 @omni_op("w8a8_linear", fake=_fake_w8a8_linear)
 def _w8a8_linear_op(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
     _validate_linear(x, w_q, w_scale, bias, out_dtype, fp8=False)
-    return _run(W8A8_LINEAR, x, w_q.shape[0], out_dtype, x.dtype, bias, _c2(w_q), _c2(w_scale.reshape(-1)))
+    return _run(W8A8_LINEAR, x, w_q.shape[0], out_dtype, x.dtype, bias, w_q, w_scale.reshape(-1))
 
 
 def _fake_fp8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
@@ -282,7 +272,7 @@ def _fake_fp8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | Non
 @omni_op("fp8_block_linear", fake=_fake_fp8_linear)
 def _fp8_linear_op(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
     _validate_linear(x, w_q, w_scale, bias, out_dtype, fp8=True)
-    return _run(FP8_BLOCK_LINEAR, x, w_q.shape[0], out_dtype, x.dtype, bias, _c2(w_q), _c2(w_scale))
+    return _run(FP8_BLOCK_LINEAR, x, w_q.shape[0], out_dtype, x.dtype, bias, w_q, w_scale)
 
 
 # ---- public API -------------------------------------------------------------------------------------------
