@@ -1,11 +1,8 @@
 """Expert parallelism over ``torch.distributed``: dispatch tokens to the ranks that hold their experts,
 compute there, send the results back and combine.
 
-* ``ExpertPlacement``: the logical -> physical expert map. Physical slot p lives on rank
-  ``p // experts_per_rank`` as that rank's local expert ``p % experts_per_rank``; ``phy2log [P]`` names the
-  logical expert in every slot and ``log2phy [E, max_replicas]`` (-1 padded) lists every logical expert's
-  copies, so one logical expert can have several physical replicas (redundant experts). A load balancer only
-  changes this map and the weights in the slots; dispatch/combine take whatever map they are given.
+* ``ExpertPlacement`` (``omniops/distributed/placement.py``): the logical -> physical expert map, with redundant
+  copies; dispatch/combine take whatever map they are given.
 * ``ep_dispatch``: picks a replica per (token, slot) — ``(token index + rank) % replicas``, which spreads a
   hot expert's tokens evenly over its copies —, sorts the pairs by destination rank, exchanges the counts,
   then the hidden rows and local expert ids with ``all_to_all_single`` (variable splits; whatever backend the
@@ -16,8 +13,8 @@ compute there, send the results back and combine.
   globally, computes locally with ``fused_moe``, combines. With a ``LoadRecorder`` attached it records each
   dispatch's per-expert counts; ``global_load()`` sums them over the ranks for the planners and
   ``apply_placement(phy2log)`` moves expert weights between ranks (point-to-point) to a new placement between
-  steps, outputs unchanged. ``apply_expert_placement`` is the same move for any per-slot weight tensors
-  (the serving engine's expert-parallel MoE layers use it).
+  steps, outputs unchanged (``omniops/distributed/transfer.py``'s ``apply_expert_placement``, which the serving
+  engine's expert-parallel MoE layers use for their own per-slot weights).
 """
 
 from __future__ import annotations
@@ -30,77 +27,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from omniops.distributed._group import world_and_rank
+from omniops.distributed.placement import ExpertPlacement
+from omniops.distributed.transfer import apply_expert_placement
 from omniops.ops.moe import fused_moe, moe_combine, moe_route
 
 if TYPE_CHECKING:
     from omniops.placement import LoadRecorder
-
-# ---- placement -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ExpertPlacement:
-    """Where the physical copies of every logical expert live. Build with ``from_phy2log`` or ``uniform``."""
-
-    phy2log: Tensor  # int64 [num_physical]: the logical expert held by each physical slot
-    log2phy: Tensor  # int64 [num_logical, max_replicas]: physical slots of each logical expert, -1 padded
-    replicas: Tensor  # int64 [num_logical]: number of copies of each logical expert (>= 1)
-    world_size: int
-
-    @property
-    def num_logical(self) -> int:
-        return self.log2phy.shape[0]
-
-    @property
-    def num_physical(self) -> int:
-        return self.phy2log.shape[0]
-
-    @property
-    def experts_per_rank(self) -> int:
-        return self.num_physical // self.world_size
-
-    def local_logical(self, rank: int) -> Tensor:
-        """The logical expert of each of ``rank``'s local physical slots (to load its weights)."""
-        per = self.experts_per_rank
-        return self.phy2log[rank * per:(rank + 1) * per]
-
-    @classmethod
-    def from_phy2log(cls, phy2log: Tensor | list[int], world_size: int, num_logical: int | None = None
-                     ) -> ExpertPlacement:
-        """From the logical expert of every physical slot; slots split evenly over ``world_size`` ranks."""
-        p2l = torch.as_tensor(phy2log, dtype=torch.int64).flatten().cpu()
-        if world_size < 1 or p2l.numel() == 0 or p2l.numel() % world_size:
-            raise ValueError(f"phy2log: {p2l.numel()} physical slots do not split evenly over world_size={world_size}")
-        E = int(p2l.max()) + 1 if num_logical is None else num_logical
-        if int(p2l.min()) < 0 or int(p2l.max()) >= E:
-            raise ValueError(f"phy2log: logical ids must lie in [0, {E})")
-        replicas = torch.bincount(p2l, minlength=E)
-        if bool((replicas == 0).any()):
-            missing = torch.nonzero(replicas == 0).flatten().tolist()
-            raise ValueError(f"phy2log: logical experts {missing} have no physical copy")
-        log2phy = torch.full((E, int(replicas.max())), -1, dtype=torch.int64)
-        fill = torch.zeros(E, dtype=torch.int64)
-        for p, e in enumerate(p2l.tolist()):
-            log2phy[e, fill[e]] = p
-            fill[e] += 1
-        return cls(p2l, log2phy, replicas, world_size)
-
-    @classmethod
-    def uniform(cls, num_experts: int, world_size: int, num_redundant: int = 0) -> ExpertPlacement:
-        """Logical expert e in slot e; ``num_redundant`` extra slots copy experts 0, 1, ... (a placeholder
-        until a balancer picks the hot ones). E + num_redundant must be a multiple of world_size."""
-        p2l = list(range(num_experts)) + [i % num_experts for i in range(num_redundant)]
-        return cls.from_phy2log(p2l, world_size, num_experts)
-
-    def physical_of(self, topk_ids: Tensor, rank: int = 0) -> Tensor:
-        """A physical slot for every (token, slot) pair: copy ``(t + rank) % replicas[e]`` of expert e."""
-        ids = topk_ids.long()
-        log2phy = self.log2phy.to(ids.device)
-        reps = self.replicas.to(ids.device)[ids]
-        t = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1)
-        choice = (t + rank) % reps
-        return log2phy[ids, choice]
-
 
 # ---- dispatch / combine -------------------------------------------------------------------------------
 
@@ -125,12 +58,6 @@ class EPDispatch:
     handle: EPHandle
 
 
-def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    if not dist.is_available() or not dist.is_initialized():
-        return 1, 0
-    return dist.get_world_size(group), dist.get_rank(group)
-
-
 def _all_to_all(x: Tensor, send: list[int], recv: list[int], group: dist.ProcessGroup | None) -> Tensor:
     out = x.new_empty((sum(recv), *x.shape[1:]))
     dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
@@ -144,7 +71,7 @@ def ep_dispatch(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, placemen
     ``hidden [T, H]``, ``topk_ids [T, k]`` logical ids in ``[0, E)``, ``topk_weights [T, k]`` (kept here for
     the combine). T may be 0 on any rank. Collective: every rank of ``group`` must call it.
     """
-    world, rank = _world(group)
+    world, rank = world_and_rank(group)
     if world != placement.world_size:
         raise ValueError(f"placement: built for world_size={placement.world_size}, the group has {world} ranks")
     if hidden.dim() != 2 or topk_ids.dim() != 2 or topk_ids.shape[0] != hidden.shape[0]:
@@ -233,7 +160,7 @@ class EPMoE(torch.nn.Module):
                  route_kwargs: dict | None = None, recorder: LoadRecorder | None = None,
                  layer_idx: int = 0) -> None:
         super().__init__()
-        world, rank = _world(group)
+        world, rank = world_and_rank(group)
         self.placement = placement or ExpertPlacement.uniform(num_experts, world)
         if self.placement.num_logical != num_experts:
             raise ValueError(f"placement: has {self.placement.num_logical} logical experts, expected {num_experts}")
@@ -269,7 +196,7 @@ class EPMoE(torch.nn.Module):
         if self.recorder is None:
             raise ValueError("recorder: no LoadRecorder attached (EPMoE(..., recorder=...) or attach_recorder)")
         w = self.recorder.weight()
-        if _world(self.group)[0] > 1:
+        if world_and_rank(self.group)[0] > 1:
             # On the weights' device: the group's backend serves it (gloo: CPU, nccl/hccl: the accelerator).
             w = w.to(self.w13.device)
             dist.all_reduce(w, group=self.group)
@@ -306,147 +233,3 @@ class EPMoE(torch.nn.Module):
         Collective, between forward steps: every rank of the group calls it with the same map (see
         ``apply_expert_placement``: a bad map raises ValueError on every rank before any weight moves)."""
         self.placement = apply_expert_placement([self.w13, self.w2], self.placement, phy2log_new, self.group)
-
-
-@torch.no_grad()
-def apply_expert_placement(weights: list[Tensor], old: ExpertPlacement, phy2log_new: Tensor | list[int],
-                           group: dist.ProcessGroup | None = None, *, agree: bool = True) -> ExpertPlacement:
-    """Move this rank's expert weights from placement ``old`` to ``phy2log_new`` and return the new placement.
-
-    ``weights``: tensors of shape ``[experts_per_rank, ...]`` (e.g. w13 and w2), one row per local physical
-    slot, updated in place. Collective, between forward steps: every rank of ``group`` calls it with the same
-    map. Slots whose expert changes get its rows from a local copy when this rank holds one, else from a rank
-    holding one (point-to-point, one message per rank pair; senders chosen to spread the traffic). The map is
-    checked first; with ``agree`` one small all-reduce makes every rank agree that all ranks' maps are valid
-    and identical, so a bad map raises ValueError on every rank (before any weight moves) instead of hanging
-    some of them (a caller that broadcast the map from one rank may skip it).
-    """
-    world, rank = _world(group)
-    if world != old.world_size:
-        raise ValueError(f"placement: built for world_size={old.world_size}, the group has {world} ranks")
-    new, err = _check_new_phy2log(phy2log_new, old.num_physical, old.num_logical)
-    if world > 1 and agree:
-        err = _agree_on_map(new, err, old.num_physical, weights[0].device, group)
-    if err is not None:
-        raise ValueError(err)
-    assert new is not None
-    per = old.experts_per_rank
-    sends, recvs, local = _transfer_plan(old.phy2log.tolist(), new.tolist(), per, world, rank)
-    old_local = old.local_logical(rank).tolist()
-    slot_of = {e: old_local.index(e) for e in set(old_local)}  # a local slot holding each logical expert
-    device = weights[0].device
-    sizes = [w[0].numel() for w in weights]
-    # Everything read from the old weights is copied out (gather / pack) before any slot is overwritten.
-    rows: dict[int, list[Tensor]] = {}
-    if local:
-        idx = torch.tensor([slot_of[e] for e in local], device=device)
-        copies = [w[idx] for w in weights]
-        rows.update({e: [c[i] for c in copies] for i, e in enumerate(local)})
-    ops, bufs = [], []  # bufs keeps the packed send buffers alive until the waits below
-    for peer, experts in sends.items():
-        idx = torch.tensor([slot_of[e] for e in experts], device=device)
-        packed = torch.cat([w[idx].flatten(1) for w in weights], dim=1)
-        ops.append(dist.P2POp(dist.isend, packed, _global_rank(group, peer), group))
-        bufs.append(packed)
-    recv_bufs = []
-    for peer, experts in recvs.items():
-        buf = weights[0].new_empty((len(experts), sum(sizes)))
-        ops.append(dist.P2POp(dist.irecv, buf, _global_rank(group, peer), group))
-        recv_bufs.append((experts, buf))
-    if ops:
-        for req in dist.batch_isend_irecv(ops):
-            req.wait()
-    for experts, buf in recv_bufs:
-        for i, e in enumerate(experts):
-            parts = buf[i].split(sizes)
-            rows[e] = [p.view_as(w[0]) for p, w in zip(parts, weights, strict=True)]
-    old_p2l = old.phy2log
-    for j in range(rank * per, (rank + 1) * per):
-        e = int(new[j])
-        if e != int(old_p2l[j]):
-            for w, r in zip(weights, rows[e], strict=True):
-                w[j - rank * per].copy_(r)
-    return ExpertPlacement.from_phy2log(new, old.world_size, old.num_logical)
-
-
-def _global_rank(group: dist.ProcessGroup | None, group_rank: int) -> int:
-    return group_rank if group is None else dist.get_global_rank(group, group_rank)
-
-
-def _check_new_phy2log(p: object, num_physical: int, num_logical: int) -> tuple[Tensor | None, str | None]:
-    """(map as int64 CPU [R], None) or (None, why it is not a valid placement for this module)."""
-    try:
-        t = torch.as_tensor(p)
-    except (TypeError, ValueError, RuntimeError):
-        return None, f"phy2log_new: expected a 1-D integer tensor or list, got {type(p).__name__}"
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        return None, f"phy2log_new: expected integer logical expert ids, got dtype {t.dtype}"
-    if t.dim() != 1 or t.numel() != num_physical:
-        return None, f"phy2log_new: expected shape [{num_physical}] (one id per physical slot), got {list(t.shape)}"
-    t = t.to("cpu", torch.int64)
-    if int(t.min()) < 0 or int(t.max()) >= num_logical:
-        return None, f"phy2log_new: logical ids must lie in [0, {num_logical}), got [{int(t.min())}, {int(t.max())}]"
-    missing = torch.nonzero(torch.bincount(t, minlength=num_logical) == 0).flatten().tolist()
-    if missing:
-        return None, f"phy2log_new: logical experts {missing} have no physical copy"
-    return t, None
-
-
-def _agree_on_map(new: Tensor | None, err: str | None, num_physical: int, device: torch.device,
-                  group: dist.ProcessGroup | None) -> str | None:
-    """One MAX all-reduce of [invalid flag, map, -map]: every rank learns whether some rank's map is invalid,
-    and max(map) == -max(-map) (= min) element-wise iff every rank passed the same map."""
-    buf = torch.zeros(1 + 2 * num_physical, dtype=torch.int64)
-    if new is None:
-        buf[0] = 1
-    else:
-        buf[1:1 + num_physical] = new
-        buf[1 + num_physical:] = -new
-    buf = buf.to(device)
-    dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
-    buf = buf.cpu()
-    if err is not None:
-        return err
-    if int(buf[0]):
-        return "phy2log_new: invalid on another rank (every rank must pass the same valid map)"
-    if not torch.equal(buf[1:1 + num_physical], -buf[1 + num_physical:]):
-        return "phy2log_new: ranks passed different maps (collective: every rank must pass the same map)"
-    return None
-
-
-def _transfer_plan(old: list[int], new: list[int], per: int, world: int, rank: int
-                   ) -> tuple[dict[int, list[int]], dict[int, list[int]], list[int]]:
-    """Which logical experts this rank sends to / receives from each peer, and which it copies locally.
-
-    Computed identically on every rank from the two maps (so sender and receiver agree without messages): a
-    rank needs expert e for a changed slot; it copies it locally when it holds e, else receives it once
-    (even for several slots) from the holder with the fewest sends so far, ties to the next rank after it.
-    """
-    holders: dict[int, list[int]] = {}
-    for j, e in enumerate(old):
-        r = j // per
-        if r not in holders.setdefault(e, []):
-            holders[e].append(r)
-    load = [0] * world
-    sends: dict[int, list[int]] = {}
-    recvs: dict[int, list[int]] = {}
-    local: list[int] = []
-    for dst in range(world):
-        held = set(old[dst * per:(dst + 1) * per])
-        wanted: list[int] = []
-        for j in range(dst * per, (dst + 1) * per):
-            e = new[j]
-            if e != old[j] and e not in wanted:
-                wanted.append(e)
-        for e in wanted:
-            if e in held:
-                if dst == rank:
-                    local.append(e)
-                continue
-            src = min(holders[e], key=lambda r: (load[r], (r - dst) % world))
-            load[src] += 1
-            if src == rank:
-                sends.setdefault(dst, []).append(e)
-            if dst == rank:
-                recvs.setdefault(src, []).append(e)
-    return sends, recvs, local

@@ -25,7 +25,15 @@ Live, in an expert-parallel model (``omniops.distributed.EPMoE``; collective cal
 ``placement_imbalance(weight, phy2log, num_gpus)`` scores a placement (max / mean GPU load, mean over layers).
 """
 
-from omniops.placement._common import build_log2phy, gpu_loads, logical_counts, placement_imbalance, slots_moved
+from omniops.placement._common import (
+    build_log2phy,
+    gpu_loads,
+    imbalance,
+    logical_counts,
+    phy2log_problem,
+    placement_imbalance,
+    slots_moved,
+)
 from omniops.placement.incremental import incremental_rebalance
 from omniops.placement.rebalance import rebalance_experts
 from omniops.placement.recorder import LoadRecorder
@@ -34,8 +42,10 @@ __all__ = [
     "LoadRecorder",
     "build_log2phy",
     "gpu_loads",
+    "imbalance",
     "incremental_rebalance",
     "logical_counts",
+    "phy2log_problem",
     "placement_imbalance",
     "rebalance_experts",
     "slots_moved",

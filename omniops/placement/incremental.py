@@ -24,8 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from omniops.placement._common import ArrayLike, check_int, check_phy2log, check_weight, logical_counts
-from omniops.placement.rebalance import replicate
+from omniops.placement._common import ArrayLike, check_int, check_phy2log, check_weight, logical_counts, replicate
 
 _SWAP_GPUS = 8  # swap partners: copies on this many of the lightest GPUs
 _RETARGET_SLOTS = 8  # candidate donor slots (copies of multi-copy experts on the coolest GPUs)

@@ -18,142 +18,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from omniops.placement._common import ArrayLike, build_log2phy, check_int, check_weight, logical_counts
+from omniops.placement._common import (
+    ArrayLike,
+    balanced_pack,
+    build_log2phy,
+    check_int,
+    check_weight,
+    logical_counts,
+    replicate,
+)
+from omniops.placement.incremental import incremental_rebalance
 
-# Cap on improving swaps per packing; each lowers the heaviest pack, few are needed past the greedy start.
-_MAX_SWAP_ROUNDS = 256
 # Exact improving operations after packing (see rebalance_phy2log, step 4).
 _POLISH_MOVES = 16
-# Stop improving a pack set once its max is this close (relative) to the lower bound.
-_NEAR_BOUND = 1e-5
-
-
-def replicate(weight: np.ndarray, num_slots: int) -> np.ndarray:
-    """[X, n] loads -> [X, n] copies per expert (>= 1 each, summing to num_slots), minimising max load/copy."""
-    rows, n = weight.shape
-    cnt = np.ones((rows, n), dtype=np.int64)
-    extra = num_slots - n
-    if extra <= 0:
-        return cnt
-    ar = np.arange(rows)
-    per_copy = weight.copy()
-    for _ in range(extra):
-        e = np.argmax(per_copy, axis=1)
-        cnt[ar, e] += 1
-        per_copy[ar, e] = weight[ar, e] / cnt[ar, e]
-    return cnt
-
-
-def lpt_pack(weight: np.ndarray, num_packs: int) -> np.ndarray:
-    """[X, n] item loads -> [X, num_packs, n / num_packs] item ids: heaviest item to the lightest non-full pack."""
-    rows, n = weight.shape
-    per = n // num_packs
-    members = np.empty((rows, num_packs, per), dtype=np.int64)
-    if per == 1:  # one item per pack: every assignment is the same
-        members[:, :, 0] = np.arange(n)
-        return members
-    order = np.argsort(-weight, axis=1, kind="stable")
-    loads = np.zeros((rows, num_packs))
-    fill = np.zeros((rows, num_packs), dtype=np.int64)
-    ar = np.arange(rows)
-    for i in range(n):
-        item = order[:, i]
-        p = np.argmin(np.where(fill < per, loads, np.inf), axis=1)
-        members[ar, p, fill[ar, p]] = item
-        loads[ar, p] += weight[ar, item]
-        fill[ar, p] += 1
-    return members
-
-
-def improve_by_swaps(
-    weight: np.ndarray,
-    members: np.ndarray,
-    target: np.ndarray | None = None,
-    max_rounds: int = _MAX_SWAP_ROUNDS,
-    partner_packs: int = 8,
-) -> np.ndarray:
-    """Swap an item of the heaviest pack with one of another pack while that lowers the max pack load.
-
-    ``target`` [X]: a row is left alone once its max is at most this (e.g. a bound the caller cannot beat).
-    """
-    rows, m, per = members.shape
-    n = m * per
-    if m < 2 or rows == 0:
-        return members
-    members = members.copy()
-    ar_all = np.arange(rows)
-    pack_of = np.empty((rows, n), dtype=np.int64)
-    pos_of = np.empty((rows, n), dtype=np.int64)
-    flat = members.reshape(rows, n)
-    pack_of[ar_all[:, None], flat] = np.repeat(np.arange(m), per)[None, :]
-    pos_of[ar_all[:, None], flat] = np.tile(np.arange(per), m)[None, :]
-    k = min(m - 1, partner_packs)
-    all_loads = weight[ar_all[:, None, None], members].sum(-1)  # [rows, m], kept up to date below
-    # A row is done once its max is within `_NEAR_BOUND` of a lower bound (mean pack load, largest item).
-    bound = np.maximum(all_loads.mean(1), weight.max(1))
-    if target is not None:
-        bound = np.maximum(bound, target)
-    bound = bound * (1 + _NEAR_BOUND)
-    active = ar_all[all_loads.max(1) > bound]
-    for _ in range(max_rounds):
-        if active.size == 0:
-            break
-        w = weight[active]
-        mem = members[active]
-        loads = all_loads[active]
-        order = np.argsort(-loads, axis=1)
-        top = np.take_along_axis(loads, order[:, :3], axis=1)
-        pstar = order[:, 0]
-        lmax = top[:, 0]
-        second_idx = order[:, 1]
-        second = top[:, 1]
-        third = top[:, 2] if m >= 3 else np.full(active.size, -np.inf)
-        ar = np.arange(active.size)
-        a_items = mem[ar, pstar]  # [A, per]
-        wa = w[ar[:, None], a_items]
-        # Partners come from the lightest packs only: they give the largest feasible cuts, and this keeps a
-        # round O(per^2 * k) instead of O(per * n).
-        light = order[:, -k:]  # [A, k], never p* since k <= m - 1
-        b_items = mem[ar[:, None], light].reshape(active.size, k * per)  # [A, k*per]
-        hb = np.repeat(light, per, axis=1)
-        wb = w[ar[:, None], b_items]
-        delta = wa[:, :, None] - wb[:, None, :]  # [A, per, k*per]
-        rest = np.where(hb == second_idx[:, None], third[:, None], second[:, None])  # max excluding p* and h
-        new_h = loads[ar[:, None], hb][:, None, :] + delta
-        new_max = np.maximum(np.maximum(rest[:, None, :], lmax[:, None, None] - delta), new_h)
-        tol = 1e-12 * np.maximum(lmax, 1e-300)
-        valid = delta > tol[:, None, None]
-        new_max = np.where(valid, new_max, np.inf).reshape(active.size, -1)
-        best = np.argmin(new_max, axis=1)
-        gain = lmax - new_max[ar, best]
-        ok = gain > tol
-        if not ok.any():
-            break
-        sel = ar[ok]
-        rows_g = active[sel]
-        ia, ib = np.divmod(best[sel], k * per)
-        a = a_items[sel, ia]
-        b = b_items[sel, ib]
-        ha = pstar[sel]
-        hb_sel = pack_of[rows_g, b]
-        pb = pos_of[rows_g, b]
-        members[rows_g, ha, ia] = b
-        members[rows_g, hb_sel, pb] = a
-        pack_of[rows_g, a], pack_of[rows_g, b] = hb_sel, ha
-        pos_of[rows_g, a], pos_of[rows_g, b] = pb, ia
-        d = weight[rows_g, a] - weight[rows_g, b]
-        all_loads[rows_g, ha] -= d
-        all_loads[rows_g, hb_sel] += d
-        active = rows_g[all_loads[rows_g].max(1) > bound[rows_g]]
-    return members
-
-
-def balanced_pack(weight: np.ndarray, num_packs: int, target: np.ndarray | None = None) -> np.ndarray:
-    """[X, n] -> [X, num_packs, n / num_packs] item ids, greedy then improved by swaps."""
-    members = lpt_pack(weight, num_packs)
-    if members.shape[2] > 1:
-        members = improve_by_swaps(weight, members, target)
-    return members
 
 
 def _check_args(
@@ -219,8 +96,6 @@ def rebalance_phy2log(
     # how well they pack (e.g. 9 big copies on 8 GPUs). A few exact retargets/swaps that strictly cut the max
     # GPU load fix such cases; they never make a layer worse.
     if _POLISH_MOVES and num_replicas // num_gpus > 1:
-        from omniops.placement.incremental import incremental_rebalance  # circular at import time
-
         p2l = incremental_rebalance(
             weight, p2l, num_gpus, _POLISH_MOVES, num_groups=num_groups, num_nodes=num_nodes, min_gain=1e-9
         ).numpy()

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from placement_strategies import layouts, loads
 
 from omniops.placement import gpu_loads, placement_imbalance, rebalance_experts
-from omniops.placement.rebalance import improve_by_swaps, lpt_pack
+from omniops.placement._common import improve_by_swaps, lpt_pack
 
 
 def check_placement(w, phy2log, log2phy, logcnt, num_experts, num_replicas, num_groups, num_nodes, num_gpus):
