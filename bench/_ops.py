@@ -1,12 +1,13 @@
-"""Shared plumbing of the elementwise/row-wise op routines (norm, activation, rotary)."""
+"""Shared plumbing of the op routines: dtypes by name, which of our backends to time, running on one."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from omniops.bench.common import BenchOptions
 
 import omniops
-from omniops import _backends
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -19,11 +20,11 @@ def our_backends(opts: BenchOptions, device: str = "cpu") -> list[str]:
     """Our backends to time: the requested ones, else those that can run here (not the reference)."""
     if opts.backends:
         return opts.backends
-    dev = torch.device(device)
-    return [b for b in ("cpu", "triton") if _backends._generic_reason(b, dev, torch.float32) is None]
+    return [b for b in omniops.available_backends(device) if b != "reference"]
 
 
-def with_backend(backend: str, fn):
+def with_backend(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run under ``omniops.use_backend(backend)``."""
     def run():
         with omniops.use_backend(backend):
             return fn()

@@ -8,21 +8,21 @@ Bytes = the KV cache the op must read (the decode roofline). Peers in the same r
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
+from omniops.bench._ops import DTYPES, with_backend
 from omniops.bench.common import BenchOptions
 from omniops.bench.peers import vllm_op
 from omniops.bench.report import Case, compiled, plot_rows, run_cases
 from rich.console import Console
 
 import omniops
-from omniops import _backends
 
 NAME = "attention"
 MLA_SCALE = 192**-0.5  # DeepSeek-V3: 1/sqrt(qk_nope + qk_rope)
 GQA_SCALE = 128**-0.5
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _backends_here(opts: BenchOptions, device: str) -> list[str]:
@@ -30,14 +30,7 @@ def _backends_here(opts: BenchOptions, device: str) -> list[str]:
         return [b for b in opts.backends if b != "reference"]
     if device == "cuda":
         return ["triton"]
-    return ["cpu"] if omniops._ext.cpp() is not None else []
-
-
-def _with_backend(b: str, fn):
-    def run():
-        with omniops.use_backend(b):
-            return fn()
-    return run
+    return ["cpu"] if "cpu" in omniops.available_backends("cpu") else []
 
 
 def _paged(B: int, L: int, bs: int, tail: tuple[int, ...], dt: torch.dtype, device: str):
@@ -129,9 +122,9 @@ def cases(opts: BenchOptions, device: str = "cpu") -> list[Case]:
                 o = torch.empty(B, H, 512, dtype=dt)
                 c.impls["vllm"] = lambda o=o, q=q, kv=kv, t=table, s=lens: v_mla(o, q, kv, MLA_SCALE, t, s)
             for b in ours:
-                c.impls[f"omni[{b}]"] = _with_backend(
+                c.impls[f"omni[{b}]"] = with_backend(
                     b, lambda q=q, kv=kv, t=table, s=lens: omniops.mla_decode(q, kv, t, s, MLA_SCALE, validate=False))
-                c.impls[f"omni[{b}] validate"] = _with_backend(
+                c.impls[f"omni[{b}] validate"] = with_backend(
                     b, lambda q=q, kv=kv, t=table, s=lens: omniops.mla_decode(q, kv, t, s, MLA_SCALE))
             out.append(c)
         for B, L in gqa_presets:
@@ -148,7 +141,7 @@ def cases(opts: BenchOptions, device: str = "cpu") -> list[Case]:
             if peer is not None:
                 c.impls["vllm"] = peer
             for b in ours:
-                c.impls[f"omni[{b}]"] = _with_backend(
+                c.impls[f"omni[{b}]"] = with_backend(
                     b, lambda q=q, kc=kc, vc=vc, t=table, s=lens: omniops.gqa_decode(q, kc, vc, t, s, validate=False))
             out.append(c)
         for lens in prefill_presets:
@@ -163,7 +156,7 @@ def cases(opts: BenchOptions, device: str = "cpu") -> list[Case]:
                      flops=flops, device=device)
             c.impls["eager"] = lambda q=q, k=k, v=v, lens=lens: sdpa_prefill(q, k, v, lens)
             for b in ours:
-                c.impls[f"omni[{b}]"] = _with_backend(
+                c.impls[f"omni[{b}]"] = with_backend(
                     b, lambda q=q, k=k, v=v, cu=cu: omniops.gqa_prefill(q, k, v, cu, validate=False))
             out.append(c)
     return out
@@ -171,7 +164,7 @@ def cases(opts: BenchOptions, device: str = "cpu") -> list[Case]:
 
 def run(opts: BenchOptions, console: Console) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and _backends.triton_interpreted():
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         console.print("[yellow]TRITON_INTERPRET=1: the triton backend is not timed on CPU")
     stack = contextlib.ExitStack()
     with stack:

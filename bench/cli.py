@@ -3,7 +3,7 @@
     omni-bench <routine|all> [--backend B ...] [--dtype D ...] [--shapes quick|full] [--json FILE] [--plot FILE]
     omni-bench serve|engine --model DIR [--targets omni,vllm] [--concurrency 1,16] [--num-prompts N]
 
-Routines are the modules ``omniops.bench.<name>`` listed in ROUTINES (each: NAME, run(opts, console)).
+Routines are the modules ``omniops.bench.<name>`` named in ROUTINES (each: NAME, run(opts, console)).
 ``all`` runs every routine but the serving ones (SERVING: they need a checkpoint, --model).
 """
 
@@ -23,21 +23,18 @@ from rich.console import Console
 
 import omniops
 
-# routine name -> module under omniops.bench; a routine whose module is absent is listed as unavailable.
-ROUTINES = {
-    "norm": "norm", "activation": "activation", "rotary": "rotary",
-    "attention": "attention", "moe": "moe", "gemm": "gemm", "placement": "placement", "model": "model",
-    "serve": "serve", "engine": "engine", "proxy": "proxy", "ep": "ep",
-}
+# the routines: modules omniops.bench.<name>; one whose module is absent is reported as unavailable
+ROUTINES = ("norm", "activation", "rotary", "attention", "moe", "gemm", "placement", "model",
+            "serve", "engine", "proxy", "ep")
 SERVING = ("serve", "engine", "proxy", "ep")  # not in `all`: they start engines (ep: its own ranks)
 ALIASES = {"rms_norm": "norm", "silu_and_mul": "activation", "rotary_embedding": "rotary"}
 
 
 def _load(name: str):
     try:
-        return importlib.import_module(f"omniops.bench.{ROUTINES[name]}")
+        return importlib.import_module(f"omniops.bench.{name}")
     except ModuleNotFoundError as e:
-        if e.name == f"omniops.bench.{ROUTINES[name]}":
+        if e.name == f"omniops.bench.{name}":
             return None
         raise
 

@@ -17,9 +17,8 @@ On a GPU: the same with the triton backend, peers torch.mm bf16, torch._int_mm a
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
+from omniops.bench._ops import with_backend
 from omniops.bench.common import BenchOptions
 from omniops.bench.peers import vllm_op
 from omniops.bench.report import Case, plot_rows, run_cases
@@ -43,14 +42,9 @@ def _backends(opts: BenchOptions, device: str) -> list[str]:
     matmuls) and the Triton interpreter are far too slow for these sizes unless asked for."""
     if opts.backends:
         return list(opts.backends)
-    return ["triton"] if device == "cuda" else (["cpu"] if omniops._ext.cpp() is not None else ["reference"])
-
-
-def _on(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
-    def run() -> object:
-        with omniops.use_backend(backend):
-            return fn()
-    return run
+    if device == "cuda":
+        return ["triton"]
+    return ["cpu"] if "cpu" in omniops.available_backends("cpu") else ["reference"]
 
 
 def _vllm_w8a8(w_q: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype):
@@ -127,11 +121,11 @@ def _cases_nk(n: int, k: int, ms: list[int], backends: list[str], device: str) -
         if device == "cuda":
             c.impls["torch._int_mm"] = lambda x_q=x_q: torch._int_mm(x_q, q8.qweight.t())
         for b in backends:
-            c.impls[f"omni[{b}]"] = _on(b, lambda x_q=x_q, x_s=x_s: omniops.w8a8_gemm(
+            c.impls[f"omni[{b}]"] = with_backend(b, lambda x_q=x_q, x_s=x_s: omniops.w8a8_gemm(
                 x_q, x_s, q8.qweight, q8.scale, out_dtype=torch.bfloat16))
-            c.impls[f"omni[{b}]+quant"] = _on(b, lambda xb=xb: omniops.w8a8_gemm(
+            c.impls[f"omni[{b}]+quant"] = with_backend(b, lambda xb=xb: omniops.w8a8_gemm(
                 *quantize_activation_per_token_int8(xb), q8.qweight, q8.scale, out_dtype=torch.bfloat16))
-            c.impls[f"omni[{b}] fused"] = _on(b, lambda xb=xb: omniops.w8a8_linear(
+            c.impls[f"omni[{b}] fused"] = with_backend(b, lambda xb=xb: omniops.w8a8_linear(
                 xb, q8.qweight, q8.scale, out_dtype=torch.bfloat16))
         out.append(c)
 
@@ -140,9 +134,10 @@ def _cases_nk(n: int, k: int, ms: list[int], backends: list[str], device: str) -
         if v4 is not None:
             c.impls["vllm"] = lambda v4=v4, xb=xb: v4(xb)
         for b in backends:
-            c.impls[f"omni[{b}]"] = _on(b, lambda xb=xb: omniops.w4a16_gemm(xb, q4.packed, q4.scales, None, 128))
-            c.impls[f"omni[{b}] fp32 x"] = _on(b, lambda x=x: omniops.w4a16_gemm(x, q4.packed, q4.scales, None,
-                                                                                  128))
+            c.impls[f"omni[{b}]"] = with_backend(
+                b, lambda xb=xb: omniops.w4a16_gemm(xb, q4.packed, q4.scales, None, 128))
+            c.impls[f"omni[{b}] fp32 x"] = with_backend(
+                b, lambda x=x: omniops.w4a16_gemm(x, q4.packed, q4.scales, None, 128))
         out.append(c)
 
         c = Case("fp8_block", shape, "fp8", n * k + 4 * qf.scale.numel(), flops=flops, device=device)
@@ -153,11 +148,11 @@ def _cases_nk(n: int, k: int, ms: list[int], backends: list[str], device: str) -
             c.impls["torch._scaled_mm rowwise"] = lambda xr=xr, wr=wr, a=ones_m, b=ones_n: torch._scaled_mm(
                 xr, wr.t(), scale_a=a, scale_b=b, out_dtype=torch.bfloat16)
         for b in backends:
-            c.impls[f"omni[{b}]"] = _on(b, lambda xf_q=xf_q, xf_s=xf_s: omniops.fp8_block_gemm(
+            c.impls[f"omni[{b}]"] = with_backend(b, lambda xf_q=xf_q, xf_s=xf_s: omniops.fp8_block_gemm(
                 xf_q, xf_s, qf.qweight, qf.scale, out_dtype=torch.bfloat16))
-            c.impls[f"omni[{b}]+quant"] = _on(b, lambda xb=xb: omniops.fp8_block_gemm(
+            c.impls[f"omni[{b}]+quant"] = with_backend(b, lambda xb=xb: omniops.fp8_block_gemm(
                 *quantize_activation_fp8_group(xb), qf.qweight, qf.scale, out_dtype=torch.bfloat16))
-            c.impls[f"omni[{b}] fused"] = _on(b, lambda xb=xb: omniops.fp8_block_linear(
+            c.impls[f"omni[{b}] fused"] = with_backend(b, lambda xb=xb: omniops.fp8_block_linear(
                 xb, qf.qweight, qf.scale, out_dtype=torch.bfloat16))
         out.append(c)
     return out

@@ -20,8 +20,6 @@ from omniops.graph_passes import models as M
 from rich.console import Console
 from rich.table import Table
 
-import omniops
-
 NAME = "model"
 BATCH = 4
 CONTEXT = 64
@@ -92,10 +90,6 @@ def run(opts: BenchOptions, console: Console) -> list[dict]:
     from omniops.graph_passes import prepare, report, reset_report
 
     dtype = getattr(torch, opts.dtypes[0])
-    has_moe_ops = hasattr(omniops, "fused_moe") and hasattr(omniops, "moe_route")
-    if not has_moe_ops:
-        console.print("[yellow]omniops.fused_moe / moe_route absent (fused_moe not merged yet): the MoE blocks stay "
-                      "HF's grouped_mm experts in every column; the MoE decode target cannot be measured yet")
     rows: list[dict] = []
     reps = opts.reps or REPS
     for label, cfg in presets(opts.shapes):
@@ -109,7 +103,7 @@ def run(opts: BenchOptions, console: Console) -> list[dict]:
         impls["inductor"] = (torch.compile(m), m)
         m = M.build(cfg, dtype)
         impls["omni"] = (torch.compile(m, backend="omni"), m)
-        if is_moe and has_moe_ops:
+        if is_moe:
             m = M.build(cfg, dtype)
             prepare(m)
             impls["omni+prepare"] = (torch.compile(m, backend="omni"), m)

@@ -20,8 +20,15 @@ from omniops.bench.common import BenchOptions
 from rich.console import Console
 from rich.table import Table
 
-from omniops.placement import LoadRecorder, incremental_rebalance, logical_counts, rebalance_experts, slots_moved
-from omniops.placement._common import gpu_loads, imbalance
+from omniops.placement import (
+    LoadRecorder,
+    gpu_loads,
+    imbalance,
+    incremental_rebalance,
+    logical_counts,
+    rebalance_experts,
+    slots_moved,
+)
 from omniops.placement.traces import drifting_trace, layer_skews, zipf_weights
 
 NAME = "placement"
