@@ -15,7 +15,8 @@ from omniops.ops.kv_cache import mla_cache, reshape_and_cache
 from omniops.ops.moe import MoEDispatch, fused_moe, grouped_gemm, moe_combine, moe_dispatch, moe_route
 from omniops.ops.norm import rms_norm, rms_norm_
 from omniops.ops.prepack import prepack_linear_weight, prepack_moe_weights
-from omniops.ops.quant_gemm import fp8_block_gemm, fp8_block_linear, w4a16_gemm, w8a8_gemm, w8a8_linear
+from omniops.ops.quant_gemm import fp8_block_gemm, w4a16_gemm, w8a8_gemm
+from omniops.ops.quant_linear import fp8_block_linear, w8a8_linear
 from omniops.ops.rotary import rotary_embedding, rotary_embedding_
 from omniops.quant import (
     QuantLinear,

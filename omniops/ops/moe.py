@@ -7,11 +7,8 @@ Custom ops: ``omni::moe_route``, ``omni::moe_dispatch``, ``omni::grouped_gemm``,
 
 Layouts follow vLLM / HF checkpoints: ``w13 [E, 2*I, H]`` (gate rows then up rows, i.e. ``cat(w1, w3)``),
 ``w2 [E, H, I]``, both row-major ``[N, K]`` so a dot over K is contiguous. Routing returns fp32 weights and
-int32 ids ``[T, k]``; ids may also be int64 everywhere they are consumed.
-
-Quantized experts (W8A8 int8 per-channel, fp8 128x128 blocks) will enter ``fused_moe`` / ``grouped_gemm``
-as keyword arguments (a ``quant_config`` plus per-weight scales) that select another weight format in the
-same kernels: the C ABI already carries the weights' dtype separately from the activations'.
+int32 ids ``[T, k]``; ids may also be int64 everywhere they are consumed. Quantized experts run as quantized
+GEMMs (``omniops/ops/quant_gemm.py``) between ``moe_dispatch`` and ``moe_combine``.
 """
 
 from __future__ import annotations
@@ -51,9 +48,7 @@ class MoEDispatch(NamedTuple):
     inverse_index: Tensor
 
 
-# =====================================================================================================
-# moe_route
-# =====================================================================================================
+# ---- moe_route -------------------------------------------------------------------------------------------------
 def _moe_route_reference(topk_weights: Tensor, topk_ids: Tensor, router_logits: Tensor, top_k: int, scoring: str,
                          renormalize: bool, num_groups: int | None, topk_groups: int | None,
                          correction_bias: Tensor | None, routed_scaling: float) -> None:
@@ -144,9 +139,7 @@ def moe_route(
                 float(routed_scaling))
 
 
-# =====================================================================================================
-# moe_dispatch
-# =====================================================================================================
+# ---- moe_dispatch ----------------------------------------------------------------------------------------------
 def _moe_dispatch_reference(x_sorted: Tensor, sorted_token_ids: Tensor, expert_offsets: Tensor,
                             expert_counts: Tensor, inverse_index: Tensor, hidden: Tensor, topk_ids: Tensor,
                             num_experts: int, block_size: int | None) -> None:
@@ -210,9 +203,7 @@ def moe_dispatch(hidden: Tensor, topk_ids: Tensor, num_experts: int, *, block_si
     return MoEDispatch(*call(_moe_dispatch_op, hidden, topk_ids, num_experts, block_size))
 
 
-# =====================================================================================================
-# grouped_gemm
-# =====================================================================================================
+# ---- grouped_gemm ----------------------------------------------------------------------------------------------
 def _grouped_gemm_reference(out: Tensor, x_sorted: Tensor, w: Tensor, expert_offsets: Tensor) -> None:
     """The backends' form: x_sorted [M, K] with unit inner stride, w contiguous, int64 offsets."""
     out.copy_(ref.grouped_gemm(x_sorted, w, expert_offsets))
@@ -272,9 +263,7 @@ def grouped_gemm(x_sorted: Tensor, w: Tensor, expert_offsets: Tensor) -> Tensor:
     return call(_grouped_gemm_op, x_sorted, w, expert_offsets)
 
 
-# =====================================================================================================
-# moe_combine
-# =====================================================================================================
+# ---- moe_combine -----------------------------------------------------------------------------------------------
 def _moe_combine_reference(out: Tensor, expert_out: Tensor, topk_weights: Tensor, inverse_index: Tensor) -> None:
     """The backends' form: expert_out rows with unit inner stride, fp32 weights, int32 inverse_index."""
     out.copy_(ref.moe_combine(expert_out, topk_weights, inverse_index))
@@ -313,9 +302,7 @@ def moe_combine(expert_out: Tensor, topk_weights: Tensor, inverse_index: Tensor)
     return call(_moe_combine_op, expert_out, topk_weights, inverse_index)
 
 
-# =====================================================================================================
-# fused_moe
-# =====================================================================================================
+# ---- fused_moe -------------------------------------------------------------------------------------------------
 def _fused_moe_reference(out: Tensor, hidden: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
                          topk_ids: Tensor, activation: str, expert_map: Tensor | None) -> None:
     """The backends' form: contiguous weights, fp32 topk_weights, int32 topk_ids and expert_map."""

@@ -2,10 +2,8 @@
 
 Public API: ``w8a8_gemm``, ``w4a16_gemm``, ``fp8_block_gemm`` (``out = x @ dequant(w).T + bias``, weights in
 nn.Linear layout [N, K]; layouts documented in ``omniops/quant/formats.py``). Custom ops: ``omni::w8a8_gemm``,
-``omni::w4a16_gemm``, ``omni::fp8_block_gemm``.
-Fused linears ``w8a8_linear`` / ``fp8_block_linear`` (``omni::w8a8_linear``, ``omni::fp8_block_linear``) take the
-float activation and quantize it (per token int8 / per token per 128 fp8) inside the same call, with exactly the
-arithmetic of the two-step ``quantize_activation_*`` + GEMM path (same codes, same scales, same GEMM).
+``omni::w4a16_gemm``, ``omni::fp8_block_gemm``. The fused linears (float activations quantized inside the call)
+are ``omniops/ops/quant_linear.py``; they share the weight checks and ``run_gemm`` below.
 Kernels: ``ascendc/kernels/quant_gemm/`` (cpu), ``omniops/triton/quant_gemm.py``; oracle
 ``omniops/reference/quant_gemm.py``.
 
@@ -49,34 +47,20 @@ def _fp8_block_gemm_reference(out: Tensor, x_q: Tensor, x_scale: Tensor, w_q: Te
     out.copy_(ref.fp8_block_gemm(x_q, x_scale, w_q, w_scale, bias, out.dtype))
 
 
-def _w8a8_linear_reference(out: Tensor, x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
-    out.copy_(ref.w8a8_linear(x, w_q, w_scale, bias, out.dtype))
-
-
-def _fp8_block_linear_reference(out: Tensor, x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
-    out.copy_(ref.fp8_block_linear(x, w_q, w_scale, bias, out.dtype))
-
-
 W8A8 = OpFamily("w8a8_gemm", _w8a8_reference)
 W4A16 = OpFamily("w4a16_gemm", _w4a16_reference)
 FP8_BLOCK_GEMM = OpFamily("fp8_block_gemm", _fp8_block_gemm_reference)
-W8A8_LINEAR = OpFamily("w8a8_linear", _w8a8_linear_reference)
-FP8_BLOCK_LINEAR = OpFamily("fp8_block_linear", _fp8_block_linear_reference)
 
 
-# amx library: AMX-INT8 on the weight's cached tile copy (packed on first use)
 @W8A8.impl("cpu")
 def _w8a8_cpu(out: Tensor, x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
+    # amx library: AMX-INT8 on the weight's cached tile copy (packed on first use)
     _ext.cpp().w8a8_gemm(out, x_q, x_scale, w_q, w_scale, bias, i8_tiles(w_q))
 
 
-@W8A8_LINEAR.impl("cpu")
-def _w8a8_linear_cpu(out: Tensor, x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
-    _ext.cpp().w8a8_linear(out, x, w_q, w_scale, bias, i8_tiles(w_q))
-
-
 # ---- validation (metadata only) ---------------------------------------------------------------------------
-def _check_bias(bias: Tensor | None, n: int, dtype: torch.dtype, ref_t: Tensor) -> None:
+def check_bias(bias: Tensor | None, n: int, dtype: torch.dtype, ref_t: Tensor) -> None:
+    """None, or ``bias [n]`` in the output dtype on the weight's device."""
     if bias is None:
         return
     check_tensor("bias", bias, dim=1)
@@ -95,7 +79,7 @@ def _check_w(name: str, w: Tensor, dtype: torch.dtype, x: Tensor, k: int, what: 
     return w.shape[0]
 
 
-def _check_int8_weight(w_q: Tensor, w_scale: Tensor, x: Tensor, k: int, x_name: str) -> int:
+def check_int8_weight(w_q: Tensor, w_scale: Tensor, x: Tensor, k: int, x_name: str) -> int:
     """W8A8's weight operands: int8 ``w_q [N, K]`` and one fp32 scale per output channel. Returns N."""
     if k > INT8_MAX_K:
         raise ValueError(f"{x_name}: K={k} exceeds {INT8_MAX_K}, beyond which int32 accumulation can overflow")
@@ -107,7 +91,7 @@ def _check_int8_weight(w_q: Tensor, w_scale: Tensor, x: Tensor, k: int, x_name: 
     return n
 
 
-def _check_fp8_weight(w_q: Tensor, w_scale: Tensor, x: Tensor, k: int, x_name: str) -> int:
+def check_fp8_weight(w_q: Tensor, w_scale: Tensor, x: Tensor, k: int, x_name: str) -> int:
     """FP8 block's weight operands: e4m3 ``w_q [N, K]`` and fp32 scales per 128x128 block. Returns N."""
     n = _check_w("w_q", w_q, torch.float8_e4m3fn, x, k, f"K of {x_name}")
     check_tensor("w_scale", w_scale, dtypes=(torch.float32,), dim=2)
@@ -116,7 +100,7 @@ def _check_fp8_weight(w_q: Tensor, w_scale: Tensor, x: Tensor, k: int, x_name: s
     return n
 
 
-def _check_float_out(out_dtype: torch.dtype) -> None:
+def check_float_out(out_dtype: torch.dtype) -> None:
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype: expected float32, float16 or bfloat16, got {out_dtype}")
 
@@ -124,7 +108,7 @@ def _check_float_out(out_dtype: torch.dtype) -> None:
 def _validate_w8a8(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
                    out_dtype: torch.dtype) -> None:
     check_tensor("x_q", x_q, dtypes=(torch.int8,), min_dim=1)
-    n = _check_int8_weight(w_q, w_scale, x_q, x_q.shape[-1], "x_q")
+    n = check_int8_weight(w_q, w_scale, x_q, x_q.shape[-1], "x_q")
     check_tensor("x_scale", x_scale, dtypes=(torch.float32,))
     check_same("x_scale", x_scale, "x_q", x_q, dtype=False)
     lead = tuple(x_q.shape[:-1])
@@ -134,7 +118,7 @@ def _validate_w8a8(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, b
         raise TypeError(f"out_dtype: expected float32, float16, bfloat16 or int32, got {out_dtype}")
     if out_dtype == torch.int32 and bias is not None:
         raise ValueError("bias: not supported with out_dtype=torch.int32 (the raw accumulators)")
-    _check_bias(bias, n, out_dtype, w_q)
+    check_bias(bias, n, out_dtype, w_q)
 
 
 def _validate_w4a16(x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
@@ -158,32 +142,24 @@ def _validate_w4a16(x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor |
         check_tensor("zeros", zeros, dtypes=(torch.uint8,), dim=2)
         check_same("zeros", zeros, "x", x, dtype=False)
         check_shape("zeros", zeros, (n, k // group_size), "[N, K // group_size]")
-    _check_bias(bias, n, x.dtype, w_packed)
+    check_bias(bias, n, x.dtype, w_packed)
 
 
 def _validate_fp8(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
                   out_dtype: torch.dtype) -> None:
     check_tensor("x_q", x_q, dtypes=(torch.float8_e4m3fn,), min_dim=1)
     k = x_q.shape[-1]
-    n = _check_fp8_weight(w_q, w_scale, x_q, k, "x_q")
+    n = check_fp8_weight(w_q, w_scale, x_q, k, "x_q")
     check_tensor("x_scale", x_scale, dtypes=(torch.float32,))
     check_same("x_scale", x_scale, "x_q", x_q, dtype=False)
     check_shape("x_scale", x_scale, (*x_q.shape[:-1], math.ceil(k / FP8_BLOCK)),
                 "[..., ceil(K/128)]: per token per 128 of K")
-    _check_float_out(out_dtype)
-    _check_bias(bias, n, out_dtype, w_q)
+    check_float_out(out_dtype)
+    check_bias(bias, n, out_dtype, w_q)
 
 
-def _validate_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype,
-                     fp8: bool) -> None:
-    """The fused linears: float x [..., K]; the weight operands and bias as in the two-step GEMM."""
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_dim=1)
-    n = (_check_fp8_weight if fp8 else _check_int8_weight)(w_q, w_scale, x, x.shape[-1], "x")
-    _check_float_out(out_dtype)
-    _check_bias(bias, n, out_dtype, w_q)
-
-
-def _out(x: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+def gemm_out(x: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    """The output ``[..., n]`` of a GEMM on ``x [..., K]``."""
     return torch.empty(*x.shape[:-1], n, dtype=dtype, device=x.device)
 
 
@@ -195,11 +171,11 @@ def _finish_empty(out: Tensor, bias: Tensor | None) -> Tensor:
     return out
 
 
-def _run(family: OpFamily, x: Tensor, n: int, out_dtype: torch.dtype, sel_dtype: torch.dtype, bias: Tensor | None,
+def run_gemm(family: OpFamily, x: Tensor, n: int, out_dtype: torch.dtype, sel_dtype: torch.dtype, bias: Tensor | None,
          *operands: object) -> Tensor:
     """``out [..., n]`` = the selected backend of ``family`` on (out rows, x rows, *operands, bias), tensor
     operands made contiguous; the empty cases (no output, K == 0) without a kernel."""
-    out = _out(x, n, out_dtype)
+    out = gemm_out(x, n, out_dtype)
     if out.numel() == 0:
         return out
     if x.shape[-1] == 0:
@@ -214,7 +190,7 @@ def _run(family: OpFamily, x: Tensor, n: int, out_dtype: torch.dtype, sel_dtype:
 def _fake_w8a8(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
                out_dtype: torch.dtype) -> Tensor:
     _validate_w8a8(x_q, x_scale, w_q, w_scale, bias, out_dtype)
-    return _out(x_q, w_q.shape[0], out_dtype)
+    return gemm_out(x_q, w_q.shape[0], out_dtype)
 
 
 @omni_op("w8a8_gemm", fake=_fake_w8a8)
@@ -222,57 +198,35 @@ def _w8a8_op(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: T
              out_dtype: torch.dtype) -> Tensor:
     _validate_w8a8(x_q, x_scale, w_q, w_scale, bias, out_dtype)
     sel_dtype = torch.float32 if out_dtype == torch.int32 else out_dtype
-    return _run(W8A8, x_q, w_q.shape[0], out_dtype, sel_dtype, bias, x_scale.reshape(-1), w_q, w_scale.reshape(-1))
+    return run_gemm(W8A8, x_q, w_q.shape[0], out_dtype, sel_dtype, bias, x_scale.reshape(-1), w_q, w_scale.reshape(-1))
 
 
 def _fake_w4a16(x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
                 bias: Tensor | None) -> Tensor:
     _validate_w4a16(x, w_packed, scales, zeros, group_size, bias)
-    return _out(x, w_packed.shape[0], x.dtype)
+    return gemm_out(x, w_packed.shape[0], x.dtype)
 
 
 @omni_op("w4a16_gemm", fake=_fake_w4a16)
 def _w4a16_op(x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
               bias: Tensor | None) -> Tensor:
     _validate_w4a16(x, w_packed, scales, zeros, group_size, bias)
-    return _run(W4A16, x, w_packed.shape[0], x.dtype, x.dtype, bias, w_packed, scales, zeros,
+    return run_gemm(W4A16, x, w_packed.shape[0], x.dtype, x.dtype, bias, w_packed, scales, zeros,
                 group_size)
 
 
 def _fake_fp8(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
               out_dtype: torch.dtype) -> Tensor:
     _validate_fp8(x_q, x_scale, w_q, w_scale, bias, out_dtype)
-    return _out(x_q, w_q.shape[0], out_dtype)
+    return gemm_out(x_q, w_q.shape[0], out_dtype)
 
 
 @omni_op("fp8_block_gemm", fake=_fake_fp8)
 def _fp8_op(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
             out_dtype: torch.dtype) -> Tensor:
     _validate_fp8(x_q, x_scale, w_q, w_scale, bias, out_dtype)
-    return _run(FP8_BLOCK_GEMM, x_q, w_q.shape[0], out_dtype, out_dtype, bias,
+    return run_gemm(FP8_BLOCK_GEMM, x_q, w_q.shape[0], out_dtype, out_dtype, bias,
                 x_scale.reshape(-1, x_scale.shape[-1]), w_q, w_scale)
-
-
-def _fake_w8a8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    _validate_linear(x, w_q, w_scale, bias, out_dtype, fp8=False)
-    return _out(x, w_q.shape[0], out_dtype)
-
-
-@omni_op("w8a8_linear", fake=_fake_w8a8_linear)
-def _w8a8_linear_op(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    _validate_linear(x, w_q, w_scale, bias, out_dtype, fp8=False)
-    return _run(W8A8_LINEAR, x, w_q.shape[0], out_dtype, x.dtype, bias, w_q, w_scale.reshape(-1))
-
-
-def _fake_fp8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    _validate_linear(x, w_q, w_scale, bias, out_dtype, fp8=True)
-    return _out(x, w_q.shape[0], out_dtype)
-
-
-@omni_op("fp8_block_linear", fake=_fake_fp8_linear)
-def _fp8_linear_op(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    _validate_linear(x, w_q, w_scale, bias, out_dtype, fp8=True)
-    return _run(FP8_BLOCK_LINEAR, x, w_q.shape[0], out_dtype, x.dtype, bias, w_q, w_scale)
 
 
 # ---- public API -------------------------------------------------------------------------------------------
@@ -317,41 +271,3 @@ def fp8_block_gemm(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, b
     Returns ``[..., N]`` in ``out_dtype``.
     """
     return call(_fp8_op, x_q, x_scale, w_q, w_scale, bias, out_dtype)
-
-
-def _out_dtype(x: Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
-    if out_dtype is not None:
-        return out_dtype
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    return x.dtype
-
-
-def w8a8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None,
-                out_dtype: torch.dtype | None = None) -> Tensor:
-    """``w8a8_gemm(*quantize_activation_per_token_int8(x), w_q, w_scale, bias, out_dtype)`` in one call.
-
-    Args:
-        x: float32/float16/bfloat16 ``[..., K]`` (K <= 131071), quantized per token inside the op (symmetric
-            int8, ``scale = amax / 127``, round half to even) - the same codes and scales as the helper.
-        w_q: int8 ``[N, K]``; w_scale: float32 ``[N]`` or ``[N, 1]`` (``Int8ChannelWeight``).
-        bias: optional ``[N]`` in ``out_dtype``.
-        out_dtype: float32 / float16 / bfloat16; None (default): x's dtype (what ``QuantLinear`` returns).
-    Returns ``[..., N]``, equal to the two-step path on the same backend.
-    """
-    return call(_w8a8_linear_op, x, w_q, w_scale, bias, _out_dtype(x, out_dtype))
-
-
-def fp8_block_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None,
-                     out_dtype: torch.dtype | None = None) -> Tensor:
-    """``fp8_block_gemm(*quantize_activation_fp8_group(x), w_q, w_scale, bias, out_dtype)`` in one call.
-
-    Args:
-        x: float32/float16/bfloat16 ``[..., K]``, quantized per token per 128 of K inside the op
-            (``scale = amax / 448``, e4m3 round to nearest even) - the same codes and scales as the helper.
-        w_q: float8_e4m3fn ``[N, K]``; w_scale: float32 ``[ceil(N/128), ceil(K/128)]`` (``weight_scale_inv``).
-        bias: optional ``[N]`` in ``out_dtype``.
-        out_dtype: float32 / float16 / bfloat16; None (default): x's dtype.
-    Returns ``[..., N]``, equal to the two-step path on the same backend.
-    """
-    return call(_fp8_linear_op, x, w_q, w_scale, bias, _out_dtype(x, out_dtype))

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from omniops.ops import quant_gemm as _qg  # module import: omniops.ops.quant_gemm imports this package
+import omniops  # the public ops, looked up at call time: omniops.ops imports the formats of this package
 from omniops.quant.formats import (
     SCHEMES,
     Fp8BlockWeight,
@@ -83,15 +83,15 @@ class QuantLinear(nn.Module):
         fused = not torch.compiler.is_compiling()
         if self.scheme == "int8_channel":
             if fused:
-                return _qg.w8a8_linear(x, self.qweight, self.scale, bias, out_dtype=x.dtype)
+                return omniops.w8a8_linear(x, self.qweight, self.scale, bias, out_dtype=x.dtype)
             x_q, x_scale = quantize_activation_per_token_int8(x)
-            return _qg.w8a8_gemm(x_q, x_scale, self.qweight, self.scale, bias, out_dtype=x.dtype)
+            return omniops.w8a8_gemm(x_q, x_scale, self.qweight, self.scale, bias, out_dtype=x.dtype)
         if self.scheme == "int4_group":
-            return _qg.w4a16_gemm(x, self.packed, self.scales, self.zeros, self.group_size, bias)
+            return omniops.w4a16_gemm(x, self.packed, self.scales, self.zeros, self.group_size, bias)
         if fused:
-            return _qg.fp8_block_linear(x, self.qweight, self.weight_scale_inv, bias, out_dtype=x.dtype)
+            return omniops.fp8_block_linear(x, self.qweight, self.weight_scale_inv, bias, out_dtype=x.dtype)
         x_q, x_scale = quantize_activation_fp8_group(x)
-        return _qg.fp8_block_gemm(x_q, x_scale, self.qweight, self.weight_scale_inv, bias, out_dtype=x.dtype)
+        return omniops.fp8_block_gemm(x_q, x_scale, self.qweight, self.weight_scale_inv, bias, out_dtype=x.dtype)
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}, symmetric={self.zeros is None}" if self.scheme == "int4_group" else ""

@@ -8,7 +8,11 @@ from torch import nn
 
 import omniops
 from omniops.quant import QuantLinear, quantize_model
-from omniops.quant.formats import dequantize_activation_fp8_group
+from omniops.quant.formats import (
+    dequantize_activation_fp8_group,
+    quantize_activation_fp8_group,
+    quantize_activation_per_token_int8,
+)
 from omniops.testing import assert_close
 from tests.ops._cases import BACKEND_CASES, Case, skip_unsupported
 
@@ -85,3 +89,22 @@ def test_quantize_model_skip_and_unsupported_shapes() -> None:
     assert isinstance(q[0], QuantLinear) and isinstance(q[1], nn.Linear)  # K=48 cannot hold groups of 64
     with pytest.raises(ValueError, match="scheme"):
         quantize_model(model, "int3")
+
+
+@pytest.mark.parametrize("scheme", ["int8_channel", "fp8_block"])
+@pytest.mark.parametrize("case", BACKEND_CASES)
+def test_quant_linear_eager_equals_two_step(case: Case, scheme: str) -> None:
+    """QuantLinear's eager forward (one fused call) gives exactly the two-step result on every backend."""
+    skip_unsupported(case, torch.float32)
+    torch.manual_seed(0)
+    lin = omniops.QuantLinear.from_linear(torch.nn.Linear(200, 70).to(case.device), scheme)
+    x = torch.randn(2, 3, 200, device=case.device)
+    with case.active():
+        got = lin(x)
+        if scheme == "int8_channel":
+            two = omniops.w8a8_gemm(*quantize_activation_per_token_int8(x), lin.qweight, lin.scale, lin.bias,
+                                    out_dtype=torch.float32)
+        else:
+            two = omniops.fp8_block_gemm(*quantize_activation_fp8_group(x), lin.qweight, lin.weight_scale_inv,
+                                         lin.bias, out_dtype=torch.float32)
+    assert torch.equal(got, two)
