@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,27 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 log = logging.getLogger("omniops.graph_passes")
 
 _HERE = Path(__file__).resolve().parent
-_ORDER = ("moe", "attention", "linear", "fused_add_rms_norm", "rms_norm", "rotary", "silu_and_mul",
-          "silu_and_mul_split", "quant_linear")
+
+PassFn = Callable[[torch.fx.Graph, PassReport, PassConfig], None]
+
+
+def pass_table() -> dict[str, PassFn]:
+    """Every rewrite by its PassConfig switch, in the order they run. The MoE pass goes first (its experts matcher
+    reads the routers it has just rewritten); residual add + RMSNorm before RMSNorm (the longer pattern first)."""
+    from omniops.graph_passes import attention, linear, moe, quant, rotary
+    from omniops.graph_passes.patterns import pattern_pass
+
+    return {
+        "moe": moe.moe_pass,
+        "attention": attention.attention_pass,
+        "linear": linear.linear_pass,
+        "fused_add_rms_norm": pattern_pass("fused_add_rms_norm"),
+        "rms_norm": pattern_pass("rms_norm"),
+        "rotary": rotary.rotary_pass,
+        "silu_and_mul": pattern_pass("silu_and_mul"),
+        "silu_and_mul_split": pattern_pass("silu_and_mul_split"),
+        "quant_linear": quant.quant_linear_pass,
+    }
 
 
 @torch.compiler.disable
@@ -40,40 +60,21 @@ def _count(graph: torch.fx.Graph, *targets: Any) -> int:
 
 
 class OmniGraphPass(CustomGraphPass):
-    """All omni rewrites, in order: MoE (router + experts), residual add + RMSNorm, RMSNorm, rotary,
-    SiLU-and-mul."""
+    """The omni rewrites of ``pass_table()`` that ``cfg`` switches on, in the table's order, then the report."""
 
     def __init__(self, cfg: PassConfig) -> None:
         self.cfg = cfg
         self.last = PassReport()
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        from omniops.graph_passes import attention, linear, moe, patterns, quant, rotary
-        from omniops.graph_passes.patterns import pattern_passes
         from torch._inductor.fx_passes.post_grad import remove_noop_ops
 
         # Inductor runs this after our pre-pass; our patterns are traced without no-ops, so remove them first.
         remove_noop_ops(graph)
         rep = PassReport(graphs=1)
-        passes = pattern_passes()
-        patterns.MIN_ROWS[0] = self.cfg.min_rows
-        for name in _ORDER:
-            if not getattr(self.cfg, name):
-                continue
-            if name == "moe":
-                moe.moe_pass(graph, rep)
-            elif name == "attention":
-                attention.attention_pass(graph, rep)
-            elif name == "linear":
-                linear.linear_pass(graph, rep, self.cfg.linear_max_rows, self.cfg.linear_measure)
-            elif name == "rotary":
-                rotary.rotary_pass(graph, rep)
-            elif name == "quant_linear":
-                quant.quant_linear_pass(graph, rep)
-            else:
-                n = passes[name].apply(graph)
-                if n:
-                    rep.add(name, n)
+        for name, run in pass_table().items():
+            if getattr(self.cfg, name):
+                run(graph, rep, self.cfg)
         graph.eliminate_dead_code()
         for n in graph.nodes:
             if n.op == "call_function" and str(n.target).startswith("omni."):
@@ -114,17 +115,15 @@ def _diagnose(graph: torch.fx.Graph, rep: PassReport, cfg: PassConfig) -> None:
     n_sdpa = _count(graph, *(o.default for o in sdpa))
     if n_sdpa and not cfg.attention:
         rep.miss("attention", f"{n_sdpa} x SDPA left to Inductor: switched off")
-    from omniops.graph_passes import rotary
-
-    n_rot = rotary.rotate_half_left(graph)
-    if n_rot:
-        rep.miss("rotary", f"{n_rot} x rotate_half left: {rotary.why_not() if cfg.rotary else 'switched off'}")
-    moe_left = _count(graph, *_grouped_mm_targets())
-    if moe_left:
-        from omniops.graph_passes import moe
-
-        rep.miss("fused_moe", f"{moe_left} x grouped_mm left: {moe.why_not_fused() if cfg.moe else 'switched off'}")
+    from omniops.graph_passes import moe, rotary
     from omniops.graph_passes.quant import separate_quantizations
+
+    n_rot = rotary.rotate_half_left(graph) if not cfg.rotary else 0  # the rotary pass reports its own misses
+    if n_rot:
+        rep.miss("rotary", f"{n_rot} x rotate_half left: switched off")
+    moe_left = _count(graph, *moe.grouped_mm_targets())
+    if moe_left:
+        rep.miss("fused_moe", f"{moe_left} x grouped_mm left: {moe.WHY_EXPERTS_LEFT if cfg.moe else 'switched off'}")
 
     n_q = separate_quantizations(graph)
     if n_q:
@@ -146,16 +145,6 @@ def _is_eps_input(rsqrt: torch.fx.Node) -> bool:
     while isinstance(eps, torch.fx.Node) and eps.op == "call_function" and eps.args:
         eps = eps.args[0]
     return isinstance(eps, torch.fx.Node) and eps.op == "placeholder"
-
-
-def _grouped_mm_targets() -> list[Any]:
-    out = []
-    tf = getattr(torch.ops, "transformers", None)
-    if tf is not None and hasattr(tf, "grouped_mm_fallback"):
-        out.append(tf.grouped_mm_fallback.default)
-    if hasattr(torch.ops.aten, "_grouped_mm"):
-        out.append(torch.ops.aten._grouped_mm.default)
-    return out
 
 
 _HINTED = False
@@ -192,7 +181,7 @@ def omni_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], options: d
             raise ValueError(f"omni backend: unknown option {k!r}: neither an omni pass option {sorted(ours)} "
                              "nor an Inductor config")
     _hint_prepare(gm)
-    pattern_passes()  # register once, here: outside Dynamo's fake mode
+    pattern_passes(cfg.min_rows)  # register once per min_rows, here: outside Dynamo's fake mode
     patches: dict[str, Any] = {}
     if mode and mode != "default":
         patches.update(torch._inductor.list_mode_options(mode))

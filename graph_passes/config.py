@@ -62,9 +62,6 @@ class PassConfig:
         return asdict(self)
 
 
-PASS_NAMES = ("fused_add_rms_norm", "rms_norm", "silu_and_mul", "silu_and_mul_split", "moe", "attention",
-              "linear", "rotary", "quant_linear")
-
 _GLOBAL = PassConfig()
 
 

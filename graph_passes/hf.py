@@ -21,21 +21,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+import omniops
+
 log = logging.getLogger("omniops.graph_passes")
-
-
-def moe_op(name: str):
-    """``omniops.<name>`` (fused_moe / moe_route) or None while the MoE ops are not merged."""
-    import omniops
-
-    return getattr(omniops, name, None)
 
 
 # ---- experts ---------------------------------------------------------------------------------------------------
 def _experts_supported(m: torch.nn.Module) -> str | None:
     """None when fused_moe computes exactly this experts module, else why not."""
-    if moe_op("fused_moe") is None:
-        return "omniops.fused_moe is not available (fused_moe not merged yet)"
     for attr, want in (("has_gate", True), ("has_bias", False), ("is_transposed", False),
                        ("is_concatenated", True), ("has_post_expert_norm", False), ("_is_expert_parallel", False)):
         if getattr(m, attr, want) != want:
@@ -56,8 +49,8 @@ def omni_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top
         from transformers.integrations.moe import grouped_mm_experts_forward
 
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    return moe_op("fused_moe")(hidden_states, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index,
-                               activation="silu")
+    return omniops.fused_moe(hidden_states, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index,
+                             activation="silu")
 
 
 # ---- routers ---------------------------------------------------------------------------------------------------
@@ -66,7 +59,7 @@ def _softmax_router_forward(self: torch.nn.Module, hidden_states: torch.Tensor):
     h = hidden_states.reshape(-1, self.hidden_dim)
     logits = F.linear(h, self.weight)
     renorm = bool(getattr(self, "norm_topk_prob", True))
-    w, ids = moe_op("moe_route")(logits, self.top_k, scoring="softmax", renormalize=renorm)
+    w, ids = omniops.moe_route(logits, self.top_k, scoring="softmax", renormalize=renorm)
     if self._omni_weights_in_logits_dtype:
         w = w.to(logits.dtype)
     return logits, w, ids if self._omni_int32_ids else ids.long()
@@ -76,7 +69,7 @@ def _sigmoid_router_forward(self: torch.nn.Module, hidden_states: torch.Tensor):
     # DeepseekV3TopkRouter: sigmoid scores, correction bias for the choice, group-limited top-k, scaling
     h = hidden_states.view(-1, self.hidden_dim)
     logits = F.linear(h.type(torch.float32), self.weight.type(torch.float32))
-    w, ids = moe_op("moe_route")(
+    w, ids = omniops.moe_route(
         logits, self.top_k, scoring="sigmoid", renormalize=bool(self.norm_topk_prob),
         num_groups=self.num_group, topk_groups=self.topk_group, correction_bias=self.e_score_correction_bias,
         routed_scaling=float(self.routed_scaling_factor))
@@ -110,8 +103,6 @@ def _mla_forward(self: torch.nn.Module, hidden_states: torch.Tensor, position_em
     k = [kv_nope, k_rot] [B, 1, L, R+P], v = kv_nope, out = o W_UV^T — omniops.gqa_attention with one kv head
     (its split-KV decode). Prefill (S > 1) keeps HF's expanded form, which costs fewer FLOPs there."""
     import sys
-
-    import omniops
 
     B, S = hidden_states.shape[:-1]
     if S != 1 or hidden_states.device.type != "cpu":
@@ -174,8 +165,6 @@ def register() -> bool:
                                           scaling=scaling, is_causal=is_causal, **kwargs)
         if attention_mask is not None and attention_mask.shape[-1] != L:
             attention_mask = attention_mask[..., :L]
-        import omniops
-
         out = omniops.gqa_attention(query, key, value, attention_mask, causal=causal, scale=scaling)
         return out.transpose(1, 2), None  # [B, S, H, Dv], contiguous already (gqa_attention's layout)
 
@@ -222,14 +211,10 @@ def prepare(model: torch.nn.Module, *, experts: bool = True, routers: bool = Tru
         else:
             out["skipped"]["experts"] = why or "model has no set_experts_implementation"
     if routers:
-        route = moe_op("moe_route")
         for m in model.modules():
             kind = _router_kind(m)
             if kind is None:
                 continue
-            if route is None:
-                out["skipped"]["routers"] = "omniops.moe_route is not available (fused_moe not merged yet)"
-                break
             m._omni_int32_ids = use_experts  # HF's own experts index with int64 (one_hot)
             m._omni_weights_in_logits_dtype = "Qwen" in type(m).__name__
             fwd = _sigmoid_router_forward if kind == "sigmoid" else _softmax_router_forward

@@ -22,24 +22,25 @@ import functools
 from typing import Any
 
 import torch
-from omniops.graph_passes.moe import _hint, _is, _splice, _val
+from omniops.graph_passes.config import PassConfig
+from omniops.graph_passes.fx_utils import is_call, meta_val, size_hint, splice
 from omniops.graph_passes.report import PassReport
+
+import omniops
 
 aten = torch.ops.aten
 
 
 def _weight(wt: Any) -> Any:
     """``W`` [N, K] for ``wt = permute(W, [1, 0])`` / ``W.t()``, else None."""
-    if _is(wt, aten.permute.default) and list(wt.args[1]) == [1, 0]:
+    if is_call(wt, aten.permute.default) and list(wt.args[1]) == [1, 0]:
         return wt.args[0]
-    if _is(wt, aten.t.default):
+    if is_call(wt, aten.t.default):
         return wt.args[0]
     return None
 
 
 def _gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    import omniops
-
     offsets = torch.arange(2, device=x.device) * x.shape[0]  # one group: all rows
     return omniops.grouped_gemm(x, w.unsqueeze(0), offsets)
 
@@ -52,8 +53,6 @@ def _gemm_bias(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tenso
 def _native_half_matmul() -> bool:
     """Whether torch's CPU matmul has native 16-bit units here (AMX-BF16 / AVX512-BF16). Without them (AVX2
     machines) its bf16 / fp16 GEMMs run 3-7x slower than the omni kernel at every size (bench/RESULTS.md)."""
-    import omniops
-
     feats = omniops.cpu_info()["features"]
     return bool(feats.get("amx_bf16") or feats.get("avx512_bf16"))
 
@@ -73,35 +72,33 @@ def _omni_wins(dtype: torch.dtype, rows: int, max_rows: int, measure: bool) -> b
     return rows <= max_rows or half_slow
 
 
-def linear_pass(graph: torch.fx.Graph, rep: PassReport, max_rows: int, measure: bool = True) -> None:
-    from omniops import _ext
-
-    if _ext.cpp() is None:  # no omni CPU GEMM kernel to move the linears to
+def linear_pass(graph: torch.fx.Graph, rep: PassReport, cfg: PassConfig) -> None:
+    if "cpu" not in omniops.available_backends("cpu"):  # no omni CPU GEMM kernel to move the linears to
         rep.miss("linear", "omniops._C is not built")
         return
     for node in list(graph.nodes):
-        if _is(node, aten.mm.default):
+        if is_call(node, aten.mm.default):
             x, wt, bias = node.args[0], node.args[1], None
-        elif _is(node, aten.addmm.default) and not node.kwargs:
+        elif is_call(node, aten.addmm.default) and not node.kwargs:
             bias, x, wt = node.args[:3]
         else:
             continue
         w = _weight(wt)
-        xv, wv = _val(x), _val(w)
+        xv, wv = meta_val(x), meta_val(w)
         if xv is None or wv is None or xv.device.type != "cpu" or xv.dtype not in (torch.float32, torch.bfloat16,
                                                                                     torch.float16):
             continue
         if wv.dtype != xv.dtype or wv.dim() != 2 or not wv.is_contiguous():
             continue
-        rows = _hint(xv.shape[0])
-        if rows is None or not _omni_wins(xv.dtype, rows, max_rows, measure):
+        rows = size_hint(xv.shape[0])
+        if rows is None or not _omni_wins(xv.dtype, rows, cfg.linear_max_rows, cfg.linear_measure):
             continue
         if bias is not None:
-            bv = _val(bias)
+            bv = meta_val(bias)
             if bv is None or bv.dtype != xv.dtype or bv.dim() != 1:
                 continue
         args = [x, w] + ([bias] if bias is not None else [])
-        (out,) = _splice(graph, node, _gemm_bias if bias is not None else _gemm, args)
+        (out,) = splice(graph, node, _gemm_bias if bias is not None else _gemm, args)
         node.replace_all_uses_with(out)
         rep.add("linear")
     graph.eliminate_dead_code()

@@ -21,7 +21,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from omniops.graph_passes.moe import _is, _splice, _val
+from omniops.graph_passes.config import PassConfig
+from omniops.graph_passes.fx_utils import is_call, meta_val, splice
 from omniops.graph_passes.report import PassReport
 
 aten = torch.ops.aten
@@ -30,16 +31,16 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _skip_clone(n: Any) -> Any:
-    while _is(n, aten.clone.default):
+    while is_call(n, aten.clone.default):
         n = n.args[0]
     return n
 
 
 def _convert(n: Any, dtype: torch.dtype) -> Any:
     """The input of ``convert_element_type(input, dtype)`` / ``_to_copy(input, dtype=dtype)``, else None."""
-    if _is(n, prims.convert_element_type.default) and n.args[1] == dtype:
+    if is_call(n, prims.convert_element_type.default) and n.args[1] == dtype:
         return n.args[0]
-    if _is(n, aten._to_copy.default) and n.kwargs.get("dtype") == dtype and len(n.args) == 1:
+    if is_call(n, aten._to_copy.default) and n.kwargs.get("dtype") == dtype and len(n.args) == 1:
         return n.args[0]
     return None
 
@@ -54,54 +55,55 @@ def _const(x: Any, value: float) -> bool:
 
 def _clamped(n: Any, lo: float, hi: float) -> Any:
     """The input of clamp(input, lo, hi) in its decomposed (clamp_min -> clamp_max) or whole form, else None."""
-    if _is(n, aten.clamp_max.default) and _const(n.args[1], hi):
+    if is_call(n, aten.clamp_max.default) and _const(n.args[1], hi):
         m = n.args[0]
-        if _is(m, aten.clamp_min.default) and _const(m.args[1], lo):
+        if is_call(m, aten.clamp_min.default) and _const(m.args[1], lo):
             return m.args[0]
-    if _is(n, aten.clamp.default) and len(n.args) == 3 and _const(n.args[1], lo) and _const(n.args[2], hi):
+    if is_call(n, aten.clamp.default) and len(n.args) == 3 and _const(n.args[1], lo) and _const(n.args[2], hi):
         return n.args[0]
     return None
 
 
 def _is_one(n: Any) -> bool:
-    if _is(n, aten.full.default):
+    if is_call(n, aten.full.default):
         return _const(n.args[1], 1.0)
-    if _is(n, aten.ones_like.default):
+    if is_call(n, aten.ones_like.default):
         return True
-    if _is(n, aten.full_like.default):
+    if is_call(n, aten.full_like.default):
         return _const(n.args[1], 1.0)
     return _const(n, 1.0)
 
 
 def _safe_of(n: Any) -> Any:
     """``s`` of ``where(s == 0, 1, s)`` (formats._safe), else None."""
-    if not _is(n, aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
+    if not is_call(n, aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
         return None
     cond, one, s = n.args
-    if _is(cond, aten.eq.Scalar) and cond.args[0] is s and _const(cond.args[1], 0.0) and _is_one(one):
+    if is_call(cond, aten.eq.Scalar) and cond.args[0] is s and _const(cond.args[1], 0.0) and _is_one(one):
         return s
     return None
 
 
 def _float_source(xf: Any) -> Any:
     """The activation x behind ``xf = x.float()``: x itself if fp32, the input of the cast if fp16/bf16."""
-    v = _val(xf)
+    v = meta_val(xf)
     if v is None or v.dtype != torch.float32:
         return None
     src = _convert(xf, torch.float32)
-    if src is not None and _val(src) is not None and _val(src).dtype in _FLOATS:
+    if src is not None and meta_val(src) is not None and meta_val(src).dtype in _FLOATS:
         return src
     return xf
 
 
 def _amax_scale(s: Any, xf: Any, divisor: float, keepdim: bool) -> bool:
     """``s == amax(|xf|, -1, keepdim) / divisor``."""
-    if not (_is(s, aten.div.Tensor) and _const(s.args[1], divisor)):
+    if not (is_call(s, aten.div.Tensor) and _const(s.args[1], divisor)):
         return False
     amax = s.args[0]
-    if not (_is(amax, aten.amax.default) and _is(amax.args[0], aten.abs.default) and amax.args[0].args[0] is xf):
+    if not (is_call(amax, aten.amax.default) and is_call(amax.args[0], aten.abs.default)
+            and amax.args[0].args[0] is xf):
         return False
-    nd = _val(xf).dim()
+    nd = meta_val(xf).dim()
     kd = amax.args[2] if len(amax.args) > 2 else amax.kwargs.get("keepdim", False)
     return _last_dim(amax.args[1], nd) and bool(kd) == keepdim
 
@@ -111,13 +113,13 @@ def _match_int8(gemm: torch.fx.Node) -> Any:
     """x for a w8a8_gemm whose x_q, x_scale come from the per-token int8 formula, else None."""
     x_q, x_scale = _skip_clone(gemm.args[0]), _skip_clone(gemm.args[1])
     r = _clamped(_convert(x_q, torch.int8), -127.0, 127.0)
-    if not _is(r, aten.round.default):
+    if not is_call(r, aten.round.default):
         return None
     d = r.args[0]
-    if not (_is(d, aten.div.Tensor) and _safe_of(d.args[1]) is x_scale):
+    if not (is_call(d, aten.div.Tensor) and _safe_of(d.args[1]) is x_scale):
         return None
     xf = d.args[0]
-    if _val(xf) is None or _val(xf).dim() < 1 or not _amax_scale(x_scale, xf, 127.0, keepdim=True):
+    if meta_val(xf) is None or meta_val(xf).dim() < 1 or not _amax_scale(x_scale, xf, 127.0, keepdim=True):
         return None
     return _float_source(xf)
 
@@ -126,48 +128,48 @@ def _match_int8(gemm: torch.fx.Node) -> Any:
 def _unpadded(xf: Any, k: int) -> Any:
     """``xf`` [..., K'] fp32 -> the [..., K] tensor it holds: ``slice_scatter(zeros, src, -1, 0, K)`` (padding to
     a multiple of 128) or xf itself when K' == K."""
-    if _is(xf, aten.slice_scatter.default):
+    if is_call(xf, aten.slice_scatter.default):
         base, src = xf.args[0], xf.args[1]
         dim, start, end = (list(xf.args[2:5]) + [None, None, None])[:3]
-        nd = _val(xf).dim()
-        if not (_is(base, aten.full.default) and _const(base.args[1], 0.0) and dim in (-1, nd - 1)
+        nd = meta_val(xf).dim()
+        if not (is_call(base, aten.full.default) and _const(base.args[1], 0.0) and dim in (-1, nd - 1)
                 and start in (0, None) and end == k):
             return None
-        if _is(src, aten.copy.default):  # copy(slice(zeros), src) after functionalisation: the value is src
+        if is_call(src, aten.copy.default):  # copy(slice(zeros), src) after functionalisation: the value is src
             src = src.args[1]
-        return src if _val(src) is not None and _val(src).shape[-1] == k else None
-    return xf if _val(xf).shape[-1] == k else None
+        return src if meta_val(src) is not None and meta_val(src).shape[-1] == k else None
+    return xf if meta_val(xf).shape[-1] == k else None
 
 
 def _match_fp8(gemm: torch.fx.Node) -> Any:
     x_q, x_scale = _skip_clone(gemm.args[0]), _skip_clone(gemm.args[1])
     q = _convert(x_q, torch.float8_e4m3fn)
-    qv = _val(x_q)
+    qv = meta_val(x_q)
     if q is None or qv is None:
         return None
     k = qv.shape[-1]
-    if _is(q, aten.slice.Tensor):  # [..., :K] of the padded codes
+    if is_call(q, aten.slice.Tensor):  # [..., :K] of the padded codes
         dim, start, end = (list(q.args[1:4]) + [None, None, None])[:3]
         if dim not in (-1, qv.dim() - 1) or start not in (0, None) or end != k:
             return None
         q = q.args[0]
-    if not _is(q, aten.reshape.default, aten.view.default):
+    if not is_call(q, aten.reshape.default, aten.view.default):
         return None
     c = _clamped(q.args[0], -448.0, 448.0)
-    if not _is(c, aten.div.Tensor):
+    if not is_call(c, aten.div.Tensor):
         return None
     g, den = c.args
-    if not (_is(den, aten.unsqueeze.default) and den.args[1] in (-1, _val(g).dim() - 1)):
+    if not (is_call(den, aten.unsqueeze.default) and den.args[1] in (-1, meta_val(g).dim() - 1)):
         return None
     if _safe_of(den.args[0]) is not x_scale:
         return None
-    gv = _val(g)
+    gv = meta_val(g)
     if gv is None or gv.dim() < 2 or gv.shape[-1] != 128 or not _amax_scale(x_scale, g, 448.0, keepdim=False):
         return None
-    if not _is(g, aten.reshape.default, aten.view.default):
+    if not is_call(g, aten.reshape.default, aten.view.default):
         return None
     xf = g.args[0]
-    if _val(xf) is None or _val(xf).dim() != gv.dim() - 1:
+    if meta_val(xf) is None or meta_val(xf).dim() != gv.dim() - 1:
         return None
     src = _unpadded(xf, k)
     return None if src is None else _float_source(src)
@@ -187,10 +189,10 @@ def quantized_gemms(graph: torch.fx.Graph) -> list[tuple[torch.fx.Node, bool]]:
     """(GEMM node, is_fp8) for every omni w8a8_gemm / fp8_block_gemm in ``graph``."""
     omni = torch.ops.omni
     return [(n, n.target is omni.fp8_block_gemm.default) for n in graph.nodes
-            if _is(n, omni.w8a8_gemm.default, omni.fp8_block_gemm.default)]
+            if is_call(n, omni.w8a8_gemm.default, omni.fp8_block_gemm.default)]
 
 
-def quant_linear_pass(graph: torch.fx.Graph, rep: PassReport) -> None:
+def quant_linear_pass(graph: torch.fx.Graph, rep: PassReport, cfg: PassConfig) -> None:
     omni = torch.ops.omni
     for gemm, fp8 in quantized_gemms(graph):
         args = list(gemm.args) + [gemm.kwargs.get("bias"), gemm.kwargs.get("out_dtype")][len(gemm.args) - 4:]
@@ -202,7 +204,7 @@ def quant_linear_pass(graph: torch.fx.Graph, rep: PassReport) -> None:
             continue
         op = omni.fp8_block_linear.default if fp8 else omni.w8a8_linear.default
         inputs = [x, args[2], args[3]] + ([bias] if bias is not None else [])
-        (new,) = _splice(graph, gemm, _linear_fn(op, bias is not None, out_dtype), inputs)
+        (new,) = splice(graph, gemm, _linear_fn(op, bias is not None, out_dtype), inputs)
         gemm.replace_all_uses_with(new)
         graph.erase_node(gemm)
         rep.add("quant_linear")

@@ -22,13 +22,13 @@ that uses the same cos/sin (e.g. k rotated by other angles) is not rewritten.
 
 from __future__ import annotations
 
-import functools
 import sys
 from typing import Any
 
 import torch
-from omniops.graph_passes import patterns
-from omniops.graph_passes.moe import _hint, _is, _splice, _val
+from omniops.graph_passes.config import PassConfig
+from omniops.graph_passes.fx_utils import is_call, meta_val, size_hint, splice
+from omniops.graph_passes.patterns import DTYPES
 from omniops.graph_passes.report import PassReport
 
 aten = torch.ops.aten
@@ -43,7 +43,7 @@ def _dim_is(d: Any, ndim: int, want: int) -> bool:
 
 def _slice(n: Any) -> tuple[Any, Any, Any] | None:
     """``x[..., start:end]`` on the last dim of a 4-D x -> (x, start, end)."""
-    if not _is(n, aten.slice.Tensor):
+    if not is_call(n, aten.slice.Tensor):
         return None
     args = list(n.args) + [None] * (5 - len(n.args))
     x, dim, start, end, step = args[:5]
@@ -54,17 +54,17 @@ def _slice(n: Any) -> tuple[Any, Any, Any] | None:
 
 def _rotate_half_input(cat: Any, half: Any) -> Any:
     """``x`` of ``cat([-x[..., half:], x[..., :half]], -1)`` (HF's rotate_half), else None."""
-    if not _is(cat, aten.cat.default) or len(cat.args[0]) != 2:
+    if not is_call(cat, aten.cat.default) or len(cat.args[0]) != 2:
         return None
     if not _dim_is(cat.args[1] if len(cat.args) > 1 else 0, 4, 3):
         return None
     neg, lo = cat.args[0]
-    if not _is(neg, aten.neg.default):
+    if not is_call(neg, aten.neg.default):
         return None
     a, b = _slice(neg.args[0]), _slice(lo)
     if a is None or b is None or a[0] is not b[0]:
         return None
-    d = _val(a[0]).shape[-1]
+    d = meta_val(a[0]).shape[-1]
     # hi half: [half, end >= D); lo half: [0, half)
     if not (a[1] == half and b[1] == 0 and b[2] == half and (a[2] == sys.maxsize or a[2] == d)):
         return None
@@ -75,7 +75,7 @@ def _scalar(a: Any) -> bool:
     """A Python number or a 0-dim tensor (dynamic=True makes HF's attention_scaling a graph input)."""
     if not isinstance(a, torch.fx.Node):
         return isinstance(a, (int, float))
-    v = _val(a)
+    v = meta_val(a)
     return v is not None and v.dim() == 0
 
 
@@ -83,34 +83,34 @@ def _halves_equal_source(n: Any) -> bool:
     """True when ``n [..., D]`` is elementwise (cos, sin, cast, times a scalar) of ``cat([f, f], -1)``, so
     its two halves are equal by construction."""
     while True:
-        if _is(n, *_ELEMENTWISE):
+        if is_call(n, *_ELEMENTWISE):
             n = n.args[0]
-        elif _is(n, aten.mul.Tensor, aten.div.Tensor) and _scalar(n.args[1]):
+        elif is_call(n, aten.mul.Tensor, aten.div.Tensor) and _scalar(n.args[1]):
             n = n.args[0]
-        elif _is(n, aten._to_copy.default) and set(n.kwargs) <= {"dtype"}:
+        elif is_call(n, aten._to_copy.default) and set(n.kwargs) <= {"dtype"}:
             n = n.args[0]
         else:
             break
-    v = _val(n)
+    v = meta_val(n)
     if v is None or v.dim() < 1:
         return False
-    if _is(n, aten.cat.default):
+    if is_call(n, aten.cat.default):
         parts = n.args[0]
         return (len(parts) == 2 and parts[0] is parts[1] and _dim_is(n.args[1] if len(n.args) > 1 else 0,
                                                                       v.dim(), v.dim() - 1))
     # Inductor's form of cat([f, f], -1): expand(unsqueeze(f, -2), [..., 2, D/2]) (+ clone), reshape [..., D]
-    if not _is(n, aten.reshape.default, aten.view.default):
+    if not is_call(n, aten.reshape.default, aten.view.default):
         return False
     e = n.args[0]
-    if _is(e, aten.clone.default):
+    if is_call(e, aten.clone.default):
         e = e.args[0]
-    if not _is(e, aten.expand.default):
+    if not is_call(e, aten.expand.default):
         return False
     u = e.args[0]
-    uv, ev = _val(u), _val(e)
-    if not _is(u, aten.unsqueeze.default) or uv is None or ev is None:
+    uv, ev = meta_val(u), meta_val(e)
+    if not is_call(u, aten.unsqueeze.default) or uv is None or ev is None:
         return False
-    f = _val(u.args[0])
+    f = meta_val(u.args[0])
     nd = f.dim() if f is not None else -1
     return (nd >= 1 and _dim_is(u.args[1], nd + 1, nd - 1) and ev.dim() == nd + 1 and ev.shape[-2] == 2
             and ev.shape[-1] == f.shape[-1] and tuple(v.shape) == (*f.shape[:-1], 2 * f.shape[-1]))
@@ -118,9 +118,9 @@ def _halves_equal_source(n: Any) -> bool:
 
 def _unsqueezed_1(n: Any) -> Any:
     """``t`` of ``t.unsqueeze(1)`` with t [B, S, D], else None."""
-    if _is(n, aten.unsqueeze.default) and _dim_is(n.args[1], 4, 1):
+    if is_call(n, aten.unsqueeze.default) and _dim_is(n.args[1], 4, 1):
         t = n.args[0]
-        v = _val(t)
+        v = meta_val(t)
         if v is not None and v.dim() == 3:
             return t
     return None
@@ -129,14 +129,14 @@ def _unsqueezed_1(n: Any) -> Any:
 def _parse(add: torch.fx.Node) -> tuple[Any, Any, Any] | None:
     """``add`` = x * C + rotate_half(x) * S (any operand order) with x = Y.permute(0, 2, 1, 3), C / S =
     cos / sin [B|1, S, D] unsqueezed at 1 -> (Y, cos, sin), else None."""
-    if not _is(add, aten.add.Tensor) or len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
+    if not is_call(add, aten.add.Tensor) or len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
         return None
     for m1, m2 in (add.args, add.args[::-1]):
-        if not (_is(m1, aten.mul.Tensor) and _is(m2, aten.mul.Tensor)):
+        if not (is_call(m1, aten.mul.Tensor) and is_call(m2, aten.mul.Tensor)):
             continue
         for x, c in (m1.args, m1.args[::-1]):
-            xv = _val(x)
-            if not _is(x, aten.permute.default) or list(x.args[1]) not in ([0, 2, 1, 3], [0, 2, 1, -1]):
+            xv = meta_val(x)
+            if not is_call(x, aten.permute.default) or list(x.args[1]) not in ([0, 2, 1, 3], [0, 2, 1, -1]):
                 continue
             if xv is None or xv.dim() != 4 or not isinstance(xv.shape[-1], int) or xv.shape[-1] % 2:
                 continue
@@ -152,24 +152,23 @@ def _static_one(d: Any) -> bool:
     return isinstance(d, int) and d == 1
 
 
-def _tokens_ok(y: torch.Tensor) -> bool:
-    """The min_rows guard (patterns._rows_ok) on tokens = B * S (not B * S * H rows of the 4-D view)."""
-    mr = patterns.MIN_ROWS[0]
-    if mr <= 0 or y.device.type != "cpu":
+def _tokens_ok(y: torch.Tensor, min_rows: int) -> bool:
+    """The min_rows guard (patterns.rows_ok) on tokens = B * S (not B * S * H rows of the 4-D view)."""
+    if min_rows <= 0 or y.device.type != "cpu":
         return True
-    b, s = _hint(y.shape[0]), _hint(y.shape[1])
-    return b is None or s is None or b * s >= mr
+    b, s = size_hint(y.shape[0]), size_hint(y.shape[1])
+    return b is None or s is None or b * s >= min_rows
 
 
-def _compatible(y: Any, cos: Any, sin: Any, add: torch.fx.Node) -> str | None:
+def _compatible(y: Any, cos: Any, sin: Any, add: torch.fx.Node, min_rows: int) -> str | None:
     """Why the op cannot take this match (None: it can)."""
-    yv, cv, sv, av = _val(y), _val(cos), _val(sin), _val(add)
+    yv, cv, sv, av = meta_val(y), meta_val(cos), meta_val(sin), meta_val(add)
     if yv is None or cv is None or sv is None or av is None:
         return "no shape metadata"
     b, s, _h, d = yv.shape
-    if av.dtype != yv.dtype or yv.dtype not in patterns.DTYPES:
+    if av.dtype != yv.dtype or yv.dtype not in DTYPES:
         return "dtype promotion (cos/sin dtype differs from q/k)"
-    if cv.dtype not in patterns.DTYPES or sv.dtype != cv.dtype or tuple(cv.shape) != tuple(sv.shape):
+    if cv.dtype not in DTYPES or sv.dtype != cv.dtype or tuple(cv.shape) != tuple(sv.shape):
         return "cos and sin differ in dtype or shape"
     if cv.shape[-1] != d or cv.shape[1] != s or not (_static_one(cv.shape[0]) or cv.shape[0] == b):
         return "cos/sin are not [B or 1, S, head_dim]"
@@ -181,8 +180,8 @@ def _compatible(y: Any, cos: Any, sin: Any, add: torch.fx.Node) -> str | None:
         return "q/k before the transpose is not contiguous"
     if not (_halves_equal_source(cos) and _halves_equal_source(sin)):
         return "cos/sin are not built as cat((freqs, freqs), -1) (the op uses only the first half)"
-    if not _tokens_ok(yv):
-        return f"fewer than min_rows={patterns.MIN_ROWS[0]} tokens (CPU: Inductor's fused loop is cheaper)"
+    if not _tokens_ok(yv, min_rows):
+        return f"fewer than min_rows={min_rows} tokens (CPU: Inductor's fused loop is cheaper)"
     return None
 
 
@@ -201,30 +200,20 @@ def _replacement(broadcast_batch: bool):
     return fn
 
 
-@functools.cache
-def _op_available() -> bool:
-    import omniops  # noqa: F401
-
-    return hasattr(torch.ops.omni, "rotary_embedding")
+_WHY_DEFAULT = "not HF's apply_rotary_pos_emb form (q * cos + rotate_half(q) * sin)"
 
 
-# why the last run left a rotate_half unrewritten (for _diagnose)
-LAST_WHY: list[str] = []
-
-
-def rotary_pass(graph: torch.fx.Graph, rep: PassReport) -> None:
-    LAST_WHY.clear()
-    if not _op_available():
-        LAST_WHY.append("omniops.rotary_embedding is not available")
-        return
+def rotary_pass(graph: torch.fx.Graph, rep: PassReport, cfg: PassConfig) -> None:
+    """Rewrite every q/k pair; then report the rotate_halfs left with the first reason a match was refused."""
+    why_left: list[str] = []
     found: list[tuple[torch.fx.Node, Any, Any, Any]] = []
     for node in graph.nodes:
         m = _parse(node)
         if m is None:
             continue
-        why = _compatible(*m, node)
+        why = _compatible(*m, node, cfg.min_rows)
         if why is not None:
-            LAST_WHY.append(why)
+            why_left.append(why)
             continue
         found.append((node, *m))
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -238,7 +227,7 @@ def rotary_pass(graph: torch.fx.Graph, rep: PassReport) -> None:
         for add_k, yk, cos_k, sin_k in found[i + 1:]:
             if add_k in used or cos_k is not cos or sin_k is not sin:
                 continue
-            qv, kv = _val(yq), _val(yk)
+            qv, kv = meta_val(yq), meta_val(yk)
             if qv.shape[:2] != kv.shape[:2] or qv.shape[3] != kv.shape[3] or qv.dtype != kv.dtype:
                 continue
             # the call goes before the later add: the earlier one's users must all come after it
@@ -246,29 +235,30 @@ def rotary_pass(graph: torch.fx.Graph, rep: PassReport) -> None:
                 partner = (add_k, yk)
             break
         if partner is None:
-            LAST_WHY.append("no q/k pair sharing cos/sin (rotate_half applied to one tensor only)")
+            why_left.append("no q/k pair sharing cos/sin (rotate_half applied to one tensor only)")
             continue
         add_k, yk = partner
-        broadcast = _static_one(_val(cos).shape[0])
-        qn, kn = _splice(graph, add_k, _replacement(broadcast), [yq, yk, cos, sin])
+        broadcast = _static_one(meta_val(cos).shape[0])
+        qn, kn = splice(graph, add_k, _replacement(broadcast), [yq, yk, cos, sin])
         add_q.replace_all_uses_with(qn)
         add_k.replace_all_uses_with(kn)
         used.update((add_q, add_k))
         n_done += 1
     if n_done:
         rep.add("rotary", n_done)
+    graph.eliminate_dead_code()
+    n_left = rotate_half_left(graph)
+    if n_left:
+        rep.miss("rotary", f"{n_left} x rotate_half left: {why_left[0] if why_left else _WHY_DEFAULT}")
 
 
 def rotate_half_left(graph: torch.fx.Graph) -> int:
     """How many HF rotate_half (cat of a negated upper half and the lower half) are in ``graph``."""
     n = 0
     for node in graph.nodes:
-        v = _val(node)
-        if _is(node, aten.cat.default) and v is not None and v.dim() == 4 and isinstance(v.shape[-1], int) \
+        v = meta_val(node)
+        if is_call(node, aten.cat.default) and v is not None and v.dim() == 4 and isinstance(v.shape[-1], int) \
                 and _rotate_half_input(node, v.shape[-1] // 2) is not None:
             n += 1
     return n
 
-
-def why_not() -> str:
-    return LAST_WHY[0] if LAST_WHY else "not HF's apply_rotary_pos_emb form (q * cos + rotate_half(q) * sin)"

@@ -139,8 +139,8 @@ def test_deepseek_v3_moe_block_route_and_experts(monkeypatch):
     ids_dtypes = []
     pass_ = moe.moe_pass
 
-    def spy(graph, rep):
-        pass_(graph, rep)
+    def spy(graph, rep, cfg):
+        pass_(graph, rep, cfg)
         for n in graph.nodes:
             if n.op == "call_function" and str(n.target).startswith("omni.fused_moe"):
                 ids = n.args[[a.name for a in n.target._schema.arguments].index("topk_ids")]
