@@ -8,8 +8,6 @@ Only the first ``ceil(seq_len / block_size)`` entries of a table row are read. A
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -116,10 +114,6 @@ def mla_decode(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tenso
         s = (q[b].float() @ rows.T) * scale
         out[b] = (torch.softmax(s, dim=-1) @ rows[:, :v_dim]).to(q.dtype)
     return out
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
 
 
 def gqa_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, causal: bool, scale: float) -> Tensor:

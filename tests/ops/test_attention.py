@@ -1,7 +1,8 @@
-"""Paged attention (gqa_decode, mla_decode, gqa_prefill, reshape_and_cache, mla_cache): every backend vs the
+"""Paged attention (omniops/ops/attention.py: gqa_decode, mla_decode, gqa_prefill): every backend vs the
 reference, with shuffled block tables and NaN in every cache slot a sequence does not own (so any out-of-range
 read shows up as NaN), cross-checks against torch SDPA and an un-absorbed DeepSeek-V3 MLA layer, opcheck,
-torch.compile, and bad input through Python and straight into omniops._C."""
+torch.compile (with the cache writes of omniops/ops/kv_cache.py), and bad input through Python and straight
+into omniops._C."""
 
 from __future__ import annotations
 
@@ -18,31 +19,7 @@ from omniops import _ext
 from omniops.reference import attention as ref
 from omniops.testing import assert_close
 from tests.ops._cases import BACKEND_CASES, DTYPES, Case, skip_unsupported
-
-NAN = float("nan")
-
-
-def make_paged(lens: list[int], block_size: int, tail_shape: tuple[tuple[int, ...], ...], dtype: torch.dtype,
-               device: str = "cpu", spare: int = 3) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Caches ``[num_blocks, block_size, *tail]`` (one per entry of tail_shape) where a sequence's blocks are
-    scattered at random and every slot no sequence owns (foreign blocks and the tail of each last block) is NaN.
-    Table entries past a sequence's blocks hold out-of-range ids (never read)."""
-    nblk = [(n + block_size - 1) // block_size for n in lens]
-    total = sum(nblk) + spare
-    perm = torch.randperm(total)
-    max_blocks = max([*nblk, 0]) + 1
-    table = torch.full((len(lens), max_blocks), total + 5, dtype=torch.int32)
-    caches = [torch.full((total, block_size, *t), NAN, dtype=dtype) for t in tail_shape]
-    i = 0
-    for b, n in enumerate(lens):
-        for j in range(nblk[b]):
-            blk = int(perm[i])
-            i += 1
-            table[b, j] = blk
-            cnt = min(block_size, n - j * block_size)
-            for c, t in zip(caches, tail_shape, strict=False):
-                c[blk, :cnt] = torch.randn(cnt, *t).to(dtype)
-    return [c.to(device) for c in caches], table.to(device), torch.tensor(lens, dtype=torch.int32, device=device)
+from tests.ops._paged import make_paged, small_inputs
 
 
 def _tol_scale(dtype: torch.dtype) -> float:
@@ -125,35 +102,6 @@ def test_gqa_prefill_matches_reference(case: Case, dtype, new, ctx, paged, causa
     assert_close(got, expected, scale=_tol_scale(dtype))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", BACKEND_CASES)
-@settings(max_examples=6)
-@given(t=st.integers(0, 40), bs=st.sampled_from([16, 64]), h=st.sampled_from([1, 4]), d=st.sampled_from([8, 64]),
-       pad=st.booleans())
-def test_cache_writes_match_reference(case: Case, dtype, t, bs, h, d, pad) -> None:
-    skip_unsupported(case, dtype)
-    nb = 4
-    slots = torch.randperm(nb * bs)[:t]
-    if pad and t:
-        slots[:: 3] = -1
-    slots = slots.to(case.device)
-    key = torch.randn(t, h, d, device=case.device).to(dtype)
-    value = torch.randn(t, h, d + 8, device=case.device).to(dtype)
-    kc = torch.randn(nb, bs, h, d, device=case.device).to(dtype)
-    vc = torch.randn(nb, bs, h, d + 8, device=case.device).to(dtype)
-    ekc, evc = kc.clone(), vc.clone()
-    ref.reshape_and_cache(key, value, ekc, evc, slots)
-    kv_c = torch.randn(t, 32, device=case.device).to(dtype)
-    k_pe = torch.randn(t, 16, device=case.device).to(dtype)
-    kv = torch.randn(nb, bs, 48, device=case.device).to(dtype)
-    ekv = kv.clone()
-    ref.mla_cache(kv_c, k_pe, ekv, slots)
-    with case.active():
-        omniops.reshape_and_cache(key, value, kc, vc, slots.int())
-        omniops.mla_cache(kv_c, k_pe, kv, slots)
-    assert torch.equal(kc, ekc) and torch.equal(vc, evc) and torch.equal(kv, ekv)
-
-
 @pytest.mark.parametrize("case", BACKEND_CASES)
 def test_edge_cases(case: Case) -> None:
     """Empty batch, length-0 and length-1 sequences, a block size not dividing the length."""
@@ -220,14 +168,8 @@ def test_mla_decode_equals_unabsorbed_deepseek_v3(case: Case) -> None:
         assert_close(got[b], expected, scale=10.0, msg=f"sequence {b}")  # two different fp32 reduction orders
 
 
-def _small_inputs():
-    (kc, vc), table, sl = make_paged([5, 18], 16, ((2, 16), (2, 16)), torch.float32)
-    (kv,), t2, s2 = make_paged([3, 20], 16, ((40,),), torch.float32)
-    return kc, vc, table, sl, kv, t2, s2
-
-
 def test_opcheck() -> None:
-    kc, vc, table, sl, kv, t2, s2 = _small_inputs()
+    kc, vc, table, sl, kv, t2, s2 = small_inputs()
     kc, vc, kv = (torch.nan_to_num(x) for x in (kc, vc, kv))  # opcheck compares outputs with NaN-unsafe checks
     ops = torch.ops.omni
     q = torch.randn(2, 4, 16)
@@ -237,15 +179,12 @@ def test_opcheck() -> None:
     qp, kp, vp = torch.randn(7, 4, 16), torch.randn(7, 2, 16), torch.randn(7, 2, 16)
     torch.library.opcheck(ops.gqa_prefill.default, (qp, kp, vp, cu, True, 0.25, None, None, None, None, True))
     torch.library.opcheck(ops.gqa_prefill.default, (qp, kp, vp, cu, True, 0.25, kc, vc, table, sl, True))
-    slots = torch.tensor([3, -1, 17, 40, 2, 9, 33])
-    torch.library.opcheck(ops.reshape_and_cache.default, (kp, vp, kc.clone(), vc.clone(), slots, True))
-    torch.library.opcheck(ops.mla_cache.default, (torch.randn(7, 32), torch.randn(7, 8), kv.clone(), slots, True))
 
 
 @pytest.mark.compile
 def test_torch_compile_all_ops() -> None:
     """All five ops in one compiled function (one Inductor compile keeps CI time down): compiled == eager."""
-    kc, vc, table, sl, kv, t2, s2 = _small_inputs()
+    kc, vc, table, sl, kv, t2, s2 = small_inputs()
     q, qm = torch.randn(2, 4, 16), torch.randn(2, 3, 40)
     cu = torch.tensor([0, 3, 7], dtype=torch.int32)
     qp, kp, vp = torch.randn(7, 4, 16), torch.randn(7, 2, 16), torch.randn(7, 2, 16)
@@ -270,7 +209,7 @@ def test_torch_compile_all_ops() -> None:
 
 
 def _bad_decode_args(**kw):
-    kc, vc, table, sl, *_ = _small_inputs()
+    kc, vc, table, sl, *_ = small_inputs()
     args = {"q": torch.randn(2, 4, 16), "k_cache": kc, "v_cache": vc, "block_table": table, "seq_lens": sl}
     args.update(kw)
     return args
@@ -301,7 +240,7 @@ def test_bad_input_decode(kw, exc, match) -> None:
 
 
 def test_bad_input_other_ops() -> None:
-    kc, vc, table, sl, kv, t2, s2 = _small_inputs()
+    kc, vc, table, sl, kv, t2, s2 = small_inputs()
     with pytest.raises(ValueError, match="kv_cache: expected shape"):
         omniops.mla_decode(torch.randn(2, 4, 39), kv, t2, s2)
     with pytest.raises(ValueError, match="v_dim"):
@@ -320,14 +259,6 @@ def test_bad_input_other_ops() -> None:
                             block_table=table, context_lens=torch.tensor([0, 99], dtype=torch.int32))
     with pytest.raises(ValueError, match="q: q_heads=4 must be a multiple of kv_heads=3"):
         omniops.gqa_prefill(q, torch.randn(7, 3, 16), torch.randn(7, 3, 16), torch.tensor([0, 7], dtype=torch.int32))
-    with pytest.raises(ValueError, match=r"slot_mapping\[1\] = 999"):
-        omniops.reshape_and_cache(k, v, kc, vc, torch.tensor([0, 999, 1, 2, 3, 4, 5]))
-    with pytest.raises(ValueError, match=r"slot_mapping\[0\] = -2"):
-        omniops.mla_cache(torch.randn(7, 32), torch.randn(7, 8), kv, torch.tensor([-2, 1, 1, 2, 3, 4, 5]))
-    with pytest.raises(ValueError, match="k_pe: expected shape"):
-        omniops.mla_cache(torch.randn(7, 32), torch.randn(6, 8), kv, torch.arange(7))
-    with pytest.raises(ValueError, match="v_cache: expected dtype"):
-        omniops.reshape_and_cache(k, v, kc, vc.half(), torch.arange(7))
 
 
 def test_validate_false_skips_value_checks() -> None:
@@ -360,16 +291,11 @@ def test_validate_false_skips_value_checks() -> None:
         ("gqa_prefill", lambda a: a.update(cu_seqlens=torch.tensor([1, 7], dtype=torch.int32)), r"cu_seqlens\[0\]"),
         ("gqa_prefill", lambda a: a.update(context_lens=torch.tensor([0, 999], dtype=torch.int32)), "context_lens"),
         ("gqa_prefill", lambda a: a.update(k_cache=None), "go together"),
-        ("reshape_and_cache", lambda a: a.update(slot_mapping=torch.tensor([0, 1, 2, 3, 4, 5, 9999])),
-         r"slot_mapping\[6\] = 9999"),
-        ("reshape_and_cache", lambda a: a.update(slot_mapping=torch.arange(7).int()), "slot_mapping: expected Long"),
-        ("mla_cache", lambda a: a.update(slot_mapping=torch.tensor([0, -5, 2, 3, 4, 5, 6])), r"slot_mapping\[1\]"),
-        ("mla_cache", lambda a: a.update(kv_cache=a["kv_cache"].to("meta")), "kv_cache: expected a CPU tensor"),
     ],
 )
 def test_cpp_entry_point_rejects_bad_input(name, mutate, match) -> None:
     """omniops._C checks shapes, dtypes and every index value itself, before any kernel reads memory."""
-    kc, vc, table, sl, kv, t2, s2 = _small_inputs()
+    kc, vc, table, sl, kv, t2, s2 = small_inputs()
     k, v = torch.randn(7, 2, 16), torch.randn(7, 2, 16)
     args = {
         "gqa_decode": dict(out=torch.empty(2, 4, 16), q=torch.randn(2, 4, 16), k_cache=kc, v_cache=vc,
@@ -379,8 +305,6 @@ def test_cpp_entry_point_rejects_bad_input(name, mutate, match) -> None:
         "gqa_prefill": dict(out=torch.empty(7, 4, 16), q=torch.randn(7, 4, 16), k=k, v=v,
                             cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32), causal=True, scale=0.25,
                             k_cache=kc, v_cache=vc, block_table=table, context_lens=sl),
-        "reshape_and_cache": dict(key=k, value=v, k_cache=kc, v_cache=vc, slot_mapping=torch.arange(7)),
-        "mla_cache": dict(kv_c=torch.randn(7, 32), k_pe=torch.randn(7, 8), kv_cache=kv, slot_mapping=torch.arange(7)),
     }[name]
     mutate(args)
     if name == "mla_decode" and args["v_dim"] != 32:
