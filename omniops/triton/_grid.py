@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
+import triton.language as tl
 
 
 @functools.cache
@@ -27,3 +29,9 @@ def persistent_grid(tiles: int, device: torch.device, programs_per_core: int = 4
 def pow2(n: int, lo: int = 1) -> int:
     """The smallest power of two >= n (tile sizes: tl.arange needs one), at least ``lo``."""
     return max(lo, 1 << max(int(n) - 1, 0).bit_length())
+
+
+@triton.jit
+def row_block(tile, n_col_blocks, BLOCK: tl.constexpr):
+    """Work item ``tile`` of a (row, column block) loop: its row and that block's BLOCK column indices."""
+    return tile // n_col_blocks, (tile % n_col_blocks) * BLOCK + tl.arange(0, BLOCK)

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from omniops.ops.activation import SILU_AND_MUL
-from omniops.triton._grid import persistent_grid
+from omniops.triton._grid import persistent_grid, row_block
 
 
 @triton.jit
@@ -15,10 +15,8 @@ def _silu_and_mul_fwd_kernel(X, Y, x_stride, y_stride, n_rows, d, BLOCK: tl.cons
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     n_col_blocks = tl.cdiv(d, BLOCK)
-    cols = tl.arange(0, BLOCK)
     for tile in range(pid, n_rows * n_col_blocks, nprog):
-        row = tile // n_col_blocks
-        c = (tile % n_col_blocks) * BLOCK + cols
+        row, c = row_block(tile, n_col_blocks, BLOCK)
         mask = c < d
         g = tl.load(X + row * x_stride + c, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(X + row * x_stride + d + c, mask=mask, other=0.0).to(tl.float32)

@@ -22,15 +22,30 @@ def _dot_min() -> int:
 
 
 @triton.jit
-def _softmax_step(s, valid, m_i, l_i):
-    """One online-softmax step over a score tile [R, N]; returns p, alpha, new m, new l."""
+def _scores(q, k, IEEE: tl.constexpr):
+    """q [R, D] @ k [N, D]^T, fp32 (IEEE for fp32 inputs: not TF32)."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    return s
+
+
+@triton.jit
+def _softmax_update(s, valid, v, m_i, l_i, acc, IEEE: tl.constexpr):
+    """One online-softmax step over a score tile s [R, N] (``valid``: the scores that count) and its value rows
+    v [N, Dv]: returns the new running max, sum and fp32 accumulator."""
     s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp(s - m_safe[:, None])
     alpha = tl.exp(m_i - m_safe)
     l_new = l_i * alpha + tl.sum(p, 1)
-    return p, alpha, m_new, l_new
+    if IEEE:
+        pv = tl.dot(p, v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l_new, acc * alpha[:, None] + pv
 
 
 @triton.jit
@@ -72,19 +87,10 @@ def _gqa_decode_kernel(
                         mask=pmask[:, None] & (d[None, :] < head_dim), other=0.0)
             v = tl.load(VC + blk[:, None] * v_bs + off[:, None] * v_ts + kvh * v_hs + dv[None, :],
                         mask=pmask[:, None] & (dv[None, :] < v_dim), other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = s * scale
+            s = _scores(q, k, IEEE) * scale
             if HAS_CAP:
                 s = soft_cap * (1.0 - 2.0 / (tl.exp(2.0 * s / soft_cap) + 1.0))
-            p, alpha, m_i, l_i = _softmax_step(s, gmask[:, None] & pmask[None, :], m_i, l_i)
-            if IEEE:
-                pv = tl.dot(p, v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
+            m_i, l_i, acc = _softmax_update(s, gmask[:, None] & pmask[None, :], v, m_i, l_i, acc, IEEE)
         row = (b * num_splits + s_idx) * q_heads + heads
         tl.store(WO + row[:, None] * v_dim + dv[None, :], acc, mask=gmask[:, None] & (dv[None, :] < v_dim))
         tl.store(WM + row, m_i, mask=gmask)
@@ -129,18 +135,8 @@ def _mla_decode_kernel(
             rows = KV + blk[:, None] * kv_bs + (pos % block_size)[:, None] * kv_ts
             kn = tl.load(rows + dv[None, :], mask=pmask[:, None] & (dv[None, :] < v_dim), other=0.0)
             kp = tl.load(rows + v_dim + dr[None, :], mask=pmask[:, None] & (dr[None, :] < rope_dim), other=0.0)
-            if IEEE:
-                s = tl.dot(q_nope, tl.trans(kn), input_precision="ieee")
-                s += tl.dot(q_pe, tl.trans(kp), input_precision="ieee")
-            else:
-                s = tl.dot(q_nope, tl.trans(kn))
-                s += tl.dot(q_pe, tl.trans(kp))
-            p, alpha, m_i, l_i = _softmax_step(s * scale, hmask[:, None] & pmask[None, :], m_i, l_i)
-            if IEEE:
-                pv = tl.dot(p, kn, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(kn.dtype), kn)
-            acc = acc * alpha[:, None] + pv
+            s = _scores(q_nope, kn, IEEE) + _scores(q_pe, kp, IEEE)
+            m_i, l_i, acc = _softmax_update(s * scale, hmask[:, None] & pmask[None, :], kn, m_i, l_i, acc, IEEE)
         row = (b * num_splits + s_idx) * heads_total + heads
         tl.store(WO + row[:, None] * v_dim + dv[None, :], acc, mask=hmask[:, None] & (dv[None, :] < v_dim))
         tl.store(WM + row, m_i, mask=hmask)
@@ -293,16 +289,8 @@ def _prefill_kernel(
                                 mask=pmask[:, None] & dmask[None, :], other=0.0)
                     v = tl.load(VC + blk[:, None] * vc_bs + off[:, None] * vc_ts + kvh * vc_hs + dv[None, :],
                                 mask=pmask[:, None] & dvmask[None, :], other=0.0)
-                    if IEEE:
-                        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                    else:
-                        s = tl.dot(q, tl.trans(k))
-                    p, alpha, m_i, l_i = _softmax_step(s * scale, jmask[:, None] & pmask[None, :], m_i, l_i)
-                    if IEEE:
-                        pv = tl.dot(p, v, input_precision="ieee")
-                    else:
-                        pv = tl.dot(p.to(v.dtype), v)
-                    acc = acc * alpha[:, None] + pv
+                    s = _scores(q, k, IEEE) * scale
+                    m_i, l_i, acc = _softmax_update(s, jmask[:, None] & pmask[None, :], v, m_i, l_i, acc, IEEE)
             hi = seq_len
             if CAUSAL:
                 hi = tl.minimum(seq_len, (m_tile + 1) * BLOCK_M)
@@ -313,19 +301,10 @@ def _prefill_kernel(
                             mask=nmask[:, None] & dmask[None, :], other=0.0)
                 v = tl.load(V + (t0 + jn)[:, None] * v_ts + kvh * v_hs + dv[None, :],
                             mask=nmask[:, None] & dvmask[None, :], other=0.0)
-                if IEEE:
-                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                else:
-                    s = tl.dot(q, tl.trans(k))
                 valid = jmask[:, None] & nmask[None, :]
                 if CAUSAL:
                     valid = valid & (jn[None, :] <= j[:, None])
-                p, alpha, m_i, l_i = _softmax_step(s * scale, valid, m_i, l_i)
-                if IEEE:
-                    pv = tl.dot(p, v, input_precision="ieee")
-                else:
-                    pv = tl.dot(p.to(v.dtype), v)
-                acc = acc * alpha[:, None] + pv
+                m_i, l_i, acc = _softmax_update(_scores(q, k, IEEE) * scale, valid, v, m_i, l_i, acc, IEEE)
             inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
             o = acc * inv[:, None]
             tl.store(OUT + (t0 + j)[:, None] * o_ts + h * o_hs + dv[None, :], o.to(OUT.dtype.element_ty),

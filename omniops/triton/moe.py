@@ -7,9 +7,9 @@ device (bincount / stable sort / cumsum; no host sync); the GEMMs run over a per
 so empty tiles exit at once and nothing waits for the device.
 
 fused_moe: kernel 1 gathers the tokens' hidden rows, computes gate and up tiles against W13 and writes
-act = T(silu(gate) * up) per sorted row; kernel 2 multiplies act by W2 into an fp32 buffer indexed by pair
-(t*k + j); kernel 3 (the combine) sums each token's k rows with its routing weights. fp32 accumulation
-throughout (``input_precision="ieee"`` for fp32 inputs so fp32 is not silently TF32).
+act = T(silu(gate) * up) per sorted row; kernel 2 (the grouped GEMM, scattering its rows) multiplies act by W2
+into an fp32 buffer indexed by pair (t*k + j); kernel 3 (the combine) sums each token's k rows with its routing
+weights. fp32 accumulation throughout (``input_precision="ieee"`` for fp32 inputs so fp32 is not silently TF32).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from omniops.ops.moe import FUSED_MOE, GROUPED_GEMM, MOE_COMBINE, MOE_DISPATCH, MOE_ROUTE
-from omniops.triton._grid import persistent_grid
+from omniops.triton._grid import persistent_grid, row_block
 
 
 # ---- routing ---------------------------------------------------------------------------------------------
@@ -148,10 +148,8 @@ def _gather_rows_kernel(X, TOK, OUT, x_stride, rows, H, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     n_cb = tl.cdiv(H, BLOCK)
-    cols = tl.arange(0, BLOCK)
     for tile in range(pid, rows * n_cb, nprog):
-        r = tile // n_cb
-        c = (tile % n_cb) * BLOCK + cols
+        r, c = row_block(tile, n_cb, BLOCK)
         tok = tl.load(TOK + r)
         m = c < H
         # (the interpreter rejects a scalar & vector mask: broadcast the scalar first)
@@ -182,24 +180,29 @@ def moe_dispatch_forward(x_sorted: torch.Tensor, sorted_token_ids: torch.Tensor,
 
 # ---- grouped GEMM ---------------------------------------------------------------------------------------
 @triton.jit
-def _grouped_gemm_kernel(X, Wt, OUT, TILE_E, TILE_S, OFFS, x_stride, out_stride, N, K, n_mtiles,
-                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+def _expert_tile(TILE_E, TILE_S, OFFS, tile, n_nt, BM: tl.constexpr, BN: tl.constexpr):
+    """Work item ``tile`` = (expert M-tile, N-tile) of ``_tile_schedule``: its expert (-1: an unused tile), rows
+    (with the mask of those inside the expert's segment) and columns."""
+    mt = tile // n_nt
+    e = tl.load(TILE_E + mt)
+    rows = tl.load(TILE_S + mt) + tl.arange(0, BM)
+    end = tl.load(OFFS + tl.maximum(e, 0) + 1)
+    cols = (tile % n_nt) * BN + tl.arange(0, BN)
+    return e, rows, rows < end, cols
+
+
+@triton.jit
+def _grouped_gemm_kernel(X, Wt, OUT, OUT_ROW, TILE_E, TILE_S, OFFS, x_stride, out_stride, N, K, n_mtiles,
+                         SCATTER: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                         PREC: tl.constexpr):
+    """out[r] = x[r] @ w[e].T for the rows r of each expert e; SCATTER: row r is written to out[OUT_ROW[r]]."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     n_nt = tl.cdiv(N, BN)
-    rm = tl.arange(0, BM)
-    rn = tl.arange(0, BN)
     rk = tl.arange(0, BK)
     for tile in range(pid, n_mtiles * n_nt, nprog):
-        mt = tile // n_nt
-        nt = tile % n_nt
-        e = tl.load(TILE_E + mt)
+        e, rows, rmask, cols = _expert_tile(TILE_E, TILE_S, OFFS, tile, n_nt, BM, BN)
         if e >= 0:
-            start = tl.load(TILE_S + mt)
-            end = tl.load(OFFS + e + 1)
-            rows = start + rm
-            rmask = rows < end
-            cols = nt * BN + rn
             cmask = cols < N
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             w_base = Wt + e.to(tl.int64) * N * K
@@ -209,7 +212,11 @@ def _grouped_gemm_kernel(X, Wt, OUT, TILE_E, TILE_S, OFFS, x_stride, out_stride,
                 a = tl.load(X + rows[:, None] * x_stride + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
                 b = tl.load(w_base + cols[None, :] * K + kk[:, None], mask=cmask[None, :] & kmask[:, None], other=0.0)
                 acc = tl.dot(a, b, acc, input_precision=PREC)
-            tl.store(OUT + rows[:, None] * out_stride + cols[None, :], acc.to(OUT.dtype.element_ty),
+            if SCATTER:
+                out_rows = tl.load(OUT_ROW + rows, mask=rmask, other=0).to(tl.int64)
+            else:
+                out_rows = rows
+            tl.store(OUT + out_rows[:, None] * out_stride + cols[None, :], acc.to(OUT.dtype.element_ty),
                      mask=rmask[:, None] & cmask[None, :])
 
 
@@ -229,8 +236,8 @@ def grouped_gemm_forward(out: torch.Tensor, x_sorted: torch.Tensor, w: torch.Ten
     tile_e, tile_s, n_mtiles = _tile_schedule(expert_offsets, E, BM, M)
     tiles = n_mtiles * triton.cdiv(N, BN)
     _grouped_gemm_kernel[persistent_grid(tiles, x_sorted.device)](
-        x_sorted, w, out, tile_e, tile_s, expert_offsets, x_sorted.stride(0), out.stride(0), N, K, n_mtiles,
-        BM=BM, BN=BN, BK=BK, PREC=_dot_precision(x_sorted.dtype))
+        x_sorted, w, out, tile_e, tile_e, tile_s, expert_offsets, x_sorted.stride(0), out.stride(0), N, K, n_mtiles,
+        SCATTER=False, BM=BM, BN=BN, BK=BK, PREC=_dot_precision(x_sorted.dtype))
 
 
 # ---- combine --------------------------------------------------------------------------------------------
@@ -239,10 +246,8 @@ def _combine_kernel(Y, W, INV, OUT, y_stride, out_stride, T, H, TOPK, BLOCK: tl.
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     n_cb = tl.cdiv(H, BLOCK)
-    cols = tl.arange(0, BLOCK)
     for tile in range(pid, T * n_cb, nprog):
-        t = tile // n_cb
-        c = (tile % n_cb) * BLOCK + cols
+        t, c = row_block(tile, n_cb, BLOCK)
         m = c < H
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for j in range(TOPK):
@@ -270,23 +275,15 @@ def moe_combine_forward(out: torch.Tensor, expert_out: torch.Tensor, topk_weight
 @triton.jit
 def _moe_gate_up_kernel(X, W13, ACT, ROW_TOK, TILE_E, TILE_S, OFFS, x_stride, H, INTER, n_mtiles,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """act[r] = T(silu(gate) * up) of the token of sorted row r (gathered by ROW_TOK) against its expert's W13."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     n_nt = tl.cdiv(INTER, BN)
-    rm = tl.arange(0, BM)
-    rn = tl.arange(0, BN)
     rk = tl.arange(0, BK)
     for tile in range(pid, n_mtiles * n_nt, nprog):
-        mt = tile // n_nt
-        nt = tile % n_nt
-        e = tl.load(TILE_E + mt)
+        e, rows, rmask, cols = _expert_tile(TILE_E, TILE_S, OFFS, tile, n_nt, BM, BN)
         if e >= 0:
-            start = tl.load(TILE_S + mt)
-            end = tl.load(OFFS + e + 1)
-            rows = start + rm
-            rmask = rows < end
             tok = tl.load(ROW_TOK + rows, mask=rmask, other=0).to(tl.int64)
-            cols = nt * BN + rn
             cmask = cols < INTER
             acc_g = tl.zeros((BM, BN), dtype=tl.float32)
             acc_u = tl.zeros((BM, BN), dtype=tl.float32)
@@ -303,40 +300,6 @@ def _moe_gate_up_kernel(X, W13, ACT, ROW_TOK, TILE_E, TILE_S, OFFS, x_stride, H,
             act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
             tl.store(ACT + rows[:, None].to(tl.int64) * INTER + cols[None, :], act.to(ACT.dtype.element_ty),
                      mask=rmask[:, None] & cmask[None, :])
-
-
-@triton.jit
-def _moe_down_kernel(ACT, W2, Y, ROW_PAIR, TILE_E, TILE_S, OFFS, H, INTER, n_mtiles,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    n_nt = tl.cdiv(H, BN)
-    rm = tl.arange(0, BM)
-    rn = tl.arange(0, BN)
-    rk = tl.arange(0, BK)
-    for tile in range(pid, n_mtiles * n_nt, nprog):
-        mt = tile // n_nt
-        nt = tile % n_nt
-        e = tl.load(TILE_E + mt)
-        if e >= 0:
-            start = tl.load(TILE_S + mt)
-            end = tl.load(OFFS + e + 1)
-            rows = start + rm
-            rmask = rows < end
-            pair = tl.load(ROW_PAIR + rows, mask=rmask, other=0).to(tl.int64)
-            cols = nt * BN + rn
-            cmask = cols < H
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            w_base = W2 + e.to(tl.int64) * H * INTER
-            for k0 in range(0, INTER, BK):
-                kk = k0 + rk
-                kmask = kk < INTER
-                a = tl.load(ACT + rows[:, None].to(tl.int64) * INTER + kk[None, :],
-                            mask=rmask[:, None] & kmask[None, :], other=0.0)
-                b = tl.load(w_base + cols[None, :] * INTER + kk[:, None], mask=cmask[None, :] & kmask[:, None],
-                            other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=PREC)
-            tl.store(Y + pair[:, None] * H + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
 
 
 @FUSED_MOE.impl("triton")
@@ -376,7 +339,9 @@ def fused_moe_forward(out: torch.Tensor, hidden: torch.Tensor, w13: torch.Tensor
     BM2, BN2, BK2 = _gemm_blocks(H, inter)
     if (BM2, BN2) != (BM, BN):
         tile_e, tile_s, n_mtiles = _tile_schedule(offsets, E, BM2, P)
-    _moe_down_kernel[persistent_grid(n_mtiles * triton.cdiv(H, BN2), dev)](
-        act, w2, y, row_pair, tile_e, tile_s, offsets, H, inter, n_mtiles, BM=BM2, BN=BN2, BK=BK2, PREC=prec)
+    # the down projection: the grouped GEMM on act, each row written to its pair's row of y
+    _grouped_gemm_kernel[persistent_grid(n_mtiles * triton.cdiv(H, BN2), dev)](
+        act, w2, y, row_pair, tile_e, tile_s, offsets, act.stride(0), y.stride(0), H, inter, n_mtiles,
+        SCATTER=True, BM=BM2, BN=BN2, BK=BK2, PREC=prec)
     inv = torch.where(valid, torch.arange(P, device=dev), -1).to(torch.int32).view(T, k)
     moe_combine_forward(out, y, topk_weights, inv)

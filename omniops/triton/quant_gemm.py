@@ -22,6 +22,33 @@ from omniops.triton._grid import persistent_grid
 
 
 @triton.jit
+def _out_tile(tile, num_n, M, N, BM: tl.constexpr, BN: tl.constexpr):
+    """Rows and columns of output tile ``tile`` (m-tile-major order) and their in-bounds masks."""
+    rm = (tile // num_n) * BM + tl.arange(0, BM)
+    rn = (tile % num_n) * BN + tl.arange(0, BN)
+    return rm, rn, rm < M, rn < N
+
+
+@triton.jit
+def _k_slice(X, W, rm, rn, mm, mn, k0, K, sxm, swn, BK: tl.constexpr):
+    """The [BM, BK] slice of x and the [BK, BN] slice of w^T (w in nn.Linear layout [N, K]) at k0 (0 outside)."""
+    rk = k0 + tl.arange(0, BK)
+    mk = rk < K
+    a = tl.load(X + rm[:, None].to(tl.int64) * sxm + rk[None, :], mask=mm[:, None] & mk[None, :], other=0)
+    b = tl.load(W + rn[None, :].to(tl.int64) * swn + rk[:, None], mask=mn[None, :] & mk[:, None], other=0)
+    return a, b
+
+
+@triton.jit
+def _store_tile(OUT, acc, B, rm, rn, mm, mn, som, HAS_BIAS: tl.constexpr):
+    """acc [+ bias] rounded once to OUT's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(B + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+    tl.store(OUT + rm[:, None].to(tl.int64) * som + rn[None, :], acc.to(OUT.dtype.element_ty),
+             mask=mm[:, None] & mn[None, :])
+
+
+@triton.jit
 def _w8a8_kernel(X, XS, W, WS, B, OUT, M, N, K, sxm, swn, som,
                  HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -30,28 +57,17 @@ def _w8a8_kernel(X, XS, W, WS, B, OUT, M, N, K, sxm, swn, som,
     num_n = tl.cdiv(N, BN)
     tiles = tl.cdiv(M, BM) * num_n
     for tile in range(pid, tiles, nprog):
-        rm = (tile // num_n) * BM + tl.arange(0, BM)
-        rn = (tile % num_n) * BN + tl.arange(0, BN)
-        mm = rm < M
-        mn = rn < N
+        rm, rn, mm, mn = _out_tile(tile, num_n, M, N, BM, BN)
         acc = tl.zeros((BM, BN), dtype=tl.int32)
         for k0 in range(0, K, BK):
-            rk = k0 + tl.arange(0, BK)
-            mk = rk < K
-            a = tl.load(X + rm[:, None].to(tl.int64) * sxm + rk[None, :], mask=mm[:, None] & mk[None, :], other=0)
-            b = tl.load(W + rn[None, :].to(tl.int64) * swn + rk[:, None], mask=mn[None, :] & mk[:, None], other=0)
+            a, b = _k_slice(X, W, rm, rn, mm, mn, k0, K, sxm, swn, BK)
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-        optr = OUT + rm[:, None].to(tl.int64) * som + rn[None, :]
-        omask = mm[:, None] & mn[None, :]
         if OUT_INT32:
-            tl.store(optr, acc, mask=omask)
+            tl.store(OUT + rm[:, None].to(tl.int64) * som + rn[None, :], acc, mask=mm[:, None] & mn[None, :])
         else:
             xs = tl.load(XS + rm, mask=mm, other=0.0)
             ws = tl.load(WS + rn, mask=mn, other=0.0)
-            y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
-            if HAS_BIAS:
-                y += tl.load(B + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
-            tl.store(optr, y.to(OUT.dtype.element_ty), mask=omask)
+            _store_tile(OUT, acc.to(tl.float32) * xs[:, None] * ws[None, :], B, rm, rn, mm, mn, som, HAS_BIAS)
 
 
 @triton.jit
@@ -65,10 +81,7 @@ def _w4a16_kernel(X, W, S, Z, B, OUT, M, N, K, sxm, som, G,
     ng = K // G
     half_k = K // 2
     for tile in range(pid, tiles, nprog):
-        rm = (tile // num_n) * BM + tl.arange(0, BM)
-        rn = (tile % num_n) * BN + tl.arange(0, BN)
-        mm = rm < M
-        mn = rn < N
+        rm, rn, mm, mn = _out_tile(tile, num_n, M, N, BM, BN)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):  # K % G == 0 and BK divides G: no K mask, one scale per slice
             rk = k0 + tl.arange(0, BK)
@@ -86,10 +99,7 @@ def _w4a16_kernel(X, W, S, Z, B, OUT, M, N, K, sxm, som, G,
                 acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
             else:
                 acc += tl.dot(a, w.to(a.dtype))
-        if HAS_BIAS:
-            acc += tl.load(B + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
-        tl.store(OUT + rm[:, None].to(tl.int64) * som + rn[None, :], acc.to(OUT.dtype.element_ty),
-                 mask=mm[:, None] & mn[None, :])
+        _store_tile(OUT, acc, B, rm, rn, mm, mn, som, HAS_BIAS)
 
 
 @triton.jit
@@ -112,16 +122,10 @@ def _fp8_block_kernel(X, XS, W, WS, B, OUT, M, N, K, sxm, swn, som, KB,
     num_n = tl.cdiv(N, BN)
     tiles = tl.cdiv(M, BM) * num_n
     for tile in range(pid, tiles, nprog):
-        rm = (tile // num_n) * BM + tl.arange(0, BM)
-        rn = (tile % num_n) * BN + tl.arange(0, BN)
-        mm = rm < M
-        mn = rn < N
+        rm, rn, mm, mn = _out_tile(tile, num_n, M, N, BM, BN)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):  # BK == 128: one x scale per row and one w scale per column
-            rk = k0 + tl.arange(0, BK)
-            mk = rk < K
-            a = tl.load(X + rm[:, None].to(tl.int64) * sxm + rk[None, :], mask=mm[:, None] & mk[None, :], other=0)
-            b = tl.load(W + rn[None, :].to(tl.int64) * swn + rk[:, None], mask=mn[None, :] & mk[:, None], other=0)
+            a, b = _k_slice(X, W, rm, rn, mm, mn, k0, K, sxm, swn, BK)
             if NATIVE_FP8:
                 part = tl.dot(a, b)
             else:
@@ -130,10 +134,7 @@ def _fp8_block_kernel(X, XS, W, WS, B, OUT, M, N, K, sxm, swn, som, KB,
             xs = tl.load(XS + rm.to(tl.int64) * KB + kb, mask=mm, other=0.0)
             ws = tl.load(WS + (rn // 128).to(tl.int64) * KB + kb, mask=mn, other=0.0)
             acc += part * xs[:, None] * ws[None, :]
-        if HAS_BIAS:
-            acc += tl.load(B + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
-        tl.store(OUT + rm[:, None].to(tl.int64) * som + rn[None, :], acc.to(OUT.dtype.element_ty),
-                 mask=mm[:, None] & mn[None, :])
+        _store_tile(OUT, acc, B, rm, rn, mm, mn, som, HAS_BIAS)
 
 
 def _bm(m: int) -> int:
