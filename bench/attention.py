@@ -7,7 +7,6 @@ Bytes = the KV cache the op must read (the decode roofline). Peers in the same r
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from omniops.bench._ops import DTYPES, with_backend
 from omniops.bench.common import BenchOptions
 from omniops.bench.peers import vllm_op
-from omniops.bench.report import Case, compiled, plot_rows, run_cases
+from omniops.bench.report import Case, compiled, run_routine
 from rich.console import Console
 
 import omniops
@@ -166,12 +165,7 @@ def run(opts: BenchOptions, console: Console) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         console.print("[yellow]TRITON_INTERPRET=1: the triton backend is not timed on CPU")
-    stack = contextlib.ExitStack()
-    with stack:
-        rows = run_cases("paged attention", cases(opts, device), opts, console)
-    if opts.plot_path(NAME):
-        plot_rows(rows, opts.plot_path(NAME), "paged attention")
-    return rows
+    return run_routine(NAME, "paged attention", cases(opts, device), opts, console)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 from omniops.bench._ops import with_backend
 from omniops.bench.common import BenchOptions
 from omniops.bench.peers import vllm_op
-from omniops.bench.report import Case, plot_rows, run_cases
+from omniops.bench.report import Case, run_routine
 from rich.console import Console
 
 import omniops
@@ -93,6 +93,16 @@ def cases(opts: BenchOptions) -> list[Case]:
     return out
 
 
+def _quantized_linear_impls(c: Case, backends: list[str], gemm, linear, quantize, x_q, x_s, xb, w_q, w_scale) -> None:
+    """omni's three roads to a quantized linear: the GEMM on x quantized beforehand, quantize + GEMM timed together,
+    and the fused linear (quantization inside the call)."""
+    bf16 = torch.bfloat16
+    for b in backends:
+        c.impls[f"omni[{b}]"] = with_backend(b, lambda: gemm(x_q, x_s, w_q, w_scale, out_dtype=bf16))
+        c.impls[f"omni[{b}]+quant"] = with_backend(b, lambda: gemm(*quantize(xb), w_q, w_scale, out_dtype=bf16))
+        c.impls[f"omni[{b}] fused"] = with_backend(b, lambda: linear(xb, w_q, w_scale, out_dtype=bf16))
+
+
 def _cases_nk(n: int, k: int, ms: list[int], backends: list[str], device: str) -> list[Case]:
     out: list[Case] = []
     w = torch.randn(n, k, device=device) * 0.02
@@ -120,13 +130,8 @@ def _cases_nk(n: int, k: int, ms: list[int], backends: list[str], device: str) -
             c.impls["vllm"] = lambda v8=v8, xb=xb: v8(xb)
         if device == "cuda":
             c.impls["torch._int_mm"] = lambda x_q=x_q: torch._int_mm(x_q, q8.qweight.t())
-        for b in backends:
-            c.impls[f"omni[{b}]"] = with_backend(b, lambda x_q=x_q, x_s=x_s: omniops.w8a8_gemm(
-                x_q, x_s, q8.qweight, q8.scale, out_dtype=torch.bfloat16))
-            c.impls[f"omni[{b}]+quant"] = with_backend(b, lambda xb=xb: omniops.w8a8_gemm(
-                *quantize_activation_per_token_int8(xb), q8.qweight, q8.scale, out_dtype=torch.bfloat16))
-            c.impls[f"omni[{b}] fused"] = with_backend(b, lambda xb=xb: omniops.w8a8_linear(
-                xb, q8.qweight, q8.scale, out_dtype=torch.bfloat16))
+        _quantized_linear_impls(c, backends, omniops.w8a8_gemm, omniops.w8a8_linear,
+                                quantize_activation_per_token_int8, x_q, x_s, xb, q8.qweight, q8.scale)
         out.append(c)
 
         c = Case("w4a16 g128", shape, "int4", n * k // 2 + 4 * n * k // 128, flops=flops, device=device)
@@ -147,20 +152,12 @@ def _cases_nk(n: int, k: int, ms: list[int], backends: list[str], device: str) -
             ones_m, ones_n = torch.ones(m, 1, device=device), torch.ones(1, n, device=device)
             c.impls["torch._scaled_mm rowwise"] = lambda xr=xr, wr=wr, a=ones_m, b=ones_n: torch._scaled_mm(
                 xr, wr.t(), scale_a=a, scale_b=b, out_dtype=torch.bfloat16)
-        for b in backends:
-            c.impls[f"omni[{b}]"] = with_backend(b, lambda xf_q=xf_q, xf_s=xf_s: omniops.fp8_block_gemm(
-                xf_q, xf_s, qf.qweight, qf.scale, out_dtype=torch.bfloat16))
-            c.impls[f"omni[{b}]+quant"] = with_backend(b, lambda xb=xb: omniops.fp8_block_gemm(
-                *quantize_activation_fp8_group(xb), qf.qweight, qf.scale, out_dtype=torch.bfloat16))
-            c.impls[f"omni[{b}] fused"] = with_backend(b, lambda xb=xb: omniops.fp8_block_linear(
-                xb, qf.qweight, qf.scale, out_dtype=torch.bfloat16))
+        _quantized_linear_impls(c, backends, omniops.fp8_block_gemm, omniops.fp8_block_linear,
+                                quantize_activation_fp8_group, xf_q, xf_s, xb, qf.qweight, qf.scale)
         out.append(c)
     return out
 
 
 def run(opts: BenchOptions, console: Console) -> list[dict]:
-    rows = run_cases("quantized GEMM (GB/s = weight bytes read; TFLOP/s = TOP/s for int8)", cases(opts), opts,
-                     console)
-    if opts.plot_path(NAME):
-        plot_rows(rows, opts.plot_path(NAME), "quantized GEMM: weight-read GB/s")
-    return rows
+    return run_routine(NAME, "quantized GEMM (GB/s = weight bytes read; TFLOP/s = TOP/s for int8)", cases(opts),
+                       opts, console, "quantized GEMM: weight-read GB/s")

@@ -6,7 +6,7 @@ import torch
 from omniops.bench._ops import DTYPES, our_backends, tokens_preset, with_backend
 from omniops.bench.common import BenchOptions
 from omniops.bench.peers import vllm_op
-from omniops.bench.report import Case, compiled, plot_rows, run_cases
+from omniops.bench.report import Case, compiled, run_routine
 from rich.console import Console
 
 import omniops
@@ -48,7 +48,4 @@ def cases(opts: BenchOptions) -> list[Case]:
 
 
 def run(opts: BenchOptions, console: Console) -> list[dict]:
-    rows = run_cases("rms_norm (hidden 7168)", cases(opts), opts, console)
-    if opts.plot_path(NAME):
-        plot_rows(rows, opts.plot_path(NAME), "rms_norm")
-    return rows
+    return run_routine(NAME, "rms_norm (hidden 7168)", cases(opts), opts, console, "rms_norm")

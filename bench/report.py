@@ -65,6 +65,16 @@ def run_cases(title: str, cases: list[Case], opts: BenchOptions, console: Consol
     return rows
 
 
+def run_routine(name: str, title: str, cases: list[Case], opts: BenchOptions, console: Console,
+                plot_title: str | None = None) -> list[dict]:
+    """A routine's whole run: time ``cases`` (``run_cases``), draw ``--plot`` to ``opts.plot_path(name)``."""
+    rows = run_cases(title, cases, opts, console)
+    path = opts.plot_path(name)
+    if path:
+        plot_rows(rows, path, plot_title or title)
+    return rows
+
+
 def _fmt(v: float | None, spec: str) -> str:
     return "" if v is None else format(v, spec)
 

@@ -21,7 +21,15 @@ from typing import Any
 
 import torch
 from omniops.graph_passes.config import PassConfig
-from omniops.graph_passes.fx_utils import getitem_index, is_call, meta_val, softmax_input, splice, strip_casts
+from omniops.graph_passes.fx_utils import (
+    broadcast_copy,
+    getitem_index,
+    is_call,
+    meta_val,
+    softmax_input,
+    splice,
+    strip_casts,
+)
 from omniops.graph_passes.report import PassReport
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
@@ -61,16 +69,10 @@ def _unflatten_batch(n: Any) -> Any:
 def _repeat_kv_base(n: Any) -> Any:
     """``k`` [B, Hk, L, D] for HF's ``repeat_kv(k, r) = k[:, :, None].expand(B, Hk, r, L, D).reshape(B, Hk*r, L, D)``
     (head h of the result is kv head h // r, gqa_attention's grouping), else ``n`` itself."""
-    if not is_call(n, *_VIEWS):
+    copy = broadcast_copy(n, _VIEWS)
+    if copy is None or copy[0].args[1] != 2:
         return n
-    e = n.args[0]
-    if is_call(e, aten.clone.default):
-        e = e.args[0]
-    if not is_call(e, aten.expand.default):
-        return n
-    u = e.args[0]
-    if not (is_call(u, aten.unsqueeze.default) and u.args[1] == 2):
-        return n
+    u, e = copy
     k, kv, nv = u.args[0], meta_val(u.args[0]), meta_val(n)
     if kv is None or nv is None or kv.dim() != 4 or nv.dim() != 4:
         return n

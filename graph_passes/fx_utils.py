@@ -48,6 +48,19 @@ def getitem_index(n: torch.fx.Node) -> int:
     return n.args[1] if is_call(n, operator.getitem) else -1
 
 
+def broadcast_copy(n: Any, views: tuple[Any, ...]) -> tuple[Any, Any] | None:
+    """``(unsqueeze node, expand node)`` for ``n = view(expand(unsqueeze(x, d)))`` (a clone between allowed): the
+    copy-by-broadcast form HF's repeat_kv and Inductor's cat([f, f]) take in the graph; else None."""
+    if not is_call(n, *views):
+        return None
+    e = n.args[0]
+    if is_call(e, aten.clone.default):
+        e = e.args[0]
+    if not is_call(e, aten.expand.default) or not is_call(e.args[0], aten.unsqueeze.default):
+        return None
+    return e.args[0], e
+
+
 def softmax_input(p: Any) -> Any:
     """The logits of ``p = softmax(logits, -1)`` (decomposed or not), else None."""
     if is_call(p, aten._softmax.default) and p.args[1] in (-1, len(p.meta["val"].shape) - 1):

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from omniops.graph_passes.config import PassConfig
-from omniops.graph_passes.fx_utils import is_call, meta_val, size_hint, splice
+from omniops.graph_passes.fx_utils import broadcast_copy, is_call, meta_val, size_hint, splice
 from omniops.graph_passes.patterns import DTYPES
 from omniops.graph_passes.report import PassReport
 
@@ -99,16 +99,12 @@ def _halves_equal_source(n: Any) -> bool:
         return (len(parts) == 2 and parts[0] is parts[1] and _dim_is(n.args[1] if len(n.args) > 1 else 0,
                                                                       v.dim(), v.dim() - 1))
     # Inductor's form of cat([f, f], -1): expand(unsqueeze(f, -2), [..., 2, D/2]) (+ clone), reshape [..., D]
-    if not is_call(n, aten.reshape.default, aten.view.default):
+    copy = broadcast_copy(n, (aten.reshape.default, aten.view.default))
+    if copy is None:
         return False
-    e = n.args[0]
-    if is_call(e, aten.clone.default):
-        e = e.args[0]
-    if not is_call(e, aten.expand.default):
-        return False
-    u = e.args[0]
+    u, e = copy
     uv, ev = meta_val(u), meta_val(e)
-    if not is_call(u, aten.unsqueeze.default) or uv is None or ev is None:
+    if uv is None or ev is None:
         return False
     f = meta_val(u.args[0])
     nd = f.dim() if f is not None else -1

@@ -30,6 +30,22 @@ def check_like(name: str, t: Tensor, ref_name: str, r: Tensor) -> None:
         raise ArgumentError(str(e)) from None
 
 
+def check_keys_values(k_name: str, k: Tensor, v_name: str, v: Tensor, dim: int, q: Tensor, q_name: str = "q") -> None:
+    """Keys and values (or their caches): ``dim``-D tensors with q's dtype and device."""
+    check_tensor(k_name, k, dim=dim)
+    check_tensor(v_name, v, dim=dim)
+    check_like(k_name, k, q_name, q)
+    check_like(v_name, v, q_name, q)
+
+
+def check_heads(q_heads: int, kv_heads: int, where: str, head_dim: int, v_dim: int) -> None:
+    """GQA grouping (q heads a multiple of the kv heads, ``where`` those are) and non-empty head dims."""
+    if kv_heads <= 0 or q_heads % kv_heads:
+        raise ValueError(f"q: q_heads={q_heads} must be a multiple of kv_heads={kv_heads} ({where})")
+    if head_dim <= 0 or v_dim <= 0:
+        raise ValueError(f"q: head dims must be > 0, got head_dim={head_dim}, v_dim={v_dim}")
+
+
 def check_dims(name: str, t: Tensor, expected: tuple[int | None, ...], what: str) -> None:
     """``t``'s shape is ``expected`` (None: any size there)."""
     if t.dim() != len(expected) or any(e is not None and s != e for s, e in zip(t.shape, expected, strict=False)):

@@ -31,7 +31,9 @@ from omniops.ops._attention_checks import (
     CPU_MAX_PREFILL_DIM,
     check_cu_values,
     check_dims,
+    check_heads,
     check_index,
+    check_keys_values,
     check_like,
     check_table_values,
     check_tables,
@@ -58,18 +60,12 @@ GQA_DECODE = OpFamily(
 def _validate_gqa_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
                          soft_cap: float | None, window: int | None) -> None:
     check_tensor("q", q, dtypes=FLOAT_DTYPES, dim=3)
-    check_tensor("k_cache", k_cache, dim=4)
-    check_tensor("v_cache", v_cache, dim=4)
-    check_like("k_cache", k_cache, "q", q)
-    check_like("v_cache", v_cache, "q", q)
+    check_keys_values("k_cache", k_cache, "v_cache", v_cache, 4, q)
     B, hq, d = q.shape
     nb, bs, hkv = k_cache.shape[:3]
     check_dims("k_cache", k_cache, (None, None, None, d), "num_blocks, block_size, kv_heads, head_dim of q")
     check_dims("v_cache", v_cache, (nb, bs, hkv, None), "num_blocks, block_size, kv_heads as k_cache")
-    if hkv <= 0 or hq % hkv:
-        raise ValueError(f"q: q_heads={hq} must be a multiple of kv_heads={hkv} (k_cache dim 2)")
-    if d <= 0 or v_cache.shape[-1] <= 0:
-        raise ValueError(f"q: head dims must be > 0, got head_dim={d}, v_dim={v_cache.shape[-1]}")
+    check_heads(hq, hkv, "k_cache dim 2", d, v_cache.shape[-1])
     check_tables(q, block_table, seq_lens, "seq_lens", B, bs)
     if soft_cap is not None and (not isinstance(soft_cap, (int, float)) or not math.isfinite(soft_cap)
                                  or soft_cap < 0):
@@ -209,18 +205,12 @@ GQA_PREFILL = OpFamily("gqa_prefill", _gqa_prefill_reference, supports={"cpu": _
 def _validate_gqa_prefill(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, k_cache: Tensor | None,
                           v_cache: Tensor | None, block_table: Tensor | None, context_lens: Tensor | None) -> None:
     check_tensor("q", q, dtypes=FLOAT_DTYPES, dim=3)
-    check_tensor("k", k, dim=3)
-    check_tensor("v", v, dim=3)
-    check_like("k", k, "q", q)
-    check_like("v", v, "q", q)
+    check_keys_values("k", k, "v", v, 3, q)
     T, hq, d = q.shape
     hkv = k.shape[1]
     check_dims("k", k, (T, None, d), "tokens, kv_heads, head_dim of q")
     check_dims("v", v, (T, hkv, None), "tokens, kv_heads as k")
-    if hkv <= 0 or hq % hkv:
-        raise ValueError(f"q: q_heads={hq} must be a multiple of kv_heads={hkv} (k dim 1)")
-    if d <= 0 or v.shape[-1] <= 0:
-        raise ValueError(f"q: head dims must be > 0, got head_dim={d}, v_dim={v.shape[-1]}")
+    check_heads(hq, hkv, "k dim 1", d, v.shape[-1])
     check_index("cu_seqlens", cu_seqlens, 1, q)
     if cu_seqlens.shape[0] < 1:
         raise ValueError("cu_seqlens: expected [batch + 1] offsets, got an empty tensor")
@@ -228,10 +218,7 @@ def _validate_gqa_prefill(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, k
     if any(given) and not all(given):
         raise ValueError("k_cache, v_cache, block_table, context_lens: pass all four (paged prefix) or none")
     if all(given):
-        check_tensor("k_cache", k_cache, dim=4)
-        check_tensor("v_cache", v_cache, dim=4)
-        check_like("k_cache", k_cache, "q", q)
-        check_like("v_cache", v_cache, "q", q)
+        check_keys_values("k_cache", k_cache, "v_cache", v_cache, 4, q)
         nb, bs = k_cache.shape[:2]
         check_dims("k_cache", k_cache, (None, None, hkv, d), "num_blocks, block_size, kv_heads, head_dim as k")
         check_dims("v_cache", v_cache, (nb, bs, hkv, v.shape[-1]), "as k_cache, v_dim of v")

@@ -18,7 +18,8 @@ from omniops.ops._attention_checks import (
     CPU_MAX_DECODE_DIM,
     CPU_MAX_PREFILL_DIM,
     check_dims,
-    check_like,
+    check_heads,
+    check_keys_values,
     resolve_scale,
 )
 from omniops.ops._layout import inner_contiguous
@@ -66,18 +67,12 @@ def _mask_4d(attn_mask: Tensor, B: int, hq: int, S: int, L: int) -> Tensor:
 
 def _validate_gqa_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, causal: bool) -> None:
     check_tensor("q", q, dtypes=FLOAT_DTYPES, dim=4)
-    check_tensor("k", k, dim=4)
-    check_tensor("v", v, dim=4)
-    check_like("k", k, "q", q)
-    check_like("v", v, "q", q)
+    check_keys_values("k", k, "v", v, 4, q)
     B, hq, S, d = q.shape
     hk, L = k.shape[1], k.shape[2]
     check_dims("k", k, (B, None, None, d), "batch of q, kv_heads, kv_len, head_dim of q")
     check_dims("v", v, (B, hk, L, None), "batch, kv_heads, kv_len as k")
-    if hk <= 0 or hq % hk:
-        raise ValueError(f"q: q_heads={hq} (dim 1) must be a multiple of kv_heads={hk} (k dim 1)")
-    if d <= 0 or v.shape[-1] <= 0:
-        raise ValueError(f"q: head dims must be > 0, got head_dim={d}, v_dim={v.shape[-1]}")
+    check_heads(hq, hk, "k dim 1", d, v.shape[-1])
     if S > L:
         raise ValueError(f"q: query length {S} (dim 2) exceeds the key length {L} (k dim 2); the keys include the "
                          "queries' own positions (KV-cache attention)")

@@ -17,6 +17,7 @@ from omniops._validation import FLOAT_DTYPES, check_tensor
 from omniops.ops._attention_checks import (
     check_dims,
     check_index,
+    check_keys_values,
     check_like,
     check_slot_values,
     cpu_cache_reason,
@@ -44,11 +45,8 @@ def _validate_reshape_and_cache(key: Tensor, value: Tensor, k_cache: Tensor, v_c
                                 slot_mapping: Tensor) -> None:
     check_tensor("key", key, dtypes=FLOAT_DTYPES, dim=3)
     check_tensor("value", value, dim=3)
-    check_tensor("k_cache", k_cache, dim=4)
-    check_tensor("v_cache", v_cache, dim=4)
     check_like("value", value, "key", key)
-    check_like("k_cache", k_cache, "key", key)
-    check_like("v_cache", v_cache, "key", key)
+    check_keys_values("k_cache", k_cache, "v_cache", v_cache, 4, key, "key")
     T, h, d = key.shape
     check_dims("value", value, (T, h, None), "tokens, kv_heads as key")
     check_dims("k_cache", k_cache, (None, None, h, d), "num_blocks, block_size, kv_heads, head_dim of key")

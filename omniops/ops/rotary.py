@@ -151,15 +151,8 @@ def _rotary_inplace_op(positions: Tensor, q: Tensor, k: Tensor | None, cos_sin_c
         _run(positions, q, k, cos_sin_cache, head_size, rotary_dim, is_neox, q, k)
 
 
-def rotary_embedding(
-    positions: Tensor,
-    q: Tensor,
-    k: Tensor | None,
-    cos_sin_cache: Tensor,
-    head_size: int,
-    rotary_dim: int | None = None,
-    is_neox: bool = True,
-) -> tuple[Tensor, Tensor | None]:
+def rotary_embedding(positions: Tensor, q: Tensor, k: Tensor | None, cos_sin_cache: Tensor, head_size: int,
+                     rotary_dim: int | None = None, is_neox: bool = True) -> tuple[Tensor, Tensor | None]:
     """Apply rotary embedding to q and k; returns new ``(q, k)`` (k None if k is None).
 
     ``rotary_dim`` defaults to ``cos_sin_cache.shape[1]``. Math in fp32, one rounding per element.
@@ -169,15 +162,8 @@ def rotary_embedding(
     return qo, (ko if k is not None else None)
 
 
-def rotary_embedding_(
-    positions: Tensor,
-    q: Tensor,
-    k: Tensor | None,
-    cos_sin_cache: Tensor,
-    head_size: int,
-    rotary_dim: int | None = None,
-    is_neox: bool = True,
-) -> tuple[Tensor, Tensor | None]:
+def rotary_embedding_(positions: Tensor, q: Tensor, k: Tensor | None, cos_sin_cache: Tensor, head_size: int,
+                      rotary_dim: int | None = None, is_neox: bool = True) -> tuple[Tensor, Tensor | None]:
     """In-place rotary embedding (vLLM's ``rotary_embedding`` op). Returns ``(q, k)``."""
     rd = cos_sin_cache.shape[-1] if rotary_dim is None else rotary_dim
     call(_rotary_inplace_op, positions, q, k, cos_sin_cache, head_size, rd, is_neox)

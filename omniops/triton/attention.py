@@ -32,6 +32,21 @@ def _scores(q, k, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _paged_slots(TABLE, b, table_s, pos, pmask, block_size):
+    """Where key positions ``pos`` of sequence b live in the paged cache: (block, offset), block 0 where masked."""
+    blk = tl.load(TABLE + b * table_s + pos // block_size, mask=pmask, other=0).to(tl.int64)
+    return blk, pos % block_size
+
+
+@triton.jit
+def _cache_rows(C, blk, off, block_stride, token_stride, base, cols, ncols, pmask):
+    """Cache rows at (block, offset), from element ``base`` of a row (a head's offset) on, columns ``cols < ncols``;
+    0 where masked."""
+    return tl.load(C + blk[:, None] * block_stride + off[:, None] * token_stride + base + cols[None, :],
+                   mask=pmask[:, None] & (cols[None, :] < ncols), other=0.0)
+
+
+@triton.jit
 def _softmax_update(s, valid, v, m_i, l_i, acc, IEEE: tl.constexpr):
     """One online-softmax step over a score tile s [R, N] (``valid``: the scores that count) and its value rows
     v [N, Dv]: returns the new running max, sum and fp32 accumulator."""
@@ -81,12 +96,9 @@ def _gqa_decode_kernel(
         for start in range(lo, hi, BLOCK_N):
             pos = start + n
             pmask = pos < hi
-            blk = tl.load(TABLE + b * table_s + pos // block_size, mask=pmask, other=0).to(tl.int64)
-            off = pos % block_size
-            k = tl.load(KC + blk[:, None] * k_bs + off[:, None] * k_ts + kvh * k_hs + d[None, :],
-                        mask=pmask[:, None] & (d[None, :] < head_dim), other=0.0)
-            v = tl.load(VC + blk[:, None] * v_bs + off[:, None] * v_ts + kvh * v_hs + dv[None, :],
-                        mask=pmask[:, None] & (dv[None, :] < v_dim), other=0.0)
+            blk, off = _paged_slots(TABLE, b, table_s, pos, pmask, block_size)
+            k = _cache_rows(KC, blk, off, k_bs, k_ts, kvh * k_hs, d, head_dim, pmask)
+            v = _cache_rows(VC, blk, off, v_bs, v_ts, kvh * v_hs, dv, v_dim, pmask)
             s = _scores(q, k, IEEE) * scale
             if HAS_CAP:
                 s = soft_cap * (1.0 - 2.0 / (tl.exp(2.0 * s / soft_cap) + 1.0))
@@ -131,10 +143,9 @@ def _mla_decode_kernel(
         for start in range(lo, hi, BLOCK_N):
             pos = start + n
             pmask = pos < hi
-            blk = tl.load(TABLE + b * table_s + pos // block_size, mask=pmask, other=0).to(tl.int64)
-            rows = KV + blk[:, None] * kv_bs + (pos % block_size)[:, None] * kv_ts
-            kn = tl.load(rows + dv[None, :], mask=pmask[:, None] & (dv[None, :] < v_dim), other=0.0)
-            kp = tl.load(rows + v_dim + dr[None, :], mask=pmask[:, None] & (dr[None, :] < rope_dim), other=0.0)
+            blk, off = _paged_slots(TABLE, b, table_s, pos, pmask, block_size)
+            kn = _cache_rows(KV, blk, off, kv_bs, kv_ts, 0, dv, v_dim, pmask)
+            kp = _cache_rows(KV, blk, off, kv_bs, kv_ts, v_dim, dr, rope_dim, pmask)
             s = _scores(q_nope, kn, IEEE) + _scores(q_pe, kp, IEEE)
             m_i, l_i, acc = _softmax_update(s * scale, hmask[:, None] & pmask[None, :], kn, m_i, l_i, acc, IEEE)
         row = (b * num_splits + s_idx) * heads_total + heads
@@ -283,12 +294,9 @@ def _prefill_kernel(
                 for start in range(0, ctx, BLOCK_N):
                     pos = start + n
                     pmask = pos < ctx
-                    blk = tl.load(TABLE + b * table_s + pos // block_size, mask=pmask, other=0).to(tl.int64)
-                    off = pos % block_size
-                    k = tl.load(KC + blk[:, None] * kc_bs + off[:, None] * kc_ts + kvh * kc_hs + d[None, :],
-                                mask=pmask[:, None] & dmask[None, :], other=0.0)
-                    v = tl.load(VC + blk[:, None] * vc_bs + off[:, None] * vc_ts + kvh * vc_hs + dv[None, :],
-                                mask=pmask[:, None] & dvmask[None, :], other=0.0)
+                    blk, off = _paged_slots(TABLE, b, table_s, pos, pmask, block_size)
+                    k = _cache_rows(KC, blk, off, kc_bs, kc_ts, kvh * kc_hs, d, head_dim, pmask)
+                    v = _cache_rows(VC, blk, off, vc_bs, vc_ts, kvh * vc_hs, dv, v_dim, pmask)
                     s = _scores(q, k, IEEE) * scale
                     m_i, l_i, acc = _softmax_update(s, jmask[:, None] & pmask[None, :], v, m_i, l_i, acc, IEEE)
             hi = seq_len

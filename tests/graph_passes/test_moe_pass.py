@@ -17,33 +17,31 @@ pytestmark = pytest.mark.compile
 E, H = 16, 32  # DeepSeek-V3 block: routed experts, hidden size
 
 
-def _qwen_moe_block(norm_topk_prob=True):
-    from transformers import Qwen3MoeConfig
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
-
-    cfg = Qwen3MoeConfig(hidden_size=32, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
-                         norm_topk_prob=norm_topk_prob)
+def _hf_block(block_cls, cfg):
+    """An HF MoE block on its grouped_mm experts, weights ~ N(0, 0.1) from seed 0."""
     cfg._experts_implementation = "grouped_mm"
     torch.manual_seed(0)
-    m = Qwen3MoeSparseMoeBlock(cfg).eval()
+    m = block_cls(cfg).eval()
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.1)
     return m
+
+
+def _qwen_moe_block(norm_topk_prob=True):
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    return _hf_block(Qwen3MoeSparseMoeBlock, Qwen3MoeConfig(hidden_size=32, moe_intermediate_size=16, num_experts=8,
+                                                            num_experts_per_tok=2, norm_topk_prob=norm_topk_prob))
 
 
 def _mixtral_moe_block():
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-    cfg = MixtralConfig(hidden_size=32, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2)
-    cfg._experts_implementation = "grouped_mm"
-    torch.manual_seed(0)
-    m = MixtralSparseMoeBlock(cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.1)
-    return m
+    return _hf_block(MixtralSparseMoeBlock, MixtralConfig(hidden_size=32, intermediate_size=16, num_local_experts=8,
+                                                          num_experts_per_tok=2))
 
 
 @pytest.mark.parametrize("block", ["qwen3_moe", "qwen3_moe_no_renorm", "mixtral"])
@@ -63,14 +61,10 @@ def test_deepseek_v3_moe_block_route_and_experts(monkeypatch):
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
-    cfg = DeepseekV3Config(hidden_size=H, moe_intermediate_size=16, n_routed_experts=E, num_experts_per_tok=4,
-                           n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5)
-    cfg._experts_implementation = "grouped_mm"
-    torch.manual_seed(0)
-    m = DeepseekV3MoE(cfg).eval()
+    m = _hf_block(DeepseekV3MoE, DeepseekV3Config(hidden_size=H, moe_intermediate_size=16, n_routed_experts=E,
+                                                  num_experts_per_tok=4, n_group=4, topk_group=2, n_shared_experts=1,
+                                                  routed_scaling_factor=2.5))
     with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.1)
         m.gate.e_score_correction_bias.uniform_(-0.1, 0.1)
 
     ids_dtypes = []
