@@ -1,7 +1,9 @@
 """omniops: operators and graph passes for serving large Mixture-of-Experts LLMs.
 
 Ops are ``torch.library`` custom ops in the ``omni`` namespace with three backends (``reference`` pure torch,
-``cpu`` the AscendC-style C++ kernels in ``omniops._C``, ``triton``); see ``use_backend``.
+``cpu`` the AscendC-style C++ kernels in ``omniops._C``, ``triton``); see ``use_backend``. The rest of the API are
+helpers (plain functions, no backend): ``quantize_*`` / ``dequantize_weight``, ``prepack_*``, ``cpu_info``,
+``available_backends``, and the ``QuantLinear`` / ``MoEDispatch`` types.
 """
 
 from __future__ import annotations

@@ -122,7 +122,8 @@ def quantize_activation_per_token_int8(x: Tensor) -> tuple[Tensor, Tensor]:
     ``x ~= x_q * x_scale`` and ``x_scale = amax(|x|, -1) / 127`` (0 for an all-zero row).
 
     Eager CPU float32/16/bf16 tensors take one fused C++ pass (``omniops._C.quantize_per_token_int8``, same
-    arithmetic); otherwise (GPU, tracing, other dtypes) the torch ops below run.
+    arithmetic); otherwise (GPU, tracing, other dtypes) the torch ops below run. A helper, not an omni op: there is
+    no backend to choose (``use_backend`` does not apply); ``w8a8_linear`` quantizes inside the op instead.
     """
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1:
         raise TypeError("x: expected a floating-point tensor with at least 1 dimension")
