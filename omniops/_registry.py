@@ -2,7 +2,7 @@
 
 ``omni_op`` defines ``omni::<name>`` (schema inferred from the function's type hints, as ``custom_op`` does)
 with the function as its kernel for every device and a fake impl, so Dynamo traces it as one node and
-``torch.library.opcheck`` can test it. The function picks its backend itself (``OpFamily``).
+``torch.library.opcheck`` can test it. The function picks its backend itself (``omniops._family.OpFamily``).
 
 Why ``Library.define`` + a ``CompositeExplicitAutograd`` kernel rather than ``torch.library.custom_op``: the
 ops are for inference, and custom_op's autograd / version-counter wrapper costs 15-40 us per call through the
