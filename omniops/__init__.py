@@ -12,8 +12,8 @@ from omniops._backends import BACKENDS, BackendError, available_backends, use_ba
 from omniops._cpu import cpu_info
 from omniops.ops.activation import silu_and_mul
 from omniops.ops.attention import gqa_decode, gqa_prefill, mla_decode
+from omniops.ops.cache_ops import mla_cache, reshape_and_cache
 from omniops.ops.gqa_attention import gqa_attention
-from omniops.ops.kv_cache import mla_cache, reshape_and_cache
 from omniops.ops.moe import MoEDispatch, fused_moe, grouped_gemm, moe_combine, moe_dispatch, moe_route
 from omniops.ops.norm import rms_norm, rms_norm_
 from omniops.ops.prepack import prepack_linear_weight, prepack_moe_weights

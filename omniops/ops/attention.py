@@ -1,7 +1,7 @@
 """Attention over a paged KV cache: GQA and weight-absorbed MLA decode, varlen prefill with a paged prefix.
 
 Public API: ``gqa_decode``, ``mla_decode``, ``gqa_prefill``; custom ops ``omni::<name>``. The cache writers are
-in ``omniops/ops/kv_cache.py``, attention over contiguous K/V in ``omniops/ops/gqa_attention.py``.
+in ``omniops/ops/cache_ops.py``, attention over contiguous K/V in ``omniops/ops/gqa_attention.py``.
 Kernels: ``ascendc/kernels/attention/`` (cpu), ``omniops/triton/attention.py``; oracle
 ``omniops/reference/attention.py``.
 

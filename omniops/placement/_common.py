@@ -86,6 +86,26 @@ def phy2log_problem(p: np.ndarray, num_experts: int, name: str = "phy2log") -> s
     return None
 
 
+def expert_nodes(p2l: np.ndarray, num_experts: int, num_groups: int, num_nodes: int, num_gpus: int) -> np.ndarray:
+    """[L, E] node of each expert's group in a hierarchical placement, checking that every group sits on one node
+    (ValueError naming phy2log otherwise)."""
+    num_layers, num_slots = p2l.shape
+    if num_experts % num_groups:
+        raise ValueError(f"num_groups: {num_experts} experts do not split into {num_groups} equal groups")
+    slot_node = np.arange(num_slots) // (num_slots // num_nodes)
+    group = p2l // (num_experts // num_groups)
+    lo = np.full((num_layers, num_groups), num_nodes)
+    hi = np.full((num_layers, num_groups), -1)
+    rows = np.broadcast_to(np.arange(num_layers)[:, None], p2l.shape)
+    np.minimum.at(lo, (rows, group), np.broadcast_to(slot_node, p2l.shape))
+    np.maximum.at(hi, (rows, group), np.broadcast_to(slot_node, p2l.shape))
+    bad = np.argwhere(lo != hi)
+    if len(bad):
+        layer, g = bad[0]
+        raise ValueError(f"phy2log: group {g} of layer {layer} spans several nodes; not a hierarchical placement")
+    return np.repeat(lo, num_experts // num_groups, axis=1)
+
+
 def logical_counts(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
     """[L, E] number of physical copies of each logical expert."""
     num_layers = phy2log.shape[0]

@@ -24,7 +24,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from omniops.placement._common import ArrayLike, check_int, check_phy2log, check_weight, logical_counts, replicate
+from omniops.placement._common import (
+    ArrayLike,
+    check_int,
+    check_phy2log,
+    check_weight,
+    expert_nodes,
+    logical_counts,
+    replicate,
+)
 
 _SWAP_GPUS = 8  # swap partners: copies on this many of the lightest GPUs
 _RETARGET_SLOTS = 8  # candidate donor slots (copies of multi-copy experts on the coolest GPUs)
@@ -35,25 +43,6 @@ _PHASE_A_TRIES = 8  # short experts tried per replication step, hottest first
 # exact cuts of the max. Measured on drift and re-ranked Zipf traces (EP32/EP64 hierarchical): 0.25-0.5 best,
 # 1.0 starves phase B on large load changes.
 _PHASE_A_SHARE = 0.5
-
-
-def _expert_nodes(p2l: np.ndarray, num_experts: int, num_groups: int, num_nodes: int, num_gpus: int) -> np.ndarray:
-    """[L, E] node of each expert's group, checking that every group sits on one node."""
-    num_layers, num_slots = p2l.shape
-    if num_experts % num_groups:
-        raise ValueError(f"num_groups: {num_experts} experts do not split into {num_groups} equal groups")
-    slot_node = np.arange(num_slots) // (num_slots // num_nodes)
-    group = p2l // (num_experts // num_groups)
-    lo = np.full((num_layers, num_groups), num_nodes)
-    hi = np.full((num_layers, num_groups), -1)
-    rows = np.broadcast_to(np.arange(num_layers)[:, None], p2l.shape)
-    np.minimum.at(lo, (rows, group), np.broadcast_to(slot_node, p2l.shape))
-    np.maximum.at(hi, (rows, group), np.broadcast_to(slot_node, p2l.shape))
-    bad = np.argwhere(lo != hi)
-    if len(bad):
-        layer, g = bad[0]
-        raise ValueError(f"phy2log: group {g} of layer {layer} spans several nodes; not a hierarchical placement")
-    return np.repeat(lo, num_experts // num_groups, axis=1)
 
 
 def incremental_rebalance(
@@ -99,7 +88,7 @@ def incremental_rebalance(
     per = num_slots // num_gpus
     hier = num_nodes > 1 and num_groups % num_nodes == 0
     gpu_node = np.arange(num_gpus) // (num_gpus // num_nodes)
-    exp_node = _expert_nodes(p2l, num_experts, num_groups, num_nodes, num_gpus) if hier else None
+    exp_node = expert_nodes(p2l, num_experts, num_groups, num_nodes, num_gpus) if hier else None
     slot_gpu = np.arange(num_slots) // per
     if max_moves == 0:
         return torch.from_numpy(p2l)

@@ -1,7 +1,7 @@
 """Paged attention (omniops/ops/attention.py: gqa_decode, mla_decode, gqa_prefill): every backend vs the
 reference, with shuffled block tables and NaN in every cache slot a sequence does not own (so any out-of-range
 read shows up as NaN), cross-checks against torch SDPA and an un-absorbed DeepSeek-V3 MLA layer, opcheck,
-torch.compile (with the cache writes of omniops/ops/kv_cache.py), and bad input through Python and straight
+torch.compile (with the cache writes of omniops/ops/cache_ops.py), and bad input through Python and straight
 into omniops._C."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Public API: ``reshape_and_cache``, ``mla_cache``; custom ops ``omni::<name>`` (they mutate the caches). Cache
 layouts as in ``omniops/ops/attention.py``: ``slot = block * block_size + offset``, -1 = skip (padding).
-Kernels: ``ascendc/kernels/attention/cache_ops.h`` (cpu), ``omniops/triton/kv_cache.py``; oracle
+Kernels: ``ascendc/kernels/attention/cache_ops.h`` (cpu), ``omniops/triton/cache_ops.py``; oracle
 ``omniops/reference/attention.py``.
 """
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from omniops.ops.kv_cache import MLA_CACHE, RESHAPE_AND_CACHE
+from omniops.ops.cache_ops import MLA_CACHE, RESHAPE_AND_CACHE
 from omniops.triton._grid import persistent_grid, pow2
 
 

@@ -1,4 +1,4 @@
-"""Paged-cache writes (omniops/ops/kv_cache.py: reshape_and_cache, mla_cache): every backend vs the reference, slot
+"""Paged-cache writes (omniops/ops/cache_ops.py: reshape_and_cache, mla_cache): every backend vs the reference, slot
 -1 skipped, opcheck, and bad input through Python and straight into omniops._C."""
 
 from __future__ import annotations
