@@ -28,8 +28,7 @@ from omniops.bench.common import BenchOptions
 from rich.console import Console
 from rich.table import Table
 
-from omniops.placement import gpu_loads, incremental_rebalance, rebalance_experts, slots_moved
-from omniops.placement._common import imbalance
+from omniops.placement import gpu_loads, imbalance, incremental_rebalance, rebalance_experts, slots_moved
 from omniops.placement.traces import drifting_trace
 
 NAME = "ep"
