@@ -87,3 +87,157 @@ def rows_view(t: torch.Tensor) -> torch.Tensor | None:
             expected = stride * size
     rows = math.prod(t.shape[:-1])
     return t.as_strided((rows, last), (row_stride if row_stride is not None else last, 1))
+
+
+# ---- scalars: validated as the kernels use them ---------------------------------------------------------------
+_FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max; a larger double becomes inf in fp32
+
+
+def check_int(name: str, v: object, *, lo: int | None = None, hi: int | None = None) -> int:
+    """An int (not a bool, not a float: 1.5 would be truncated) in [lo, hi]; SymInts pass through."""
+    if isinstance(v, torch.SymInt):
+        return v  # type: ignore[return-value]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        raise ValueError(f"{name}: expected an int in {rng}, got {v}")
+    return v
+
+
+def check_float(name: str, v: object, *, lo: float | None = None) -> float:
+    """A real number finite in float32 (what the kernels compute with; 1e39 is finite only as a double), >= lo."""
+    if isinstance(v, torch.SymFloat):
+        return v  # type: ignore[return-value]
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name}: expected a real number, got {type(v).__name__}")
+    f = float(v) if not isinstance(v, int) or abs(v) <= 2**1023 else math.inf
+    if not math.isfinite(f) or abs(f) > _FP32_MAX:
+        raise ValueError(f"{name}: expected a number finite in float32 (|x| <= 3.4e38), got {v!r}")
+    if lo is not None and f < lo:
+        raise ValueError(f"{name}: expected a finite number >= {lo}, got {v!r}")
+    return f
+
+
+def check_bool(name: str, v: object) -> bool:
+    """A bool (not an int: causal=2 is a mistake, not True)."""
+    if isinstance(v, torch.SymBool):
+        return v  # type: ignore[return-value]
+    if not isinstance(v, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
+    return v
+
+
+def check_int32_size(name: str, value: int, what: str) -> None:
+    """Sizes the kernels index with int32 (rows of a dispatch, key positions, ...)."""
+    if value > 2**31 - 1:
+        raise ValueError(f"{name}: {what} = {value} exceeds the kernels' limit of {2**31 - 1} (int32 indices)")
+
+
+# ---- index values (skipped on fake tensors; the C++ entry points check them again themselves) ------------------
+def check_block_table(block_table: torch.Tensor, lens: torch.Tensor, lens_name: str, num_blocks: int,
+                      block_size: int) -> None:
+    """lens in [0, max_blocks * block_size]; the table entries the lengths cover in [0, num_blocks). One sync.
+
+    Overflow-safe: block_size may be huge (a stride-0 cache view), so the number of covered entries is
+    ``(len - 1) // block_size + 1``, never ``len + block_size - 1``."""
+    if lens.numel() == 0 or is_fake(lens) or is_fake(block_table):
+        return
+    max_blocks = block_table.shape[1]
+    cap = max_blocks * block_size  # a Python int: no overflow
+    ln = lens.long()
+    lo, hi = (int(v) for v in torch.stack((ln.min(), ln.max())).tolist())
+    if lo < 0 or hi > cap:
+        i = int(((ln < 0) | (ln > cap)).nonzero()[0, 0]) if cap < 2**63 else int((ln < 0).nonzero()[0, 0])
+        raise ValueError(f"{lens_name}[{i}] = {int(ln[i])} is outside [0, {cap}] (block_table covers {max_blocks} "
+                         f"blocks of {block_size} tokens)")
+    nblk = torch.where(ln > 0, (ln - 1) // block_size + 1, torch.zeros_like(ln))
+    covered = torch.arange(max_blocks, device=lens.device)[None, :] < nblk[:, None]
+    bad = covered & ((block_table < 0) | (block_table >= num_blocks))
+    if bool(bad.any()):
+        b, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} is outside [0, {num_blocks}) "
+                         f"(num_blocks of the cache)")
+
+
+def check_values(name: str, t: torch.Tensor, lo: int, hi: int) -> None:
+    """Every value of an index tensor in [lo, hi) (skipped on fake tensors)."""
+    if is_fake(t) or t.numel() == 0:
+        return
+    mn, mx = (int(v) for v in torch.aminmax(t.long()))
+    if mn < lo or mx >= hi:
+        raise ValueError(f"{name}: values must lie in [{lo}, {hi}), got min {mn}, max {mx}")
+
+
+# ---- the overlap rule (the C++ entry points apply the same one; this serves the reference / triton paths) ------
+def _span(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """(lo, hi, outer, inner) bytes: the memory t can touch, its outermost stride (0: none) and the extent of
+    everything inside that dimension (ascendc/bindings/checks.cpp: SpanOf)."""
+    es = t.element_size()
+    lo = hi = outer = outer_ext = 0
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        if size <= 1:
+            continue
+        ext = (size - 1) * stride
+        if stride < 0:
+            lo += ext
+        else:
+            hi += ext
+        if abs(stride) > outer:
+            outer, outer_ext = abs(stride), abs(ext)
+    base = t.data_ptr()
+    return base + lo * es, base + (hi + 1) * es, outer * es, (hi - lo + 1 - outer_ext) * es
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """None, 'same' (the identical view) or 'partial'."""
+    if a.numel() == 0 or b.numel() == 0:
+        return None
+    (alo, ahi, aout, ain), (blo, bhi, bout, bin_) = _span(a), _span(b)
+    if ahi <= blo or bhi <= alo:
+        return None
+    if a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride():
+        return "same"
+    s = aout or bout  # interleaved views with one outermost stride: disjoint if each fits the other's gap
+    if s and aout in (0, s) and bout in (0, s) and ain <= s and bin_ <= s:
+        d = (blo - alo) % s
+        if ain <= d and d + bin_ <= s:
+            return None
+    return "partial"
+
+
+def _self_overlaps(t: torch.Tensor) -> bool:
+    dims = sorted((abs(st), n) for n, st in zip(t.shape, t.stride(), strict=True) if n > 1)
+    ext = 0
+    for st, n in dims:
+        if st <= ext:
+            return True
+        ext += (n - 1) * st
+    return False
+
+
+def check_no_overlap(outs: Sequence[tuple[str, torch.Tensor | None]], ins: Sequence[tuple[str, torch.Tensor | None]],
+                     inplace: Sequence[tuple[str, str]] = ()) -> None:
+    """Every output has distinct memory per element and overlaps no other output and no input, except that an
+    (output, input) pair in ``inplace`` may be the identical view. Skipped on fake tensors."""
+    live = [(n, t) for n, t in outs if t is not None and t.numel() and not is_fake(t)]
+    srcs = [(n, t) for n, t in ins if t is not None and not is_fake(t)]
+    for i, (name, o) in enumerate(live):
+        if _self_overlaps(o):
+            raise ValueError(f"{name}: its elements overlap in memory (shape {list(o.shape)}, strides "
+                             f"{list(o.stride())}); an output needs distinct memory per element")
+        for other, p in live[i + 1:]:
+            if _overlap(o, p):
+                raise ValueError(f"{name} must not overlap {other} (two outputs cannot share memory)")
+        for src, t in srcs:
+            ov = _overlap(o, t)
+            if ov is None or (ov == "same" and (name, src) in inplace):
+                continue
+            if (name, src) in inplace:
+                raise ValueError(f"{name} partially overlaps {src}: pass the same tensor for in-place, or "
+                                 "non-overlapping memory")
+            if ov == "same":
+                raise ValueError(f"{name} must not overlap {src} (it is the same memory; the op has no in-place "
+                                 "form for this pair)")
+            raise ValueError(f"{name} partially overlaps {src}: {name} must not overlap {src}, an input the op reads "
+                             f"while it writes {name}")

@@ -86,11 +86,33 @@ using QuePosition = TPosition;
 enum class RoundMode { CAST_NONE, CAST_RINT, CAST_ROUND, CAST_FLOOR, CAST_CEIL, CAST_TRUNC };
 enum pipe_t { PIPE_S, PIPE_V, PIPE_MTE2, PIPE_MTE3, PIPE_M, PIPE_ALL };
 
-constexpr uint32_t kUBSize = 192 * 1024;  // Unified Buffer per AI core on Ascend 910B
+constexpr uint32_t kUBSize = OMNI_UB_BYTES;  // Unified Buffer per AI core on Ascend 910B
 constexpr uint32_t kBlockBytes = 32;      // the NPU's DataCopy granularity
 
 OMNI_INLINE constexpr int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 OMNI_INLINE constexpr int64_t AlignUp(int64_t a, int64_t b) { return CeilDiv(a, b) * b; }
+
+// ---- dtype dispatch ------------------------------------------------------------------------------------
+// The one dispatch from an OmniDType code to a storage type for every kernel entry point: runs the statement
+// `__VA_ARGS__` with `T` bound to float, half or bfloat16_t (the bindings only pass these three codes).
+// Nests: OMNI_DISPATCH_FLOAT(a->dtype, T, OMNI_DISPATCH_FLOAT(a->cache_dtype, C, Run<T, C>(a, rt))).
+#define OMNI_DISPATCH_FLOAT(dtype, T, ...)    \
+  switch (dtype) {                            \
+    case OMNI_F32: {                          \
+      using T = float;                        \
+      __VA_ARGS__;                            \
+    } break;                                  \
+    case OMNI_F16: {                          \
+      using T = ::AscendC::half;              \
+      __VA_ARGS__;                            \
+    } break;                                  \
+    case OMNI_BF16: {                         \
+      using T = ::AscendC::bfloat16_t;        \
+      __VA_ARGS__;                            \
+    } break;                                  \
+    default:                                  \
+      break;                                  \
+  }
 
 // ---- block index / grid ----------------------------------------------------------------------------
 namespace detail {

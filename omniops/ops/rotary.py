@@ -21,7 +21,7 @@ from torch import Tensor
 
 from omniops._family import OpFamily
 from omniops._registry import call, omni_op
-from omniops._validation import FLOAT_DTYPES, check_same, check_tensor, is_fake
+from omniops._validation import FLOAT_DTYPES, check_bool, check_int, check_no_overlap, check_same, check_tensor, is_fake
 from omniops.reference import rotary as ref
 
 
@@ -72,10 +72,10 @@ def _validate(positions: Tensor, q: Tensor, k: Tensor | None, cos_sin_cache: Ten
         check_same("k", k, "q", q)
     check_tensor("cos_sin_cache", cos_sin_cache, dtypes=FLOAT_DTYPES, dim=2)
     check_same("cos_sin_cache", cos_sin_cache, "q", q, dtype=False)
-    if not isinstance(head_size, int) or head_size <= 0:
-        raise ValueError(f"head_size: expected a positive int, got {head_size!r}")
-    if not isinstance(rotary_dim, int) or rotary_dim <= 0 or rotary_dim > head_size or rotary_dim % 2:
+    check_int("head_size", head_size, lo=1)
+    if check_int("rotary_dim", rotary_dim) <= 0 or rotary_dim > head_size or rotary_dim % 2:
         raise ValueError(f"rotary_dim: expected an even int in [2, head_size={head_size}], got {rotary_dim!r}")
+    check_bool("is_neox", is_neox)
     if cos_sin_cache.shape[1] != rotary_dim:
         raise ValueError(
             f"cos_sin_cache: expected [max_position, rotary_dim={rotary_dim}], got shape {list(cos_sin_cache.shape)}"
@@ -89,13 +89,18 @@ def _validate(positions: Tensor, q: Tensor, k: Tensor | None, cos_sin_cache: Ten
                 f"{name}: leading dims {list(t.shape[:lead])} must equal positions' shape {list(positions.shape)}"
             )
         _heads_view(name, t, lead, head_size)
-    if not is_fake(positions) and positions.numel():
-        lo, hi = (int(v) for v in torch.aminmax(positions))  # one pass, one sync
-        if lo < 0 or hi >= cos_sin_cache.shape[0]:
-            raise ValueError(
-                f"positions: values must lie in [0, {cos_sin_cache.shape[0]}) (rows of cos_sin_cache), "
-                f"got min {lo}, max {hi}"
-            )
+
+
+def _check_positions(positions: Tensor, max_position: int) -> None:
+    """Position values (the C++ entry point checks them itself: only the other paths call this)."""
+    if is_fake(positions) or not positions.numel():
+        return
+    flat = positions.reshape(-1)
+    bad = (flat < 0) | (flat >= max_position)
+    if bool(bad.any()):  # one pass, one sync
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"positions: entry {i} = {int(flat[i])} is outside [0, {max_position}) "
+                         "(the rows of cos_sin_cache)")
 
 
 def _run(positions: Tensor, q: Tensor, k: Tensor | None, cache: Tensor, head_size: int, rotary_dim: int,
@@ -111,7 +116,13 @@ def _run(positions: Tensor, q: Tensor, k: Tensor | None, cache: Tensor, head_siz
     else:
         k3, _ = _heads_view("k", k, lead, head_size)
         ko3, ko_is_view = _heads_view("k_out", k_out, lead, head_size)
-    ROTARY.select(q.device, q.dtype)(pos, q3, k3, cache.contiguous(), rotary_dim, is_neox, qo3, ko3)
+    impl = ROTARY.select(q.device, q.dtype)
+    if impl is not _cpu_impl or not (qo_is_view and ko_is_view):  # else the C++ entry point checks these
+        _check_positions(positions, cache.shape[0])
+        check_no_overlap((("q_out", q_out), ("k_out", k_out)),
+                         (("positions", positions), ("q", q), ("k", k), ("cos_sin_cache", cache)),
+                         (("q_out", "q"), ("k_out", "k")))
+    impl(pos, q3, k3, cache.contiguous(), rotary_dim, is_neox, qo3, ko3)
     # An output layout that cannot be viewed as [tokens, heads, head_size] was computed in a copy.
     if not qo_is_view:
         q_out.copy_(qo3.view(q_out.shape))

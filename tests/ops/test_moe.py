@@ -380,7 +380,7 @@ def test_dispatch_gemm_combine_bad_input() -> None:
     ("fn", "exc", "match"),
     [
         (lambda C, a: C.fused_moe(a["out"], a["hidden"], a["w13"], a["w2"], a["w"], a["ids"].long()), TypeError,
-         "topk_ids: expected int32, got int64"),
+         "topk_ids: expected dtype int32, got int64"),
         (lambda C, a: C.fused_moe(a["out"], a["hidden"], a["w13"], a["w2"], a["w"], a["ids"] + 4), ValueError,
          "topk_ids: values"),
         (lambda C, a: C.fused_moe(a["out"], a["hidden"], a["w13"], a["w2"].transpose(1, 2).contiguous()

@@ -10,7 +10,11 @@
 #pragma once
 #include <stdint.h>
 
-#define OMNI_KERNEL_ABI_VERSION 4
+#define OMNI_KERNEL_ABI_VERSION 5
+
+// The Unified Buffer (local memory) per AI core, 192 KiB as on Ascend 910B: kernels tile into it, and the
+// bindings reject sizes whose scratch would not fit (see e.g. omni_moe_route_ub_bytes).
+#define OMNI_UB_BYTES (192 * 1024)
 
 #if defined(__GNUC__)
 #define OMNI_EXPORT __attribute__((visibility("default")))

@@ -86,11 +86,7 @@ void SiluAndMulLaunch(const OmniSiluAndMulArgs* a, const OmniRuntime* rt) {
 }
 
 inline void silu_and_mul(const OmniSiluAndMulArgs* a, const OmniRuntime* rt) {
-  switch (a->dtype) {
-    case OMNI_F32: return SiluAndMulLaunch<float>(a, rt);
-    case OMNI_F16: return SiluAndMulLaunch<half>(a, rt);
-    case OMNI_BF16: return SiluAndMulLaunch<bfloat16_t>(a, rt);
-  }
+  OMNI_DISPATCH_FLOAT(a->dtype, T, SiluAndMulLaunch<T>(a, rt));
 }
 
 }  // namespace OMNI_ISA_NS

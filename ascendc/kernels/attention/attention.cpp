@@ -1,9 +1,11 @@
 // Exports the attention kernels of this ISA library.
+#include "kernels/attention/attention_plan.h"
 #include "kernels/attention/cache_ops.h"
 #include "kernels/attention/paged_attention.h"
 
 extern "C" const OmniAttentionKernels* omni_attention_kernels(void) {
-  static const OmniAttentionKernels t = {&omni_kernels::paged_attention, &omni_kernels::reshape_and_cache,
-                                         &omni_kernels::mla_cache};
+  namespace k = omni_kernels;
+  static const OmniAttentionKernels t = {&k::paged_attention, &k::reshape_and_cache, &k::mla_cache,
+                                         &k::plan_decode, &k::dense_attention_workspace, &k::dense_attention};
   return &t;
 }

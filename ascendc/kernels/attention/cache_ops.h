@@ -53,19 +53,11 @@ void MlaCacheLaunch(const OmniMlaCacheArgs* ap, const OmniRuntime* rt) {
 }
 
 inline void reshape_and_cache(const OmniReshapeAndCacheArgs* a, const OmniRuntime* rt) {
-  switch (a->dtype) {
-    case OMNI_F32: return ReshapeAndCacheLaunch<float>(a, rt);
-    case OMNI_F16: return ReshapeAndCacheLaunch<half>(a, rt);
-    case OMNI_BF16: return ReshapeAndCacheLaunch<bfloat16_t>(a, rt);
-  }
+  OMNI_DISPATCH_FLOAT(a->dtype, T, ReshapeAndCacheLaunch<T>(a, rt));
 }
 
 inline void mla_cache(const OmniMlaCacheArgs* a, const OmniRuntime* rt) {
-  switch (a->dtype) {
-    case OMNI_F32: return MlaCacheLaunch<float>(a, rt);
-    case OMNI_F16: return MlaCacheLaunch<half>(a, rt);
-    case OMNI_BF16: return MlaCacheLaunch<bfloat16_t>(a, rt);
-  }
+  OMNI_DISPATCH_FLOAT(a->dtype, T, MlaCacheLaunch<T>(a, rt));
 }
 
 }  // namespace OMNI_ISA_NS

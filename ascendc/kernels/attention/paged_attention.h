@@ -554,11 +554,7 @@ void Prefill(const OmniPagedAttnArgs* ap, const OmniRuntime* rt) {
 
 inline void paged_attention(const OmniPagedAttnArgs* a, const OmniRuntime* rt) {
   const bool prefill = a->cu_seqlens != nullptr;
-  switch (a->dtype) {
-    case OMNI_F32: return prefill ? attn::Prefill<float>(a, rt) : attn::Decode<float>(a, rt);
-    case OMNI_F16: return prefill ? attn::Prefill<half>(a, rt) : attn::Decode<half>(a, rt);
-    case OMNI_BF16: return prefill ? attn::Prefill<bfloat16_t>(a, rt) : attn::Decode<bfloat16_t>(a, rt);
-  }
+  OMNI_DISPATCH_FLOAT(a->dtype, T, prefill ? attn::Prefill<T>(a, rt) : attn::Decode<T>(a, rt));
 }
 
 }  // namespace OMNI_ISA_NS

@@ -206,11 +206,7 @@ inline int64_t fused_moe_workspace(const OmniFusedMoeArgs* a) {
 
 inline void fused_moe(const OmniFusedMoeArgs* a, const OmniRuntime* rt) {
   if (a->tokens <= 0) return;
-  switch (a->dtype) {
-    case OMNI_F32: return FusedMoeRun<float>(*a, rt);
-    case OMNI_F16: return FusedMoeRun<half>(*a, rt);
-    case OMNI_BF16: return FusedMoeRun<bfloat16_t>(*a, rt);
-  }
+  OMNI_DISPATCH_FLOAT(a->dtype, T, FusedMoeRun<T>(*a, rt));
 }
 
 }  // namespace moe

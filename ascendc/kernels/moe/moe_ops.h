@@ -32,7 +32,7 @@ void RouteRun(const OmniMoeRouteArgs& a, const OmniRuntime* rt) {
   auto body = [&]() {
     int64_t t0, t1;
     BlockRange(a.tokens, GetBlockIdx(), GetBlockNum(), &t0, &t1);
-    TPipe pipe;
+    TPipe pipe;  // omni_moe_route_ub_bytes(E, G) bytes in all (checked against the UB by the bindings)
     TBuf<TPosition::VECCALC> sb, selb, takenb, gb;
     pipe.InitBuffer(sb, E * sizeof(float));
     pipe.InitBuffer(selb, E * sizeof(float));
@@ -106,11 +106,7 @@ void RouteRun(const OmniMoeRouteArgs& a, const OmniRuntime* rt) {
 
 inline void moe_route(const OmniMoeRouteArgs* a, const OmniRuntime* rt) {
   if (a->tokens <= 0) return;
-  switch (a->dtype) {
-    case OMNI_F32: return RouteRun<float>(*a, rt);
-    case OMNI_F16: return RouteRun<half>(*a, rt);
-    case OMNI_BF16: return RouteRun<bfloat16_t>(*a, rt);
-  }
+  OMNI_DISPATCH_FLOAT(a->dtype, T, RouteRun<T>(*a, rt));
 }
 
 // ---- dispatch: counting sort of pairs by expert (stable), then a parallel row gather ---------------------
@@ -197,11 +193,7 @@ void GroupedGemmRun(const OmniGroupedGemmArgs& a, const OmniRuntime* rt) {
 
 inline void grouped_gemm(const OmniGroupedGemmArgs* a, const OmniRuntime* rt) {
   if (a->rows <= 0 || a->n_dim <= 0) return;
-  switch (a->dtype) {
-    case OMNI_F32: return GroupedGemmRun<float>(*a, rt);
-    case OMNI_F16: return GroupedGemmRun<half>(*a, rt);
-    case OMNI_BF16: return GroupedGemmRun<bfloat16_t>(*a, rt);
-  }
+  OMNI_DISPATCH_FLOAT(a->dtype, T, GroupedGemmRun<T>(*a, rt));
 }
 
 // ---- combine: out[t] = T(sum_j w[t, j] * expert_out[inv[t, j]]), fp32 accumulation ------------------------
@@ -239,11 +231,7 @@ void CombineRun(const OmniMoeCombineArgs& a, const OmniRuntime* rt) {
 
 inline void moe_combine(const OmniMoeCombineArgs* a, const OmniRuntime* rt) {
   if (a->tokens <= 0 || a->hidden_size <= 0) return;
-  switch (a->dtype) {
-    case OMNI_F32: return CombineRun<float>(*a, rt);
-    case OMNI_F16: return CombineRun<half>(*a, rt);
-    case OMNI_BF16: return CombineRun<bfloat16_t>(*a, rt);
-  }
+  OMNI_DISPATCH_FLOAT(a->dtype, T, CombineRun<T>(*a, rt));
 }
 
 }  // namespace moe

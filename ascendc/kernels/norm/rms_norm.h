@@ -190,11 +190,7 @@ void RmsNormLaunch(const OmniRmsNormArgs* a, const OmniRuntime* rt) {
 }
 
 inline void rms_norm(const OmniRmsNormArgs* a, const OmniRuntime* rt) {
-  switch (a->dtype) {
-    case OMNI_F32: return RmsNormLaunch<float>(a, rt);
-    case OMNI_F16: return RmsNormLaunch<half>(a, rt);
-    case OMNI_BF16: return RmsNormLaunch<bfloat16_t>(a, rt);
-  }
+  OMNI_DISPATCH_FLOAT(a->dtype, T, RmsNormLaunch<T>(a, rt));
 }
 
 }  // namespace OMNI_ISA_NS

@@ -211,22 +211,13 @@ void DequantGemmLaunch(const Fmt& f, float* work, void* out, int64_t out_stride,
 inline void w4a16_gemm(const OmniW4A16Args* a, const OmniRuntime* rt) {
   if (a->M <= 0 || a->N <= 0) return;
   const dq::Int4Format f{*a};
-  switch (a->dtype) {
-    case OMNI_F32: return DequantGemmLaunch<float, float>(f, a->work, a->out, a->out_stride, a->bias, rt);
-    case OMNI_F16: return DequantGemmLaunch<half, half>(f, a->work, a->out, a->out_stride, a->bias, rt);
-    case OMNI_BF16:
-      return DequantGemmLaunch<bfloat16_t, bfloat16_t>(f, a->work, a->out, a->out_stride, a->bias, rt);
-  }
+  OMNI_DISPATCH_FLOAT(a->dtype, T, DequantGemmLaunch<T, T>(f, a->work, a->out, a->out_stride, a->bias, rt));
 }
 
 inline void fp8_block_gemm(const OmniFp8BlockArgs* a, const OmniRuntime* rt) {
   if (a->M <= 0 || a->N <= 0) return;
   const dq::Fp8Format f{*a};
-  switch (a->out_dtype) {
-    case OMNI_F32: return DequantGemmLaunch<uint8_t, float>(f, a->work, a->out, a->out_stride, a->bias, rt);
-    case OMNI_F16: return DequantGemmLaunch<uint8_t, half>(f, a->work, a->out, a->out_stride, a->bias, rt);
-    case OMNI_BF16: return DequantGemmLaunch<uint8_t, bfloat16_t>(f, a->work, a->out, a->out_stride, a->bias, rt);
-  }
+  OMNI_DISPATCH_FLOAT(a->out_dtype, T, DequantGemmLaunch<uint8_t, T>(f, a->work, a->out, a->out_stride, a->bias, rt));
 }
 
 }  // namespace OMNI_ISA_NS

@@ -1,6 +1,7 @@
 // Exports the quantized GEMM kernels of this ISA library. Tiled (AMX-INT8) W8A8 weights are taken only by a
 // library compiled with the tile instructions; weight_layouts tells the bindings.
 #include "kernels/quant_gemm/dequant_gemm.h"
+#include "kernels/quant_gemm/fp8_quant.h"
 #include "kernels/quant_gemm/w8a8_gemm.h"
 #include "kernels/quant_gemm/w8a8_tiles.h"
 
@@ -29,6 +30,6 @@ constexpr uint32_t kLayouts = 1u;
 
 extern "C" const OmniQuantGemmKernels* omni_quant_gemm_kernels(void) {
   static const OmniQuantGemmKernels t = {&W8A8, &k::w4a16_gemm, &k::fp8_block_gemm, &k::quantize_per_token_int8,
-                                         kI8Path, &W8A8Workspace, kLayouts};
+                                         kI8Path, &W8A8Workspace, kLayouts, &k::quantize_fp8_group};
   return &t;
 }

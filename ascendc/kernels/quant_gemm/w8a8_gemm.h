@@ -145,11 +145,8 @@ void W8A8Launch(const OmniW8A8Args* a, const OmniRuntime* rt) {
 
 inline void w8a8_gemm(const OmniW8A8Args* a, const OmniRuntime* rt) {
   if (a->M <= 0 || a->N <= 0) return;
-  switch (a->out_dtype) {
-    case OMNI_F16: return W8A8Launch<half>(a, rt);
-    case OMNI_BF16: return W8A8Launch<bfloat16_t>(a, rt);
-    default: return W8A8Launch<float>(a, rt);  // OMNI_F32 and OMNI_QGEMM_OUT_I32
-  }
+  // OMNI_QGEMM_OUT_I32 runs the float32 instance (its epilogue stores the raw sums).
+  OMNI_DISPATCH_FLOAT(a->out_dtype == OMNI_QGEMM_OUT_I32 ? OMNI_F32 : a->out_dtype, T, W8A8Launch<T>(a, rt));
 }
 
 // Dynamic per-token int8 quantization in one pass over each row (amax, then codes); the same arithmetic as
@@ -199,11 +196,7 @@ void QuantI8Launch(const OmniQuantI8Args* a, const OmniRuntime* rt) {
 
 inline void quantize_per_token_int8(const OmniQuantI8Args* a, const OmniRuntime* rt) {
   if (a->M <= 0 || a->K <= 0) return;
-  switch (a->dtype) {
-    case OMNI_F32: return QuantI8Launch<float>(a, rt);
-    case OMNI_F16: return QuantI8Launch<half>(a, rt);
-    case OMNI_BF16: return QuantI8Launch<bfloat16_t>(a, rt);
-  }
+  OMNI_DISPATCH_FLOAT(a->dtype, T, QuantI8Launch<T>(a, rt));
 }
 
 }  // namespace OMNI_ISA_NS

@@ -103,11 +103,8 @@ void Run(const OmniW8A8Args& a, const OmniRuntime* rt) {
 
 inline void w8a8_gemm_tiles(const OmniW8A8Args* a, const OmniRuntime* rt) {
   if (a->M <= 0 || a->N <= 0) return;
-  switch (a->out_dtype) {
-    case OMNI_F16: return Run<half>(*a, rt);
-    case OMNI_BF16: return Run<bfloat16_t>(*a, rt);
-    default: return Run<float>(*a, rt);  // OMNI_F32 and OMNI_QGEMM_OUT_I32
-  }
+  // OMNI_QGEMM_OUT_I32 runs the float32 instance (its epilogue stores the raw sums).
+  OMNI_DISPATCH_FLOAT(a->out_dtype == OMNI_QGEMM_OUT_I32 ? OMNI_F32 : a->out_dtype, T, Run<T>(*a, rt));
 }
 #endif
 

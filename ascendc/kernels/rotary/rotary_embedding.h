@@ -107,21 +107,8 @@ void RotaryLaunch(const OmniRotaryArgs* a, const OmniRuntime* rt) {
   LaunchBlocks(BlocksFor(a->tokens, bytes, rt), rt, body);
 }
 
-template <typename T>
-void RotaryByCache(const OmniRotaryArgs* a, const OmniRuntime* rt) {
-  switch (a->cache_dtype) {
-    case OMNI_F32: return RotaryLaunch<T, float>(a, rt);
-    case OMNI_F16: return RotaryLaunch<T, half>(a, rt);
-    case OMNI_BF16: return RotaryLaunch<T, bfloat16_t>(a, rt);
-  }
-}
-
 inline void rotary_embedding(const OmniRotaryArgs* a, const OmniRuntime* rt) {
-  switch (a->dtype) {
-    case OMNI_F32: return RotaryByCache<float>(a, rt);
-    case OMNI_F16: return RotaryByCache<half>(a, rt);
-    case OMNI_BF16: return RotaryByCache<bfloat16_t>(a, rt);
-  }
+  OMNI_DISPATCH_FLOAT(a->dtype, T, OMNI_DISPATCH_FLOAT(a->cache_dtype, C, RotaryLaunch<T, C>(a, rt)));
 }
 
 }  // namespace OMNI_ISA_NS

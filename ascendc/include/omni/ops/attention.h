@@ -87,10 +87,37 @@ typedef struct {
   int32_t dtype;
 } OmniMlaCacheArgs;
 
+// Attention over contiguous K/V in SDPA layout (HF's DynamicCache). Element (b, h, s, d) of q is at
+// q + b*q_strides[0] + h*q_strides[1] + s*q_strides[2] + d (likewise k, v, out with their heads and positions).
+// The kernel serves it with the paged kernel: sequence b's keys are one "block" of kv_len slots. q_len == 1 runs
+// the split-KV decode over the batch; q_len > 1 the prefill once per sequence with the first kv_len - q_len keys
+// as the cached prefix (causal = bottom-right aligned). The mask as in OmniPagedAttnArgs; broadcast dims have
+// stride 0.
+typedef struct {
+  const void* q;    // [batch, q_heads, q_len, head_dim]
+  const void* k;    // [batch, kv_heads, kv_len, head_dim]
+  const void* v;    // [batch, kv_heads, kv_len, v_dim]
+  void* out;        // [batch, q_heads, q_len, v_dim]
+  int64_t q_strides[3], k_strides[3], v_strides[3], out_strides[3];  // (batch, head, position), elements
+  const void* mask;
+  int64_t mask_batch_stride, mask_head_stride, mask_q_stride;
+  int32_t mask_kind;
+  int64_t batch, q_heads, kv_heads, q_len, kv_len, head_dim, v_dim;  // kv_len in [q_len, 2**31), > 0
+  float scale;
+  int32_t causal;
+  int32_t dtype;
+  void* workspace;  // dense_attention_workspace(args) bytes, 64-byte aligned
+} OmniDenseAttnArgs;
+
 typedef struct {
   void (*paged_attention)(const OmniPagedAttnArgs*, const OmniRuntime*);
   void (*reshape_and_cache)(const OmniReshapeAndCacheArgs*, const OmniRuntime*);
   void (*mla_cache)(const OmniMlaCacheArgs*, const OmniRuntime*);
+  // Decode scheduling: sets num_splits / split_len of a decode over keys [0, max_len) for the runtime's cores;
+  // returns the workspace bytes the call then needs (a->workspace).
+  int64_t (*plan_decode)(OmniPagedAttnArgs* a, int64_t max_len, const OmniRuntime* rt);
+  int64_t (*dense_attention_workspace)(const OmniDenseAttnArgs*, const OmniRuntime*);
+  void (*dense_attention)(const OmniDenseAttnArgs*, const OmniRuntime*);
 } OmniAttentionKernels;
 OMNI_EXPORT const OmniAttentionKernels* omni_attention_kernels(void);
 

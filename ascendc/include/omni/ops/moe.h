@@ -32,6 +32,14 @@ typedef struct {
   int32_t dtype;        // OmniDType of logits
 } OmniMoeRouteArgs;
 
+// Local-memory (UB) bytes the routing kernel reserves per block: fp32 scores and selection scores, a taken
+// flag per expert, and a score + flag per group (num_groups <= 1: one), each rounded up to 64 bytes as
+// TPipe::InitBuffer does. Must stay <= OMNI_UB_BYTES; the bindings reject larger configurations.
+static inline int64_t omni_moe_route_ub_bytes(int64_t num_experts, int64_t num_groups) {
+  const int64_t g = num_groups > 1 ? num_groups : 1;
+  return 2 * ((num_experts * 4 + 63) / 64 * 64) + (num_experts + 63) / 64 * 64 + (g * 5 + 63) / 64 * 64;
+}
+
 typedef struct {
   const void* hidden;        // [tokens, hidden_size], row stride hidden_stride
   const int32_t* topk_ids;   // [tokens, top_k], values in [0, num_experts)

@@ -67,6 +67,14 @@ typedef struct {
 } OmniQuantI8Args;
 
 typedef struct {
+  const void* x;           // [M, K] in dtype, row stride x_stride
+  uint8_t* out;            // [M, K] contiguous float8_e4m3fn bits: e4m3fn(clamp(x / scale, +-448)), RNE
+  float* scale;            // [M, ceil(K/128)] contiguous: amax(|x| over the group of 128) / 448
+  int64_t x_stride, M, K;
+  int32_t dtype;           // OmniDType
+} OmniQuantFp8Args;
+
+typedef struct {
   void (*w8a8_gemm)(const OmniW8A8Args*, const OmniRuntime*);
   void (*w4a16_gemm)(const OmniW4A16Args*, const OmniRuntime*);
   void (*fp8_block_gemm)(const OmniFp8BlockArgs*, const OmniRuntime*);
@@ -74,6 +82,7 @@ typedef struct {
   const char* int8_path;   // which int8 inner loop this library uses: "amx", "avx512-vnni", "avx2", "scalar"
   int64_t (*w8a8_workspace)(const OmniW8A8Args*);
   uint32_t weight_layouts;  // bit (1 << layout) for every w8a8 weight layout this library takes
+  void (*quantize_fp8_group)(const OmniQuantFp8Args*, const OmniRuntime*);
 } OmniQuantGemmKernels;
 OMNI_EXPORT const OmniQuantGemmKernels* omni_quant_gemm_kernels(void);
 
