@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_BYTES = 2**63 - 1
 
 
 def check_tensor(
@@ -25,6 +26,13 @@ def check_tensor(
     # Called on every op call: the success path does no allocation; messages are built only on failure.
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.is_neg() or t.is_conj():  # the kernels read raw memory: a lazy sign / conjugate bit would be lost
+        raise ValueError(f"{name}: has a lazy negative/conjugate bit; call resolve_neg() / resolve_conj() first")
+    n = t.numel()
+    if type(n) is int and n * t.element_size() > _MAX_BYTES:  # symbolic sizes (tracing) are not checked
+        # Only a stride-0 view claims this much; an output of its size could not even be sized.
+        raise ValueError(f"{name}: claims {n} elements of {t.element_size()} bytes, past the int64 byte range "
+                         f"(shape {list(t.shape)})")
     if dtypes is not None and t.dtype not in dtypes:
         names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
         raise TypeError(f"{name}: expected dtype in ({names}), got {str(t.dtype).removeprefix('torch.')}")
@@ -93,15 +101,15 @@ def rows_view(t: torch.Tensor) -> torch.Tensor | None:
 _FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max; a larger double becomes inf in fp32
 
 
-def check_int(name: str, v: object, *, lo: int | None = None, hi: int | None = None) -> int:
-    """An int (not a bool, not a float: 1.5 would be truncated) in [lo, hi]; SymInts pass through."""
+def check_int(name: str, v: object, *, lo: int = -2**63, hi: int = 2**63 - 1) -> int:
+    """An int (not a bool, not a float: 1.5 would be truncated) in [lo, hi] (default: int64, what the op schemas
+    and kernels take); SymInts pass through."""
     if isinstance(v, torch.SymInt):
         return v  # type: ignore[return-value]
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-        raise ValueError(f"{name}: expected an int in {rng}, got {v}")
+    if not lo <= v <= hi:
+        raise ValueError(f"{name}: expected an int in [{lo}, {hi}], got {v}")
     return v
 
 

@@ -399,13 +399,14 @@ def fused_moe(
     cached on first use otherwise).
     """
     C = fast_cpu(hidden, w13, w2, topk_weights, topk_ids, expert_map)
-    if (C is not None and topk_weights.dtype == torch.float32 and topk_ids.dtype == torch.int32
+    if (C is not None and isinstance(hidden, Tensor) and isinstance(topk_weights, Tensor)
+            and isinstance(topk_ids, Tensor) and topk_weights.dtype == torch.float32 and topk_ids.dtype == torch.int32
             and (expert_map is None or expert_map.dtype == torch.int32)):
         # The common eager call: straight to C++, which checks everything (see _registry.fast_cpu).
         try:
             out = torch.empty_like(hidden, memory_format=torch.contiguous_format)
             _fused_moe_cpu(out, hidden, w13, w2, topk_weights, topk_ids, activation, expert_map)
             return out
-        except (ValueError, TypeError):
-            pass  # the checked path below raises the error of this input
+        except (ValueError, TypeError, RuntimeError):
+            pass  # the checked path below raises the error of this input (RuntimeError: an impossible output size)
     return call(_fused_moe_op, hidden, w13, w2, topk_weights, topk_ids, activation, expert_map)

@@ -123,6 +123,7 @@ def _fake_rms_norm_inplace(x: Tensor, weight: Tensor, eps: float) -> None:
 @omni_op("rms_norm_", mutates_args=("x",), fake=_fake_rms_norm_inplace)
 def _rms_norm_inplace_op(x: Tensor, weight: Tensor, eps: float) -> None:
     _validate(x, weight, eps)
+    check_no_overlap((("x", x),), (("weight", weight),))  # in the public names (C++ would say out)
     _run(x, x, weight, eps)
 
 
@@ -133,6 +134,7 @@ def _fake_fused_add_inplace(x: Tensor, residual: Tensor, weight: Tensor, eps: fl
 @omni_op("fused_add_rms_norm_", mutates_args=("x", "residual"), fake=_fake_fused_add_inplace)
 def _fused_add_inplace_op(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> None:
     _validate(x, weight, eps, residual)
+    check_no_overlap((("x", x), ("residual", residual)), (("weight", weight),))  # (C++: out, residual_out)
     _run(x, x, weight, eps, residual, residual)
 
 
@@ -151,20 +153,20 @@ def rms_norm(
         out: optional preallocated output for the normed tensor (no residual only).
     """
     C = fast_cpu(x, weight, residual, out)
-    if C is not None and x.dim() == 2:
+    if C is not None and isinstance(x, Tensor) and x.dim() == 2:
         # The common eager call: straight to C++, which checks everything (see _registry.fast_cpu).
         try:
             if residual is None:
                 o = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
-                C.rms_norm(o, x, weight, float(eps), None, None)
+                C.rms_norm(o, x, weight, eps, None, None)
                 return o
             if out is None:
                 o, s = torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
                     x, memory_format=torch.contiguous_format)
-                C.rms_norm(o, x, weight, float(eps), residual, s)
+                C.rms_norm(o, x, weight, eps, residual, s)
                 return o, s
-        except (ValueError, TypeError):
-            pass  # the checked path below raises the error of this input
+        except (ValueError, TypeError, RuntimeError):
+            pass  # the checked path below raises the error of this input (RuntimeError: an impossible output size)
     if residual is None:
         if out is None:
             return call(_rms_norm_op, x, weight, eps)
@@ -180,9 +182,9 @@ def rms_norm_(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Tensor | N
     ``x <- rms_norm(x + residual)`` (vLLM's ``fused_add_rms_norm``). Returns x. Saves the allocation and
     the page faults of fresh outputs; at large sizes this is the fastest form."""
     C = fast_cpu(x, weight, residual)
-    if C is not None and x.dim() == 2:
+    if C is not None and isinstance(x, Tensor) and x.dim() == 2:
         try:
-            C.rms_norm(x, x, weight, float(eps), residual, residual)
+            C.rms_norm(x, x, weight, eps, residual, residual)
             return x
         except (ValueError, TypeError):
             pass

@@ -146,6 +146,8 @@ def _rotary_op(positions: Tensor, q: Tensor, k: Tensor | None, cos_sin_cache: Te
     k_out = torch.empty_like(k, memory_format=torch.contiguous_format) if k is not None else q.new_empty(0)
     if q.numel() or (k is not None and k.numel()):
         _run(positions, q, k, cos_sin_cache, head_size, rotary_dim, is_neox, q_out, k_out if k is not None else None)
+    else:
+        _check_positions(positions, cos_sin_cache.shape[0])
     return q_out, k_out
 
 
@@ -158,8 +160,12 @@ def _fake_inplace(positions: Tensor, q: Tensor, k: Tensor | None, cos_sin_cache:
 def _rotary_inplace_op(positions: Tensor, q: Tensor, k: Tensor | None, cos_sin_cache: Tensor, head_size: int,
                        rotary_dim: int, is_neox: bool) -> None:
     _validate(positions, q, k, cos_sin_cache, head_size, rotary_dim, is_neox)
+    # in the public names (C++ would say q_out, k_out)
+    check_no_overlap((("q", q), ("k", k)), (("positions", positions), ("cos_sin_cache", cos_sin_cache)))
     if q.numel() or (k is not None and k.numel()):
         _run(positions, q, k, cos_sin_cache, head_size, rotary_dim, is_neox, q, k)
+    else:
+        _check_positions(positions, cos_sin_cache.shape[0])
 
 
 def rotary_embedding(positions: Tensor, q: Tensor, k: Tensor | None, cos_sin_cache: Tensor, head_size: int,
@@ -168,7 +174,7 @@ def rotary_embedding(positions: Tensor, q: Tensor, k: Tensor | None, cos_sin_cac
 
     ``rotary_dim`` defaults to ``cos_sin_cache.shape[1]``. Math in fp32, one rounding per element.
     """
-    rd = cos_sin_cache.shape[-1] if rotary_dim is None else rotary_dim
+    rd = check_tensor("cos_sin_cache", cos_sin_cache).shape[-1] if rotary_dim is None else rotary_dim
     qo, ko = call(_rotary_op, positions, q, k, cos_sin_cache, head_size, rd, is_neox)
     return qo, (ko if k is not None else None)
 
@@ -176,6 +182,6 @@ def rotary_embedding(positions: Tensor, q: Tensor, k: Tensor | None, cos_sin_cac
 def rotary_embedding_(positions: Tensor, q: Tensor, k: Tensor | None, cos_sin_cache: Tensor, head_size: int,
                       rotary_dim: int | None = None, is_neox: bool = True) -> tuple[Tensor, Tensor | None]:
     """In-place rotary embedding (vLLM's ``rotary_embedding`` op). Returns ``(q, k)``."""
-    rd = cos_sin_cache.shape[-1] if rotary_dim is None else rotary_dim
+    rd = check_tensor("cos_sin_cache", cos_sin_cache).shape[-1] if rotary_dim is None else rotary_dim
     call(_rotary_inplace_op, positions, q, k, cos_sin_cache, head_size, rd, is_neox)
     return q, k
