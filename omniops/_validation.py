@@ -178,40 +178,50 @@ def check_values(name: str, t: torch.Tensor, lo: int, hi: int) -> None:
 
 
 # ---- the overlap rule (the C++ entry points apply the same one; this serves the reference / triton paths) ------
-def _span(t: torch.Tensor) -> tuple[int, int, int, int]:
-    """(lo, hi, outer, inner) bytes: the memory t can touch, its outermost stride (0: none) and the extent of
-    everything inside that dimension (ascendc/bindings/checks.cpp: SpanOf)."""
+def _layout(t: torch.Tensor) -> tuple[list[tuple[int, int]], int, int]:
+    """(dims, element size, lowest address): the dims of size > 1 as (stride, size) in bytes, largest stride first
+    (stride-0 dims repeat memory and are dropped) - ascendc/bindings/checks.cpp: LayoutOf."""
     es = t.element_size()
-    lo = hi = outer = outer_ext = 0
-    for size, stride in zip(t.shape, t.stride(), strict=True):
-        if size <= 1:
-            continue
-        ext = (size - 1) * stride
-        if stride < 0:
-            lo += ext
-        else:
-            hi += ext
-        if abs(stride) > outer:
-            outer, outer_ext = abs(stride), abs(ext)
     base = t.data_ptr()
-    return base + lo * es, base + (hi + 1) * es, outer * es, (hi - lo + 1 - outer_ext) * es
+    dims = []
+    for n, st in zip(t.shape, t.stride(), strict=True):
+        if n > 1 and st:
+            if st < 0:
+                base += (n - 1) * st * es
+            dims.append((abs(st) * es, n))
+    dims.sort(reverse=True)
+    return dims, es, base
+
+
+def _extent(dims: list[tuple[int, int]], es: int, start: int) -> int:
+    return es + sum((n - 1) * st for st, n in dims[start:])
+
+
+def _disjoint(a: tuple, ia: int, a0: int, b: tuple, ib: int, b0: int) -> bool:
+    """No common byte (checks.cpp: Disjoint): with S the larger outermost stride and both rows no longer than S,
+    b's rows sit at offset d = (b0 - a0) mod S, or d - S, from a's - the same question one dimension down."""
+    (ad, aes), (bd, bes) = a, b
+    if a0 + _extent(ad, aes, ia) <= b0 or b0 + _extent(bd, bes, ib) <= a0:
+        return True
+    if ia == len(ad) and ib == len(bd):
+        return False
+    sa, sb = (ad[ia][0] if ia < len(ad) else 0), (bd[ib][0] if ib < len(bd) else 0)
+    s = max(sa, sb)
+    ra, rb = ia + (sa == s), ib + (sb == s)
+    if _extent(ad, aes, ra) > s or _extent(bd, bes, rb) > s:
+        return False
+    d = (b0 - a0) % s
+    return _disjoint(a, ra, 0, b, rb, d) and _disjoint(a, ra, 0, b, rb, d - s)
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> str | None:
     """None, 'same' (the identical view) or 'partial'."""
     if a.numel() == 0 or b.numel() == 0:
         return None
-    (alo, ahi, aout, ain), (blo, bhi, bout, bin_) = _span(a), _span(b)
-    if ahi <= blo or bhi <= alo:
-        return None
     if a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride():
         return "same"
-    s = aout or bout  # interleaved views with one outermost stride: disjoint if each fits the other's gap
-    if s and aout in (0, s) and bout in (0, s) and ain <= s and bin_ <= s:
-        d = (blo - alo) % s
-        if ain <= d and d + bin_ <= s:
-            return None
-    return "partial"
+    (ad, aes, abase), (bd, bes, bbase) = _layout(a), _layout(b)
+    return None if _disjoint((ad, aes), 0, abase, (bd, bes), 0, bbase) else "partial"
 
 
 def _self_overlaps(t: torch.Tensor) -> bool:

@@ -193,33 +193,50 @@ void CheckMatrix(const at::Tensor& t, const char* name, int64_t rows, int64_t co
 // ---- the overlap rule ---------------------------------------------------------------------------------------
 namespace {
 
-// The bytes a strided tensor can touch: [lo, hi), plus its outermost dimension (the largest stride among the
-// dims of size > 1, `outer` bytes; 0 when there is none) and the extent `inner` of everything inside it. Real
-// tensors' extents fit in memory, so int64 holds them; __int128 keeps a corrupt one from wrapping.
-struct Span {
-  __int128 lo = 0, hi = 0, outer = 0, inner = 0;
+// A strided tensor as the offsets it touches: its dims of size > 1 as (stride, size) in bytes, largest stride
+// first (stride-0 dims repeat the same memory and are dropped), its element size and lowest address;
+// real tensors' extents fit in memory, __int128 keeps a corrupt one from wrapping.
+struct Layout {
+  std::vector<std::pair<__int128, __int128>> dims;
+  __int128 elem = 0;
+  __int128 base = 0;  // the lowest byte address it touches
 };
 
-Span SpanOf(const at::Tensor& t) {
-  const __int128 es = t.element_size();
-  __int128 lo = 0, hi = 0, outer = 0, outer_ext = 0;
+Layout LayoutOf(const at::Tensor& t) {
+  Layout l;
+  l.elem = t.element_size();
+  l.base = static_cast<__int128>(reinterpret_cast<uintptr_t>(t.data_ptr()));
   for (int64_t d = 0; d < t.dim(); ++d) {
-    if (t.size(d) <= 1) continue;
-    const __int128 st = t.stride(d), ext = static_cast<__int128>(t.size(d) - 1) * st;
-    (st < 0 ? lo : hi) += ext;
-    const __int128 ast = st < 0 ? -st : st;
-    if (ast > outer) {
-      outer = ast;
-      outer_ext = ext < 0 ? -ext : ext;
-    }
+    if (t.size(d) <= 1 || t.stride(d) == 0) continue;
+    const __int128 st = static_cast<__int128>(t.stride(d)) * l.elem;
+    if (st < 0) l.base += (t.size(d) - 1) * st;
+    l.dims.emplace_back(st < 0 ? -st : st, t.size(d));
   }
-  Span s;
-  const __int128 base = static_cast<__int128>(reinterpret_cast<uintptr_t>(t.data_ptr()));
-  s.lo = base + lo * es;
-  s.hi = base + (hi + 1) * es;
-  s.outer = outer * es;
-  s.inner = s.hi - s.lo - outer_ext * es;
-  return s;
+  std::sort(l.dims.begin(), l.dims.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
+  return l;
+}
+
+// Bytes from the first touched offset to one past the last, of dims[from:].
+__int128 Extent(const Layout& l, size_t from) {
+  __int128 e = l.elem;
+  for (size_t i = from; i < l.dims.size(); ++i) e += (l.dims[i].second - 1) * l.dims[i].first;
+  return e;
+}
+
+// Whether tensors a (dims a.dims[ia:], at byte offset a0) and b (b.dims[ib:], at b0) touch no common byte.
+// Sufficient, and exact for the interleaved views ops meet (q / k column slices of one qkv matrix, k / v halves
+// of one cache): with S the larger outermost stride and both remaining rows no longer than S, b's rows sit at
+// offset d = (b0 - a0) mod S, or d - S, from a's, so it is the same question one dimension down.
+bool Disjoint(const Layout& a, size_t ia, __int128 a0, const Layout& b, size_t ib, __int128 b0) {
+  const __int128 ea = Extent(a, ia), eb = Extent(b, ib);
+  if (a0 + ea <= b0 || b0 + eb <= a0) return true;
+  if (ia == a.dims.size() && ib == b.dims.size()) return false;
+  const __int128 sa = ia < a.dims.size() ? a.dims[ia].first : 0, sb = ib < b.dims.size() ? b.dims[ib].first : 0;
+  const __int128 S = sa > sb ? sa : sb;
+  const size_t ra = ia + (sa == S ? 1 : 0), rb = ib + (sb == S ? 1 : 0);  // rows: peel the dim of stride S
+  if (Extent(a, ra) > S || Extent(b, rb) > S) return false;
+  const __int128 d = ((b0 - a0) % S + S) % S;
+  return Disjoint(a, ra, 0, b, rb, d) && Disjoint(a, ra, 0, b, rb, d - S);
 }
 
 bool SameView(const at::Tensor& a, const at::Tensor& b) {
@@ -231,17 +248,9 @@ enum class Overlap { kNone, kSame, kPartial };
 
 Overlap OverlapOf(const at::Tensor& a, const at::Tensor& b) {
   if (a.numel() == 0 || b.numel() == 0) return Overlap::kNone;
-  const Span x = SpanOf(a), y = SpanOf(b);
-  if (x.hi <= y.lo || y.hi <= x.lo) return Overlap::kNone;
   if (SameView(a, b)) return Overlap::kSame;
-  // Interleaved views with the same outermost stride S (q and k column slices of one qkv matrix, k and v halves
-  // of one cache block) are disjoint when, modulo S, each one's inner extent fits in the other's gap.
-  const __int128 S = x.outer != 0 ? x.outer : y.outer;
-  if (S > 0 && (x.outer == 0 || x.outer == S) && (y.outer == 0 || y.outer == S) && x.inner <= S && y.inner <= S) {
-    const __int128 d = ((y.lo - x.lo) % S + S) % S;
-    if (x.inner <= d && d + y.inner <= S) return Overlap::kNone;
-  }
-  return Overlap::kPartial;
+  const Layout x = LayoutOf(a), y = LayoutOf(b);
+  return Disjoint(x, 0, x.base, y, 0, y.base) ? Overlap::kNone : Overlap::kPartial;
 }
 
 // A written tensor must have distinct memory per element: sorted by stride, every stride must step past the
