@@ -1,22 +1,14 @@
-// Bindings of the attention family (ascendc/kernels/attention/): every shape, stride and index value is checked
-// here before a kernel runs, because omniops._C is reachable directly. Index checks read block_table/seq_lens
-// (one pass over the covered entries), cu_seqlens and slot_mapping.
+// Bindings of the attention family (ascendc/kernels/attention/): decode, prefill, dense attention. Every shape,
+// stride and index value is checked here before a kernel runs, because omniops._C is reachable directly. Index
+// checks read block_table / seq_lens (one pass over the covered entries) and cu_seqlens. Cache writes:
+// cache_ops.cpp.
 #include <algorithm>
 
-#include "bindings/common.h"
-#include "omni/ops/attention.h"
+#include "bindings/attention_common.h"
 
 namespace omni {
 constexpr const char* FAMILY = "attention";
 namespace {
-
-const OmniAttentionKernels* K() { return Kernels<OmniAttentionKernels>("omni_attention_kernels"); }
-
-// An index tensor: dtype st, `dim` dims, unit inner stride, non-negative strides.
-void CheckIndex(const at::Tensor& t, const char* name, at::ScalarType st, int64_t dim) {
-  CheckDtype(t, st, name);
-  CheckReadable(t, name, dim);
-}
 
 // block_table [B, max_blocks] int32 and lengths [B] int32: lengths in [0, max_blocks * block_size] and the table
 // entries the lengths cover in [0, num_blocks). Returns the largest length. block_size may be huge (a stride-0
@@ -47,16 +39,6 @@ int64_t CheckTable(const at::Tensor& table, const at::Tensor& lens, const char* 
     }
   }
   return max_len;
-}
-
-void CheckSlots(const at::Tensor& slots, int64_t tokens, int64_t num_slots) {
-  CheckIndex(slots, "slot_mapping", at::kLong, 1);
-  if (slots.size(0) != tokens) ValueError("slot_mapping: expected shape [" + S(tokens) + "], got " + Shape(slots));
-  const int64_t* p = slots.data_ptr<int64_t>();
-  for (int64_t i = 0; i < tokens; ++i)
-    if (p[i] < -1 || p[i] >= num_slots)
-      ValueError("slot_mapping[" + S(i) + "] = " + S(p[i]) + " is outside [-1, " + S(num_slots) +
-                 ") (-1 = skip; num_blocks * block_size slots)");
 }
 
 void CheckOut(const at::Tensor& out, const at::Tensor& q, int64_t rows, int64_t heads, int64_t dv) {
@@ -98,20 +80,6 @@ void SetRows(OmniPagedAttnArgs& a, const at::Tensor& q, const at::Tensor& out) {
   a.out = out.data_ptr();
   a.out_token_stride = out.stride(0);
   a.out_head_stride = out.stride(1);
-}
-
-// Paged k / v caches [blocks, slots, heads, dims] (heads = false: [blocks, slots, dims], one shared head).
-// Args: OmniPagedAttnArgs (read) or OmniReshapeAndCacheArgs (written), which name these fields alike.
-template <typename Args>
-void SetCache(Args& a, const at::Tensor& kc, const at::Tensor& vc, bool heads) {
-  a.k_cache = kc.data_ptr();
-  a.v_cache = vc.data_ptr();
-  a.k_block_stride = kc.stride(0);
-  a.k_token_stride = kc.stride(1);
-  a.k_head_stride = heads ? kc.stride(2) : 0;
-  a.v_block_stride = vc.stride(0);
-  a.v_token_stride = vc.stride(1);
-  a.v_head_stride = heads ? vc.stride(2) : 0;
 }
 
 void SetTable(OmniPagedAttnArgs& a, const at::Tensor& table, const at::Tensor& lens, int64_t block_size) {
@@ -321,76 +289,6 @@ void DenseAttention(at::Tensor out, const at::Tensor& q, const at::Tensor& k, co
   K()->dense_attention(&a, &rt);
 }
 
-void ReshapeAndCache(const at::Tensor& key, const at::Tensor& value, at::Tensor k_cache, at::Tensor v_cache,
-                     const at::Tensor& slot_mapping) {
-  CheckReadable(key, "key", 3);
-  CheckReadable(value, "value", 3);
-  const int32_t dt = FloatDType(key, "key");
-  CheckSameDtype(value, key, "value", "key");
-  CheckReadable(k_cache, "k_cache", 4);
-  CheckReadable(v_cache, "v_cache", 4);
-  CheckSameDtype(k_cache, key, "k_cache", "key");
-  CheckSameDtype(v_cache, key, "v_cache", "key");
-  const int64_t T = key.size(0), H = key.size(1), D = key.size(2), Dv = value.size(2);
-  CheckDims(value, "value", {T, H, -1}, "tokens, kv_heads as key");
-  CheckDims(k_cache, "k_cache", {-1, -1, H, D}, "num_blocks, block_size, kv_heads, head_dim of key");
-  CheckDims(v_cache, "v_cache", {k_cache.size(0), k_cache.size(1), H, Dv}, "as k_cache, head_dim of value");
-  CheckOutputs({{&k_cache, "k_cache"}, {&v_cache, "v_cache"}},
-               {{&key, "key"}, {&value, "value"}, {&slot_mapping, "slot_mapping"}});
-  const int64_t bs = k_cache.size(1);
-  CheckSlots(slot_mapping, T, Mul(k_cache.size(0), bs, "k_cache"));
-  if (T == 0 || H == 0 || k_cache.numel() == 0) return;
-  OmniReshapeAndCacheArgs a{};
-  a.key = key.data_ptr();
-  a.value = value.data_ptr();
-  a.key_token_stride = key.stride(0);
-  a.key_head_stride = key.stride(1);
-  a.value_token_stride = value.stride(0);
-  a.value_head_stride = value.stride(1);
-  SetCache(a, k_cache, v_cache, true);
-  a.slot_mapping = slot_mapping.data_ptr<int64_t>();
-  a.tokens = T;
-  a.kv_heads = H;
-  a.head_dim = D;
-  a.v_dim = Dv;
-  a.block_size = bs;
-  a.dtype = dt;
-  OmniRuntime rt = Runtime();
-  K()->reshape_and_cache(&a, &rt);
-}
-
-void MlaCache(const at::Tensor& kv_c, const at::Tensor& k_pe, at::Tensor kv_cache, const at::Tensor& slot_mapping) {
-  CheckReadable(kv_c, "kv_c", 2);
-  CheckReadable(k_pe, "k_pe", 2);
-  const int32_t dt = FloatDType(kv_c, "kv_c");
-  CheckSameDtype(k_pe, kv_c, "k_pe", "kv_c");
-  CheckReadable(kv_cache, "kv_cache", 3);
-  CheckSameDtype(kv_cache, kv_c, "kv_cache", "kv_c");
-  const int64_t T = kv_c.size(0), R = kv_c.size(1), P = k_pe.size(1);
-  CheckDims(k_pe, "k_pe", {T, -1}, "tokens as kv_c");
-  CheckDims(kv_cache, "kv_cache", {-1, -1, Add(R, P, "k_pe")}, "num_blocks, block_size, kv_lora_rank + rope_dim");
-  const int64_t nb = kv_cache.size(0), bs = kv_cache.size(1);
-  CheckOutputs({{&kv_cache, "kv_cache"}}, {{&kv_c, "kv_c"}, {&k_pe, "k_pe"}, {&slot_mapping, "slot_mapping"}});
-  CheckSlots(slot_mapping, T, Mul(nb, bs, "kv_cache"));
-  if (T == 0 || kv_cache.numel() == 0) return;
-  OmniMlaCacheArgs a{};
-  a.kv_c = kv_c.data_ptr();
-  a.k_pe = k_pe.data_ptr();
-  a.kv_c_stride = kv_c.stride(0);
-  a.k_pe_stride = k_pe.stride(0);
-  a.kv_cache = kv_cache.data_ptr();
-  a.block_stride = kv_cache.stride(0);
-  a.token_stride = kv_cache.stride(1);
-  a.slot_mapping = slot_mapping.data_ptr<int64_t>();
-  a.tokens = T;
-  a.kv_lora_rank = R;
-  a.rope_dim = P;
-  a.block_size = bs;
-  a.dtype = dt;
-  OmniRuntime rt = Runtime();
-  K()->mla_cache(&a, &rt);
-}
-
 void Register(py::module_& m) {
   Def(m, "gqa_decode", &GqaDecode, "paged GQA decode: out [B, Hq, Dv] from q [B, Hq, D] (split-KV)", py::arg("out"),
       py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"), py::arg("seq_lens"),
@@ -407,10 +305,6 @@ void Register(py::module_& m) {
       "attention over contiguous K/V in SDPA layout: q [B, Hq, S, D], k/v [B, Hk, L, *], S <= L", py::arg("out"),
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("attn_mask") = py::none(), py::arg("causal") = false,
       py::arg("scale") = 1.0);
-  Def(m, "reshape_and_cache", &ReshapeAndCache, "write key/value [T, H, D] into paged caches (slot -1 = skip)",
-      py::arg("key"), py::arg("value"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"));
-  Def(m, "mla_cache", &MlaCache, "kv_cache[slot] = cat(kv_c, k_pe) (slot -1 = skip)", py::arg("kv_c"),
-      py::arg("k_pe"), py::arg("kv_cache"), py::arg("slot_mapping"));
 }
 
 RegisterFamily registered(FAMILY, &Register);
