@@ -6,8 +6,7 @@ on contiguous copies fails the test of its baseline and ISA, naming the case."""
 from __future__ import annotations
 
 import pytest
-from fuzz_harness import names_argument
-from fuzz_runner import job_key
+from fuzz_report import assert_baseline_passes, named_share
 from fuzz_specs_cpp import BASELINES
 
 from omniops import _cpu, _ext
@@ -17,29 +16,19 @@ FUZZ_JOBS = [{"suite": "cpp", "isa": isa} for isa in ISAS]
 pytestmark = pytest.mark.skipif(_ext.cpp() is None, reason=f"omniops._C not built: {_ext.unavailable_reason()}")
 
 
-def _records(fuzz_results, job):
-    return fuzz_results[job_key(job)]
-
-
 @pytest.mark.parametrize("job", FUZZ_JOBS, ids=[j["isa"] for j in FUZZ_JOBS])
 @pytest.mark.parametrize("base", list(BASELINES))
 def test_bad_inputs(fuzz_results, job, base: str) -> None:
-    recs = {i: r for i, r in _records(fuzz_results, job).items() if i.split(":")[0] == base}
-    assert recs, f"no fuzz cases ran for {base}"
-    failed = {i: r for i, r in recs.items() if r["outcome"] == "fail"}
-    assert not failed, f"{len(failed)} of {len(recs)} cases failed on {job['isa']}:\n" + "\n".join(
-        f"  {i}: {r['why']}" + (f"\n{r['stderr'][-600:]}" if r.get("stderr") else "") for i, r in failed.items())
+    assert_baseline_passes(fuzz_results, job, base, f"the {job['isa']} library")
 
 
 def test_rejections_name_the_argument(fuzz_results) -> None:
     """Issue 18's bar: >= 95% of the direct _C rejections name the argument (pybind's anonymous
     'incompatible function arguments' does not)."""
-    rej = [r for job in FUZZ_JOBS for r in _records(fuzz_results, job).values() if r["outcome"] == "rejected"]
-    named = sum(names_argument(r["msg"], r["names"]) for r in rej)
-    share = named / max(len(rej), 1)
-    print(f"\n_C rejections naming an argument: {named}/{len(rej)} = {share:.1%}")
-    assert len(rej) > 1000 * len(FUZZ_JOBS)
-    assert share >= 0.95
+    named, n = named_share(fuzz_results, FUZZ_JOBS)
+    print(f"\n_C rejections naming an argument: {named}/{n} = {named / max(n, 1):.1%}")
+    assert n > 1000 * len(FUZZ_JOBS)
+    assert named / n >= 0.95
 
 
 def test_every_entry_point_is_fuzzed() -> None:

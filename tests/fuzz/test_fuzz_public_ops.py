@@ -4,8 +4,7 @@ where they cannot serve a call) and on the reference backend, which must refuse 
 from __future__ import annotations
 
 import pytest
-from fuzz_harness import names_argument
-from fuzz_runner import job_key
+from fuzz_report import assert_baseline_passes, named_share
 from fuzz_specs_public import BASELINES
 
 import omniops
@@ -13,25 +12,16 @@ import omniops
 FUZZ_JOBS = [{"suite": "public", "backend": b} for b in ("default", "reference")]
 
 
-def _records(fuzz_results, job):
-    return fuzz_results[job_key(job)]
-
-
 @pytest.mark.parametrize("job", FUZZ_JOBS, ids=[j["backend"] for j in FUZZ_JOBS])
 @pytest.mark.parametrize("base", list(BASELINES))
 def test_bad_inputs(fuzz_results, job, base: str) -> None:
-    recs = {i: r for i, r in _records(fuzz_results, job).items() if i.split(":")[0] == base}
-    assert recs, f"no fuzz cases ran for {base}"
-    failed = {i: r for i, r in recs.items() if r["outcome"] == "fail"}
-    assert not failed, f"{len(failed)} of {len(recs)} cases failed on {job['backend']}:\n" + "\n".join(
-        f"  {i}: {r['why']}" + (f"\n{r['stderr'][-600:]}" if r.get("stderr") else "") for i, r in failed.items())
+    assert_baseline_passes(fuzz_results, job, base, f"the {job['backend']} backend")
 
 
 def test_rejections_name_the_argument(fuzz_results) -> None:
-    rej = [r for job in FUZZ_JOBS for r in _records(fuzz_results, job).values() if r["outcome"] == "rejected"]
-    named = sum(names_argument(r["msg"], r["names"]) for r in rej)
-    print(f"\npublic-op rejections naming an argument: {named}/{len(rej)} = {named / max(len(rej), 1):.1%}")
-    assert len(rej) > 1000 and named / len(rej) >= 0.95
+    named, n = named_share(fuzz_results, FUZZ_JOBS)
+    print(f"\npublic-op rejections naming an argument: {named}/{n} = {named / max(n, 1):.1%}")
+    assert n > 1000 and named / n >= 0.95
 
 
 def test_every_public_op_is_fuzzed() -> None:

@@ -51,6 +51,15 @@ inline OmniPagedAttnArgs DenseAsPaged(const OmniDenseAttnArgs& d) {
   return a;
 }
 
+// q / out rows of the paged kernel: token stride from dim `tok` of the dense layout (decode: the batch, prefill:
+// the position), head stride from dim 1.
+inline void SetRows(OmniPagedAttnArgs& a, const OmniDenseAttnArgs& d, int tok) {
+  a.q_token_stride = d.q_strides[tok];
+  a.q_head_stride = d.q_strides[1];
+  a.out_token_stride = d.out_strides[tok];
+  a.out_head_stride = d.out_strides[1];
+}
+
 // Decode over the batch: the block table [b] = b and lengths kv_len, int32, in front of the decode workspace.
 inline int64_t DenseTableBytes(int64_t batch) { return AlignUp(2 * batch * 4, 64); }
 
@@ -63,11 +72,8 @@ inline void DenseDecode(const OmniDenseAttnArgs& d, const OmniRuntime* rt) {
     lens[b] = static_cast<int32_t>(d.kv_len);
   }
   a.q = d.q;
-  a.q_token_stride = d.q_strides[0];
-  a.q_head_stride = d.q_strides[1];
   a.out = d.out;
-  a.out_token_stride = d.out_strides[0];
-  a.out_head_stride = d.out_strides[1];
+  SetRows(a, d, 0);
   a.block_table = table;
   a.table_stride = 1;
   a.ctx_lens = lens;
@@ -90,10 +96,7 @@ inline void DensePrefill(const OmniDenseAttnArgs& d, const OmniRuntime* rt) {
   a.batch = 1;
   a.num_splits = 1;
   a.causal = d.causal;
-  a.q_token_stride = d.q_strides[2];
-  a.q_head_stride = d.q_strides[1];
-  a.out_token_stride = d.out_strides[2];
-  a.out_head_stride = d.out_strides[1];
+  SetRows(a, d, 2);
   a.kn_token_stride = d.k_strides[2];
   a.kn_head_stride = d.k_strides[1];
   a.vn_token_stride = d.v_strides[2];
