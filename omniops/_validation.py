@@ -26,13 +26,14 @@ def check_tensor(
     # Called on every op call: the success path does no allocation; messages are built only on failure.
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.is_neg() or t.is_conj():  # the kernels read raw memory: a lazy sign / conjugate bit would be lost
-        raise ValueError(f"{name}: has a lazy negative/conjugate bit; call resolve_neg() / resolve_conj() first")
-    n = t.numel()
-    if type(n) is int and n * t.element_size() > _MAX_BYTES:  # symbolic sizes (tracing) are not checked
-        # Only a stride-0 view claims this much; an output of its size could not even be sized.
-        raise ValueError(f"{name}: claims {n} elements of {t.element_size()} bytes, past the int64 byte range "
-                         f"(shape {list(t.shape)})")
+    if not torch.compiler.is_compiling():  # (Dynamo cannot trace is_neg; traced sizes are symbolic)
+        if t.is_neg() or t.is_conj():  # the kernels read raw memory: a lazy sign / conjugate bit would be lost
+            raise ValueError(f"{name}: has a lazy negative/conjugate bit; call resolve_neg() / resolve_conj() first")
+        n = t.numel()
+        if type(n) is int and n * t.element_size() > _MAX_BYTES:
+            # Only a stride-0 view claims this much; an output of its size could not even be sized.
+            raise ValueError(f"{name}: claims {n} elements of {t.element_size()} bytes, past the int64 byte range "
+                             f"(shape {list(t.shape)})")
     if dtypes is not None and t.dtype not in dtypes:
         names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
         raise TypeError(f"{name}: expected dtype in ({names}), got {str(t.dtype).removeprefix('torch.')}")
