@@ -36,6 +36,7 @@ from torch import Tensor
 
 from omniops import _ext
 from omniops._registry import eager_direct
+from omniops._validation import check_tensor
 
 SCHEMES = ("int8_channel", "int4_group", "fp8_block")
 INT4_GROUP_SIZES = (32, 64, 128)
@@ -127,6 +128,7 @@ def quantize_activation_per_token_int8(x: Tensor) -> tuple[Tensor, Tensor]:
     """
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1:
         raise TypeError("x: expected a floating-point tensor with at least 1 dimension")
+    check_tensor("x", x)  # (a stride-0 view past the int64 byte range, a lazy neg / conj bit)
     C = _ext.cpp()
     if (C is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and x.shape[-1] > 0 and eager_direct((x,))):
@@ -222,6 +224,7 @@ def quantize_activation_fp8_group(x: Tensor, group: int = FP8_BLOCK) -> tuple[Te
     [..., ceil(K/group)] with ``x ~= x_q * x_scale`` (repeated over each group); scale = amax / 448."""
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1:
         raise TypeError("x: expected a floating-point tensor with at least 1 dimension")
+    check_tensor("x", x)  # (a stride-0 view past the int64 byte range, a lazy neg / conj bit)
     if group != FP8_BLOCK:
         raise ValueError(f"group: only {FP8_BLOCK} is supported (the fp8_block GEMM's K block), got {group}")
     k = x.shape[-1]

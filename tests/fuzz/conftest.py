@@ -38,7 +38,8 @@ def _wanted(items: list[pytest.Item]) -> dict[str, set[str] | None]:
         params = getattr(item, "callspec", None)
         params = params.params if params is not None else {}
         if "job" in params:
-            add(params["job"], params.get("base"))
+            if isinstance(params["job"], dict):  # (not the placeholder of an empty parameter list)
+                add(params["job"], params.get("base"))
         else:
             for job in jobs:
                 add(job, None)

@@ -26,7 +26,7 @@ class Call:
     ranges: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # index tensor -> [lo, hi)
     optional: tuple[str, ...] = ()  # tensor arguments that may be None
     reject: dict[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)  # scalar -> values to refuse
-    meta_ok: bool = False  # meta tensors are valid inputs (the public ops run the reference on them)
+    public: bool = False  # a public op: meta tensors (the reference runs on them) and lazy neg views are valid
 
 
 def _t(shape, dtype=F32, fill="randn"):

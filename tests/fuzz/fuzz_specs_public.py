@@ -17,7 +17,7 @@ _SCALARS_NONE = ("scale", "soft_cap", "window", "rotary_dim", "num_groups", "top
 
 def _call(fn: str, args: dict, outputs=(), inplace=(), ranges=None, optional=(), reject=None) -> Call:
     return Call(fn, args, tuple(outputs), tuple(inplace), ranges or {}, tuple(optional) + _SCALARS_NONE + ("out",),
-                reject or {}, meta_ok=True)
+                reject or {}, public=True)
 
 
 def rms_norm(mode: str) -> Call:
