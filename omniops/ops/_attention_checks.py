@@ -12,7 +12,8 @@ import math
 import torch
 from torch import Tensor
 
-from omniops._validation import check_same, check_tensor, is_fake
+from omniops._validation import check_block_table as check_table_values  # noqa: F401 (overflow-safe; shared)
+from omniops._validation import check_float, check_same, check_tensor, is_fake
 
 CPU_MAX_DECODE_DIM = 768  # OMNI_ATTN_MAX_DECODE_DIM in ascendc/include/omni/ops/attention.h
 CPU_MAX_PREFILL_DIM = 256  # OMNI_ATTN_MAX_PREFILL_DIM
@@ -61,14 +62,15 @@ def check_index(name: str, t: Tensor, dim: int, ref: Tensor, ref_name: str = "q"
         raise ValueError(f"{name}: expected device {ref.device} (as {ref_name}), got {t.device}")
 
 
-def check_tables(q: Tensor, block_table: Tensor, lens: Tensor, lens_name: str, batch: int, block_size: int) -> None:
+def check_tables(q: Tensor, block_table: Tensor, lens: Tensor, lens_name: str, batch: int, block_size: int,
+                 cache: str = "k_cache") -> None:
     """``block_table [batch, max_blocks]`` and ``lens [batch]`` int32 on q's device; a positive block size."""
     check_index("block_table", block_table, 2, q)
     check_index(lens_name, lens, 1, q)
     check_dims("block_table", block_table, (batch, None), "batch, max_blocks")
     check_dims(lens_name, lens, (batch,), "batch")
     if block_size <= 0:
-        raise ValueError("k_cache: block_size (dim 1) must be > 0")
+        raise ValueError(f"{cache}: block_size (dim 1) must be > 0")
 
 
 def resolve_scale(scale: float | None, q: object) -> float:
@@ -76,9 +78,7 @@ def resolve_scale(scale: float | None, q: object) -> float:
     if scale is None:
         head_dim = q.shape[-1] if isinstance(q, Tensor) and q.dim() else 0
         return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale: expected a finite number or None, got {scale!r}")
-    return float(scale)
+    return check_float("scale", scale)
 
 
 def cpu_cache_reason(dim_limit: int, *caches: Tensor) -> str | None:
@@ -92,26 +92,6 @@ def cpu_cache_reason(dim_limit: int, *caches: Tensor) -> str | None:
 
 
 # ---- value checks (skipped on fake tensors and with validate=False) ----------------------------------------
-def check_table_values(block_table: Tensor, lens: Tensor, lens_name: str, num_blocks: int, block_size: int) -> None:
-    """lens in [0, max_blocks * block_size]; covered table entries in [0, num_blocks). One sync."""
-    if lens.numel() == 0 or is_fake(lens) or is_fake(block_table):
-        return
-    max_blocks = block_table.shape[1]
-    cap = max_blocks * block_size
-    ln = lens.long()
-    covered = torch.arange(max_blocks, device=lens.device)[None, :] < ((ln + block_size - 1) // block_size)[:, None]
-    bad = covered & ((block_table < 0) | (block_table >= num_blocks))
-    lo, hi, nbad = torch.stack((ln.min(), ln.max(), bad.sum())).tolist()
-    if lo < 0 or hi > cap:
-        i = int(((ln < 0) | (ln > cap)).nonzero()[0, 0])
-        raise ValueError(f"{lens_name}[{i}] = {int(ln[i])} is outside [0, {cap}] (block_table covers {max_blocks} "
-                         f"blocks of {block_size} tokens)")
-    if nbad:
-        b, j = (int(x) for x in bad.nonzero()[0])
-        raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} is outside [0, {num_blocks}) "
-                         f"(num_blocks of the cache)")
-
-
 def check_slot_values(slot_mapping: Tensor, num_slots: int) -> None:
     if slot_mapping.numel() == 0 or is_fake(slot_mapping):
         return

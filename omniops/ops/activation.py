@@ -12,7 +12,7 @@ from torch import Tensor
 
 from omniops._family import OpFamily
 from omniops._registry import call, omni_op
-from omniops._validation import FLOAT_DTYPES, check_same, check_shape, check_tensor, rows_view
+from omniops._validation import FLOAT_DTYPES, check_no_overlap, check_same, check_shape, check_tensor, rows_view
 from omniops.ops._layout import as_rows
 from omniops.reference import activation as ref
 
@@ -40,6 +40,8 @@ def _run(out: Tensor, x: Tensor) -> None:
         return
     impl = SILU_AND_MUL.select(x.device, x.dtype)
     o2 = rows_view(out)
+    if impl is not SILU_AND_MUL.cpu_impl() or o2 is None:  # the C++ entry point applies the overlap rule itself
+        check_no_overlap((("out", out),), (("x", x),))
     if o2 is None:
         tmp = torch.empty(out.shape, dtype=out.dtype, device=out.device)
         _run(tmp, x)

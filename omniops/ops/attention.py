@@ -19,13 +19,11 @@ re-check the values anyway (they are reachable directly), Triton kernels do not.
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor
 
 from omniops._family import OpFamily
 from omniops._registry import call, omni_op
-from omniops._validation import FLOAT_DTYPES, check_tensor
+from omniops._validation import FLOAT_DTYPES, check_bool, check_float, check_int, check_tensor
 from omniops.ops._attention_checks import (
     CPU_MAX_DECODE_DIM,
     CPU_MAX_PREFILL_DIM,
@@ -67,11 +65,10 @@ def _validate_gqa_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tabl
     check_dims("v_cache", v_cache, (nb, bs, hkv, None), "num_blocks, block_size, kv_heads as k_cache")
     check_heads(hq, hkv, "k_cache dim 2", d, v_cache.shape[-1])
     check_tables(q, block_table, seq_lens, "seq_lens", B, bs)
-    if soft_cap is not None and (not isinstance(soft_cap, (int, float)) or not math.isfinite(soft_cap)
-                                 or soft_cap < 0):
-        raise ValueError(f"soft_cap: expected a finite number > 0 or None, got {soft_cap!r}")
-    if window is not None and (not isinstance(window, int) or window < 0):
-        raise ValueError(f"window: expected a positive int or None, got {window!r}")
+    if soft_cap is not None:
+        check_float("soft_cap", soft_cap, lo=0.0)  # finite in fp32 (the kernels' type)
+    if window is not None:
+        check_int("window", window, lo=0)  # an int: 1.5 is not truncated
 
 
 def _fake_gqa_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
@@ -84,12 +81,12 @@ def _fake_gqa_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: T
 def _gqa_decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
                    scale: float, soft_cap: float | None, window: int | None, validate: bool) -> Tensor:
     out = _fake_gqa_decode(q, k_cache, v_cache, block_table, seq_lens, scale, soft_cap, window, validate)
-    if validate:
-        check_table_values(block_table, seq_lens, "seq_lens", k_cache.shape[0], k_cache.shape[1])
-    if out.numel() == 0:
-        return out
     args = (out, inner_contiguous(q), k_cache, v_cache, block_table, seq_lens, scale, soft_cap, window)
-    GQA_DECODE.select(q.device, q.dtype, *args)(*args)
+    impl = GQA_DECODE.select(q.device, q.dtype, *args) if out.numel() else None
+    if validate and impl is not GQA_DECODE.cpu_impl():  # the C++ entry point checks the values itself
+        check_table_values(block_table, seq_lens, "seq_lens", k_cache.shape[0], k_cache.shape[1])
+    if impl is not None:
+        impl(*args)
     return out
 
 
@@ -116,7 +113,7 @@ def gqa_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
         out = omniops.gqa_decode(q, k_cache, v_cache, block_table, seq_lens)  # q [B, 32, 128], caches 8 heads
     """
     return call(_gqa_decode_op, q, k_cache, v_cache, block_table, seq_lens, resolve_scale(scale, q), soft_cap,
-                window, bool(validate))
+                window, check_bool("validate", validate))
 
 
 # ---- mla_decode ---------------------------------------------------------------------------------------------
@@ -138,9 +135,9 @@ def _validate_mla_decode(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_l
     check_like("kv_cache", kv_cache, "q", q)
     L = q.shape[-1]
     check_dims("kv_cache", kv_cache, (None, None, L), "num_blocks, block_size, head_dim of q (kv_lora_rank + rope_dim)")
-    if not isinstance(v_dim, int) or not 0 < v_dim <= L:
+    if not 0 < check_int("v_dim", v_dim) <= L:
         raise ValueError(f"v_dim: expected an int in [1, head_dim={L}], got {v_dim!r}")
-    check_tables(q, block_table, seq_lens, "seq_lens", q.shape[0], kv_cache.shape[1])
+    check_tables(q, block_table, seq_lens, "seq_lens", q.shape[0], kv_cache.shape[1], "kv_cache")
 
 
 def _fake_mla_decode(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor, scale: float, v_dim: int,
@@ -153,12 +150,12 @@ def _fake_mla_decode(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens:
 def _mla_decode_op(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor, scale: float, v_dim: int,
                    validate: bool) -> Tensor:
     out = _fake_mla_decode(q, kv_cache, block_table, seq_lens, scale, v_dim, validate)
-    if validate:
-        check_table_values(block_table, seq_lens, "seq_lens", kv_cache.shape[0], kv_cache.shape[1])
-    if out.numel() == 0:
-        return out
     args = (out, inner_contiguous(q), kv_cache, block_table, seq_lens, scale, v_dim)
-    MLA_DECODE.select(q.device, q.dtype, *args)(*args)
+    impl = MLA_DECODE.select(q.device, q.dtype, *args) if out.numel() else None
+    if validate and impl is not MLA_DECODE.cpu_impl():  # the C++ entry point checks the values itself
+        check_table_values(block_table, seq_lens, "seq_lens", kv_cache.shape[0], kv_cache.shape[1])
+    if impl is not None:
+        impl(*args)
     return out
 
 
@@ -181,7 +178,8 @@ def mla_decode(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tenso
 
         out = omniops.mla_decode(q, kv_cache, block_table, seq_lens, scale=192 ** -0.5)  # q [B, 16, 576]
     """
-    return call(_mla_decode_op, q, kv_cache, block_table, seq_lens, resolve_scale(scale, q), v_dim, bool(validate))
+    return call(_mla_decode_op, q, kv_cache, block_table, seq_lens, resolve_scale(scale, q), v_dim,
+                check_bool("validate", validate))
 
 
 # ---- gqa_prefill --------------------------------------------------------------------------------------------
@@ -238,15 +236,15 @@ def _gqa_prefill_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, causal:
                     context_lens: Tensor | None, validate: bool) -> Tensor:
     out = _fake_gqa_prefill(q, k, v, cu_seqlens, causal, scale, k_cache, v_cache, block_table, context_lens,
                             validate)
-    if validate:
+    args = (out, inner_contiguous(q), inner_contiguous(k), inner_contiguous(v), cu_seqlens, causal, scale, k_cache,
+            v_cache, block_table, context_lens)
+    impl = GQA_PREFILL.select(q.device, q.dtype, *args) if out.numel() else None
+    if validate and impl is not GQA_PREFILL.cpu_impl():  # the C++ entry point checks the values itself
         check_cu_values(cu_seqlens, q.shape[0])
         if k_cache is not None:
             check_table_values(block_table, context_lens, "context_lens", k_cache.shape[0], k_cache.shape[1])
-    if out.numel() == 0:
-        return out
-    args = (out, inner_contiguous(q), inner_contiguous(k), inner_contiguous(v), cu_seqlens, causal, scale, k_cache,
-            v_cache, block_table, context_lens)
-    GQA_PREFILL.select(q.device, q.dtype, *args)(*args)
+    if impl is not None:
+        impl(*args)
     return out
 
 
@@ -270,5 +268,5 @@ def gqa_prefill(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *, causal: 
 
         out = omniops.gqa_prefill(q, k, v, torch.tensor([0, 5, 12], dtype=torch.int32))
     """
-    return call(_gqa_prefill_op, q, k, v, cu_seqlens, bool(causal), resolve_scale(scale, q), k_cache, v_cache,
-                block_table, context_lens, bool(validate))
+    return call(_gqa_prefill_op, q, k, v, cu_seqlens, check_bool("causal", causal), resolve_scale(scale, q),
+                k_cache, v_cache, block_table, context_lens, check_bool("validate", validate))

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from omniops._family import OpFamily
 from omniops._registry import call, omni_op
-from omniops._validation import FLOAT_DTYPES, check_tensor
+from omniops._validation import FLOAT_DTYPES, check_bool, check_no_overlap, check_tensor
 from omniops.ops._attention_checks import (
     check_dims,
     check_index,
@@ -64,12 +64,16 @@ def _fake_rac(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot
 def _rac_op(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
             validate: bool) -> None:
     _validate_reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
-    if validate:
-        check_slot_values(slot_mapping, k_cache.shape[0] * k_cache.shape[1])
-    if key.shape[0] == 0 or k_cache.numel() == 0:
-        return
     args = (inner_contiguous(key), inner_contiguous(value), k_cache, v_cache, slot_mapping.long())
-    RESHAPE_AND_CACHE.select(key.device, key.dtype, *args)(*args)
+    run = key.shape[0] and k_cache.numel()
+    impl = RESHAPE_AND_CACHE.select(key.device, key.dtype, *args) if run else None
+    if impl is not RESHAPE_AND_CACHE.cpu_impl():  # the C++ entry point checks the values and the overlap rule
+        if validate:
+            check_slot_values(slot_mapping, k_cache.shape[0] * k_cache.shape[1])
+        check_no_overlap((("k_cache", k_cache), ("v_cache", v_cache)),
+                         (("key", key), ("value", value), ("slot_mapping", slot_mapping)))
+    if impl is not None:
+        impl(*args)
 
 
 def reshape_and_cache(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, *,
@@ -83,7 +87,7 @@ def reshape_and_cache(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tens
 
         omniops.reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
     """
-    call(_rac_op, key, value, k_cache, v_cache, slot_mapping, bool(validate))
+    call(_rac_op, key, value, k_cache, v_cache, slot_mapping, check_bool("validate", validate))
 
 
 # ---- mla_cache -------------------------------------------------------------------------------------------
@@ -113,12 +117,14 @@ def _fake_mla_cache(kv_c: Tensor, k_pe: Tensor, kv_cache: Tensor, slot_mapping: 
 @omni_op("mla_cache", mutates_args=("kv_cache",), fake=_fake_mla_cache)
 def _mla_cache_op(kv_c: Tensor, k_pe: Tensor, kv_cache: Tensor, slot_mapping: Tensor, validate: bool) -> None:
     _validate_mla_cache(kv_c, k_pe, kv_cache, slot_mapping)
-    if validate:
-        check_slot_values(slot_mapping, kv_cache.shape[0] * kv_cache.shape[1])
-    if kv_c.shape[0] == 0 or kv_cache.numel() == 0:
-        return
     args = (inner_contiguous(kv_c), inner_contiguous(k_pe), kv_cache, slot_mapping.long())
-    MLA_CACHE.select(kv_c.device, kv_c.dtype, *args)(*args)
+    impl = MLA_CACHE.select(kv_c.device, kv_c.dtype, *args) if kv_c.shape[0] and kv_cache.numel() else None
+    if impl is not MLA_CACHE.cpu_impl():  # the C++ entry point checks the values and the overlap rule itself
+        if validate:
+            check_slot_values(slot_mapping, kv_cache.shape[0] * kv_cache.shape[1])
+        check_no_overlap((("kv_cache", kv_cache),), (("kv_c", kv_c), ("k_pe", k_pe), ("slot_mapping", slot_mapping)))
+    if impl is not None:
+        impl(*args)
 
 
 def mla_cache(kv_c: Tensor, k_pe: Tensor, kv_cache: Tensor, slot_mapping: Tensor, *, validate: bool = True) -> None:
@@ -131,4 +137,4 @@ def mla_cache(kv_c: Tensor, k_pe: Tensor, kv_cache: Tensor, slot_mapping: Tensor
 
         omniops.mla_cache(kv_c, k_pe, kv_cache, slot_mapping)
     """
-    call(_mla_cache_op, kv_c, k_pe, kv_cache, slot_mapping, bool(validate))
+    call(_mla_cache_op, kv_c, k_pe, kv_cache, slot_mapping, check_bool("validate", validate))

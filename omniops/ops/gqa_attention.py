@@ -13,7 +13,7 @@ from torch import Tensor
 
 from omniops._family import OpFamily
 from omniops._registry import call, omni_op
-from omniops._validation import FLOAT_DTYPES, check_tensor
+from omniops._validation import FLOAT_DTYPES, check_bool, check_tensor
 from omniops.ops._attention_checks import (
     CPU_MAX_DECODE_DIM,
     CPU_MAX_PREFILL_DIM,
@@ -77,8 +77,7 @@ def _validate_gqa_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor |
         raise ValueError(f"q: query length {S} (dim 2) exceeds the key length {L} (k dim 2); the keys include the "
                          "queries' own positions (KV-cache attention)")
     if attn_mask is not None:
-        if not isinstance(attn_mask, Tensor):
-            raise TypeError(f"attn_mask: expected a Tensor or None, got {type(attn_mask).__name__}")
+        check_tensor("attn_mask", attn_mask)
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
             raise TypeError(f"attn_mask: expected bool (True = attend) or a float dtype (added), got {attn_mask.dtype}")
         if attn_mask.device != q.device:
@@ -138,4 +137,4 @@ def gqa_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = No
 
         out = omniops.gqa_attention(q, k_cache, v_cache, causal=True)  # q [2, 8, 5, 64], k/v [2, 2, 37, 64]
     """
-    return call(_gqa_attention_op, q, k, v, attn_mask, bool(causal), resolve_scale(scale, q))
+    return call(_gqa_attention_op, q, k, v, attn_mask, check_bool("causal", causal), resolve_scale(scale, q))

@@ -13,7 +13,6 @@ GEMMs (``omniops/ops/quant_gemm.py``) between ``moe_dispatch`` and ``moe_combine
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -22,7 +21,17 @@ from torch import Tensor
 from omniops import _ext
 from omniops._family import OpFamily
 from omniops._registry import call, fast_cpu, omni_op
-from omniops._validation import FLOAT_DTYPES, check_same, check_shape, check_tensor, is_fake
+from omniops._validation import (
+    FLOAT_DTYPES,
+    check_bool,
+    check_float,
+    check_int,
+    check_int32_size,
+    check_same,
+    check_shape,
+    check_tensor,
+    check_values,
+)
 from omniops.ops._layout import as_int32, as_rows
 from omniops.ops.prepack import linear_tiles, moe_tiles
 from omniops.reference import moe as ref
@@ -75,23 +84,23 @@ def _validate_route(logits: Tensor, top_k: int, scoring: str, renormalize: bool,
         raise ValueError(f"top_k: expected an int in [1, {E}] (the number of experts), got {top_k!r}")
     if scoring not in SCORINGS:
         raise ValueError(f"scoring: expected one of {SCORINGS}, got {scoring!r}")
-    if num_groups:
-        if not isinstance(num_groups, int) or num_groups < 1 or E % num_groups:
+    check_bool("renormalize", renormalize)
+    if num_groups is not None and check_int("num_groups", num_groups):
+        if num_groups < 1 or E % num_groups:
             raise ValueError(
                 f"num_groups: expected a positive divisor of the number of experts {E}, got {num_groups!r}")
-        if not isinstance(topk_groups, int) or not 1 <= topk_groups <= num_groups:
+        if topk_groups is None or not 1 <= check_int("topk_groups", topk_groups) <= num_groups:
             raise ValueError(f"topk_groups: expected an int in [1, num_groups={num_groups}], got {topk_groups!r}")
         if top_k > topk_groups * (E // num_groups):
             raise ValueError(f"top_k: {top_k} exceeds the {topk_groups * (E // num_groups)} experts left in "
                              f"topk_groups={topk_groups} groups of {E // num_groups}")
-    elif topk_groups:
+    elif topk_groups is not None and check_int("topk_groups", topk_groups):
         raise ValueError("topk_groups: given without num_groups")
     if bias is not None:
         check_tensor("correction_bias", bias, dtypes=FLOAT_DTYPES, dim=1)
         check_same("correction_bias", bias, "router_logits", logits, dtype=False)
         check_shape("correction_bias", bias, (E,), "one per expert")
-    if not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
-        raise ValueError(f"routed_scaling: expected a finite number, got {scaling!r}")
+    check_float("routed_scaling", scaling)  # finite in fp32 (the kernels' type)
 
 
 def _fake_route(logits: Tensor, top_k: int, scoring: str, renormalize: bool, num_groups: int | None,
@@ -136,7 +145,7 @@ def moe_route(
       ``routed_scaling=routed_scaling_factor``. Weights come from the unbiased scores.
     """
     return call(_moe_route_op, router_logits, top_k, scoring, renormalize, num_groups, topk_groups, correction_bias,
-                float(routed_scaling))
+                check_float("routed_scaling", routed_scaling))
 
 
 # ---- moe_dispatch ----------------------------------------------------------------------------------------------
@@ -152,25 +161,20 @@ def _moe_dispatch_reference(x_sorted: Tensor, sorted_token_ids: Tensor, expert_o
 MOE_DISPATCH = OpFamily("moe_dispatch", _moe_dispatch_reference)
 
 
-def _check_ids(name: str, ids: Tensor, hi: int, lo: int = 0) -> None:
-    """Values of an index tensor in [lo, hi) (skipped on fake tensors)."""
-    if is_fake(ids) or ids.numel() == 0:
-        return
-    mn, mx = int(ids.min()), int(ids.max())
-    if mn < lo or mx >= hi:
-        raise ValueError(f"{name}: values must lie in [{lo}, {hi}), got min {mn}, max {mx}")
-
-
 def _validate_dispatch(hidden: Tensor, topk_ids: Tensor, num_experts: int, block_size: int | None) -> None:
     check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, dim=2)
     check_tensor("topk_ids", topk_ids, dtypes=INDEX_DTYPES, dim=2)
     check_same("topk_ids", topk_ids, "hidden", hidden, dtype=False)
     if topk_ids.shape[0] != hidden.shape[0]:
         raise ValueError(f"topk_ids: expected {hidden.shape[0]} rows (tokens of hidden), got {list(topk_ids.shape)}")
-    if not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts: expected a positive int, got {num_experts!r}")
-    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
-        raise ValueError(f"block_size: expected a positive int or None, got {block_size!r}")
+    check_int("num_experts", num_experts, lo=1)
+    if block_size is not None:
+        check_int("block_size", block_size, lo=1)
+    # sorted_token_ids / inverse_index are int32 (every backend): rows and pairs must fit
+    T, k = topk_ids.shape
+    check_int32_size("topk_ids", T * k, "tokens * top_k")
+    check_int32_size("block_size", T * k + num_experts * ((block_size or 1) - 1),
+                     "rows tokens*top_k + num_experts*(block_size - 1)")
 
 
 def _fake_dispatch(hidden: Tensor, topk_ids: Tensor, num_experts: int, block_size: int | None
@@ -187,9 +191,10 @@ def _fake_dispatch(hidden: Tensor, topk_ids: Tensor, num_experts: int, block_siz
 def _moe_dispatch_op(hidden: Tensor, topk_ids: Tensor, num_experts: int, block_size: int | None
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     outs = _fake_dispatch(hidden, topk_ids, num_experts, block_size)
-    _check_ids("topk_ids", topk_ids, num_experts)
-    args = (*outs, as_rows(hidden), as_int32(topk_ids), num_experts, block_size)
-    MOE_DISPATCH.select(hidden.device, hidden.dtype)(*args)
+    impl = MOE_DISPATCH.select(hidden.device, hidden.dtype)
+    if impl is not MOE_DISPATCH.cpu_impl():  # the C++ entry point checks the values itself
+        check_values("topk_ids", topk_ids, 0, num_experts)
+    impl(*outs, as_rows(hidden), as_int32(topk_ids), num_experts, block_size)
     return outs
 
 
@@ -279,7 +284,6 @@ def _validate_combine(y: Tensor, w: Tensor, inv: Tensor) -> None:
     check_same("topk_weights", w, "expert_out", y, dtype=False)
     check_same("inverse_index", inv, "expert_out", y, dtype=False)
     check_shape("topk_weights", w, tuple(inv.shape), "as inverse_index")
-    _check_ids("inverse_index", inv, y.shape[0], lo=-1)
 
 
 def _fake_combine(expert_out: Tensor, topk_weights: Tensor, inverse_index: Tensor) -> Tensor:
@@ -290,9 +294,11 @@ def _fake_combine(expert_out: Tensor, topk_weights: Tensor, inverse_index: Tenso
 @omni_op("moe_combine", fake=_fake_combine)
 def _moe_combine_op(expert_out: Tensor, topk_weights: Tensor, inverse_index: Tensor) -> Tensor:
     out = _fake_combine(expert_out, topk_weights, inverse_index)
+    impl = MOE_COMBINE.select(expert_out.device, expert_out.dtype)
+    if impl is not MOE_COMBINE.cpu_impl() or not out.numel():  # else the C++ entry point checks the values
+        check_values("inverse_index", inverse_index, -1, expert_out.shape[0])
     if out.numel():
-        MOE_COMBINE.select(expert_out.device, expert_out.dtype)(
-            out, as_rows(expert_out), topk_weights.float().contiguous(), as_int32(inverse_index))
+        impl(out, as_rows(expert_out), topk_weights.float().contiguous(), as_int32(inverse_index))
     return out
 
 
@@ -321,7 +327,8 @@ def _fused_moe_cpu(out: Tensor, hidden: Tensor, w13: Tensor, w2: Tensor, topk_we
 
 
 def _validate_fused(hidden: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor,
-                    activation: str, expert_map: Tensor | None) -> None:
+                    activation: str, expert_map: Tensor | None) -> int:
+    """Metadata checks; returns the number of global experts (the range of topk_ids)."""
     check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, dim=2)
     T, H = hidden.shape
     if H < 1:
@@ -353,8 +360,7 @@ def _validate_fused(hidden: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tenso
         if expert_map.shape[0] < 1:
             raise ValueError("expert_map: expected one entry per global expert, got an empty tensor")
         n_global = expert_map.shape[0]
-        _check_ids("expert_map", expert_map, E, lo=-1)
-    _check_ids("topk_ids", topk_ids, n_global)
+    return n_global
 
 
 def _fake_fused(hidden: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor, activation: str,
@@ -366,11 +372,16 @@ def _fake_fused(hidden: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, t
 @omni_op("fused_moe", fake=_fake_fused)
 def _fused_moe_op(hidden: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor, activation: str,
                   expert_map: Tensor | None) -> Tensor:
-    out = _fake_fused(hidden, w13, w2, topk_weights, topk_ids, activation, expert_map)
+    n_global = _validate_fused(hidden, w13, w2, topk_weights, topk_ids, activation, expert_map)
+    out = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    impl = FUSED_MOE.select(hidden.device, hidden.dtype)
+    if impl is not FUSED_MOE.cpu_impl():  # the C++ entry point checks the values itself
+        if expert_map is not None:
+            check_values("expert_map", expert_map, -1, w13.shape[0])
+        check_values("topk_ids", topk_ids, 0, n_global)
     if hidden.shape[0]:
-        FUSED_MOE.select(hidden.device, hidden.dtype)(
-            out, as_rows(hidden), w13.contiguous(), w2.contiguous(), topk_weights.float().contiguous(),
-            as_int32(topk_ids), activation, None if expert_map is None else as_int32(expert_map))
+        impl(out, as_rows(hidden), w13.contiguous(), w2.contiguous(), topk_weights.float().contiguous(),
+             as_int32(topk_ids), activation, None if expert_map is None else as_int32(expert_map))
     return out
 
 
@@ -399,8 +410,8 @@ def fused_moe(
     cached on first use otherwise).
     """
     C = fast_cpu(hidden, w13, w2, topk_weights, topk_ids, expert_map)
-    if (C is not None and isinstance(hidden, Tensor) and isinstance(topk_weights, Tensor)
-            and isinstance(topk_ids, Tensor) and topk_weights.dtype == torch.float32 and topk_ids.dtype == torch.int32
+    if (C is not None and all(isinstance(t, Tensor) for t in (hidden, w13, w2, topk_weights, topk_ids))
+            and topk_weights.dtype == torch.float32 and topk_ids.dtype == torch.int32
             and (expert_map is None or expert_map.dtype == torch.int32)):
         # The common eager call: straight to C++, which checks everything (see _registry.fast_cpu).
         try:

@@ -15,7 +15,15 @@ from torch import Tensor
 
 from omniops._family import OpFamily
 from omniops._registry import call, fast_cpu, omni_op
-from omniops._validation import FLOAT_DTYPES, check_same, check_shape, check_tensor, rows_view
+from omniops._validation import (
+    FLOAT_DTYPES,
+    check_float,
+    check_no_overlap,
+    check_same,
+    check_shape,
+    check_tensor,
+    rows_view,
+)
 from omniops.ops._layout import as_rows
 from omniops.reference import norm as ref
 
@@ -43,8 +51,7 @@ def _validate(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = N
     check_shape("weight", weight, (hidden,), "the last dimension of x")
     if hidden == 0 and x.numel() == 0 and math.prod(x.shape[:-1]) > 0:
         raise ValueError("x: the hidden (last) dimension must be > 0")
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
+    check_float("eps", eps, lo=0.0)
     if residual is not None:
         check_tensor("residual", residual)
         check_same("residual", residual, "x", x)
@@ -58,6 +65,11 @@ def _run(out: Tensor, x: Tensor, weight: Tensor, eps: float, residual: Tensor | 
         return
     impl = RMS_NORM.select(x.device, x.dtype)
     o2, ro2 = rows_view(out), (rows_view(residual_out) if residual_out is not None else None)
+    if impl is not RMS_NORM.cpu_impl() or o2 is None or (residual_out is not None and ro2 is None):
+        # The C++ entry point applies the overlap rule itself; other paths (and copies made here) apply it here.
+        check_no_overlap((("out", out), ("residual_out", residual_out)),
+                         (("x", x), ("weight", weight), ("residual", residual)),
+                         (("out", "x"), ("residual_out", "residual")))
     if o2 is None or (residual_out is not None and ro2 is None):
         # Output layout the kernels cannot write (e.g. a transposed view): compute, then copy.
         tmp = torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -22,7 +22,7 @@ from torch import Tensor
 from omniops import _ext
 from omniops._family import OpFamily
 from omniops._registry import call, omni_op
-from omniops._validation import FLOAT_DTYPES, check_same, check_shape, check_tensor
+from omniops._validation import FLOAT_DTYPES, check_same, check_shape, check_tensor, check_values
 from omniops.ops._layout import as_rows
 from omniops.ops.prepack import i8_tiles
 from omniops.quant.formats import FP8_BLOCK, INT4_GROUP_SIZES, INT8_MAX_K
@@ -211,6 +211,8 @@ def _fake_w4a16(x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor | Non
 def _w4a16_op(x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
               bias: Tensor | None) -> Tensor:
     _validate_w4a16(x, w_packed, scales, zeros, group_size, bias)
+    if zeros is not None and W4A16.select(x.device, x.dtype) is not W4A16.cpu_impl():
+        check_values("zeros", zeros, 0, 16)  # int4 zero-point codes (the C++ entry point checks them itself)
     return run_gemm(W4A16, x, w_packed.shape[0], x.dtype, x.dtype, bias, w_packed, scales, zeros,
                 group_size)
 

@@ -117,7 +117,7 @@ def _run(positions: Tensor, q: Tensor, k: Tensor | None, cache: Tensor, head_siz
         k3, _ = _heads_view("k", k, lead, head_size)
         ko3, ko_is_view = _heads_view("k_out", k_out, lead, head_size)
     impl = ROTARY.select(q.device, q.dtype)
-    if impl is not _cpu_impl or not (qo_is_view and ko_is_view):  # else the C++ entry point checks these
+    if impl is not ROTARY.cpu_impl() or not (qo_is_view and ko_is_view):  # else the C++ entry point checks these
         _check_positions(positions, cache.shape[0])
         check_no_overlap((("q_out", q_out), ("k_out", k_out)),
                          (("positions", positions), ("q", q), ("k", k), ("cos_sin_cache", cache)),

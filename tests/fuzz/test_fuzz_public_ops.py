@@ -25,8 +25,8 @@ def test_rejections_name_the_argument(fuzz_results) -> None:
 
 
 def test_every_public_op_is_fuzzed() -> None:
-    helpers = {"cpu_info", "use_backend", "prepack_linear_weight", "prepack_moe_weights", "quantize_model",
-               "quantize_weight", "dequantize_weight", "quantize_activation_fp8_group"}
+    helpers = {"cpu_info", "use_backend", "available_backends", "prepack_linear_weight", "prepack_moe_weights",
+               "quantize_model", "quantize_weight", "dequantize_weight", "quantize_activation_fp8_group"}
     ops = {n for n in omniops.__all__ if callable(getattr(omniops, n)) and n[0].islower()} - helpers
     fuzzed = {b().fn for b in BASELINES.values()}
     assert ops <= fuzzed, f"public ops without a fuzz baseline: {sorted(ops - fuzzed)}"

@@ -281,7 +281,7 @@ def test_validate_false_skips_value_checks() -> None:
         ("gqa_decode", lambda a: a.update(q=torch.randn(2, 3, 16)), "multiple of kv_heads"),
         ("gqa_decode", lambda a: a.update(out=torch.empty(2, 4, 15)), "out: expected shape"),
         ("gqa_decode", lambda a: a.update(q=torch.randn(2, 4, 16).half()), "k_cache: expected dtype"),
-        ("gqa_decode", lambda a: a.update(seq_lens=torch.tensor([5, 18])), "seq_lens: expected Int"),
+        ("gqa_decode", lambda a: a.update(seq_lens=torch.tensor([5, 18])), "seq_lens: expected dtype int32"),
         ("gqa_decode", lambda a: a.update(window=-1), "window"),
         ("gqa_decode", lambda a: a.update(k_cache=a["k_cache"].transpose(2, 3)), "contiguous|expected shape"),
         ("mla_decode", lambda a: a.update(v_dim=41), "v_dim"),

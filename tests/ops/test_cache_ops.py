@@ -73,7 +73,8 @@ def test_bad_input() -> None:
     [
         ("reshape_and_cache", lambda a: a.update(slot_mapping=torch.tensor([0, 1, 2, 3, 4, 5, 9999])),
          r"slot_mapping\[6\] = 9999"),
-        ("reshape_and_cache", lambda a: a.update(slot_mapping=torch.arange(7).int()), "slot_mapping: expected Long"),
+        ("reshape_and_cache", lambda a: a.update(slot_mapping=torch.arange(7).int()),
+         "slot_mapping: expected dtype int64"),
         ("mla_cache", lambda a: a.update(slot_mapping=torch.tensor([0, -5, 2, 3, 4, 5, 6])), r"slot_mapping\[1\]"),
         ("mla_cache", lambda a: a.update(kv_cache=a["kv_cache"].to("meta")), "kv_cache: expected a CPU tensor"),
     ],
