@@ -8,16 +8,20 @@ block's bytes as omni's ``[2, block_size, kv_heads, head_size]`` (K block then V
 and read by this backend alone, vLLM only allocates and zeroes whole blocks. A KV connector that copies blocks
 in CPU_ATTN's layout would see omni's instead (none is configured by the plugin).
 
-Per step: the new tokens are scattered into the cache (``write_kv``); a batch of decodes only runs ``omni::gqa_decode``,
-any other batch ``omni::gqa_prefill`` (every sequence's new tokens after its paged prefix, decodes included).
-Layers omni cannot serve (ALiBi, sliding window, logit soft-capping, sinks, encoder / cross attention, fp8 KV
-cache) keep vLLM's kernels and vLLM's layout for their own cache.
+Per step: the new tokens are scattered into the cache (``write_kv``); a batch of decodes only runs
+``omni::gqa_decode``, any other batch ``omni::gqa_prefill`` (every sequence's new tokens after its paged
+prefix, decodes included). Attention runs eagerly inside vLLM's opaque attention op, where omni's public
+functions call their kernels directly (not through the dispatcher), so each call is wrapped in a
+``record_function("omniops.vllm::<op>")`` range: that is what shows in a torch profile (vLLM's
+``--profiler-config``). Layers omni cannot serve (ALiBi, sliding window, logit soft-capping, sinks, encoder /
+cross attention, fp8 KV cache) keep vLLM's kernels and vLLM's layout for their own cache.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -117,13 +121,15 @@ class OmniCPUAttentionImpl(CPUAttentionBackendImpl):
         n = md.num_actual_tokens
         k_cache, v_cache = split_kv_cache(kv_cache, self.num_kv_heads, self.head_size)
         if md.max_query_len == 1:
-            out = omniops.gqa_decode(query[:n], k_cache, v_cache, md.omni_block_table, md.omni_seq_lens,
-                                     self.scale, validate=False)
+            with record_function("omniops.vllm::gqa_decode"):
+                out = omniops.gqa_decode(query[:n], k_cache, v_cache, md.omni_block_table, md.omni_seq_lens,
+                                         self.scale, validate=False)
         else:
-            out = omniops.gqa_prefill(query[:n], key[:n], value[:n], md.omni_cu_seqlens, causal=True,
-                                      scale=self.scale, k_cache=k_cache, v_cache=v_cache,
-                                      block_table=md.omni_block_table, context_lens=md.omni_context_lens,
-                                      validate=False)
+            with record_function("omniops.vllm::gqa_prefill"):
+                out = omniops.gqa_prefill(query[:n], key[:n], value[:n], md.omni_cu_seqlens, causal=True,
+                                          scale=self.scale, k_cache=k_cache, v_cache=v_cache,
+                                          block_table=md.omni_block_table, context_lens=md.omni_context_lens,
+                                          validate=False)
         output[:n].view_as(out).copy_(out)
         return output
 

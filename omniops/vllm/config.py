@@ -22,8 +22,8 @@ OPS: dict[str, tuple[str, str]] = {
     "rotary_embedding": ("RotaryEmbedding", "omni::rotary_embedding"),
     "moe_route": ("UnquantizedFusedMoEMethod routing (CPURouter)", "omni::moe_route"),
     "fused_moe": ("UnquantizedFusedMoEMethod experts", "omni::fused_moe"),
-    "attention": ("attention backend CPU_ATTN", "omni::reshape_and_cache / omni::gqa_decode / omni::gqa_prefill"),
-    "mla_decode": ("attention backends CPU_MLA / AMX_MLA decode", "omni::mla_decode"),
+    "attention": ("attention backend CPU_ATTN", "omni::gqa_decode / omni::gqa_prefill"),
+    "mla_decode": ("attention backends CPU_MLA / AMX_MLA decode", "omni::mla_decode / omni::mla_cache"),
 }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 from vllm.v1.attention.backends.mla.amx_mla import AMXMLABackend, AMXMLAImpl
 from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend, CPUMLAImpl
 
@@ -40,7 +41,8 @@ class _OmniMLADecode:
             return super().do_kv_cache_update(kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale)
         slots = slot_mapping.flatten()
         n = slots.shape[0]
-        omniops.mla_cache(kv_c_normed[:n], k_pe[:n].reshape(n, -1), kv_cache, slots, validate=False)
+        with record_function("omniops.vllm::mla_cache"):
+            omniops.mla_cache(kv_c_normed[:n], k_pe[:n].reshape(n, -1), kv_cache, slots, validate=False)
 
     def forward_mqa(self, q: Tensor | tuple[Tensor, Tensor], kv_c_and_k_pe_cache: Tensor, attn_metadata,
                     layer) -> tuple[Tensor, Tensor | None]:
@@ -49,9 +51,10 @@ class _OmniMLADecode:
         if isinstance(q, tuple):
             q = torch.cat(q, dim=-1)
         decode = attn_metadata.decode
-        out = omniops.mla_decode(q, kv_c_and_k_pe_cache, decode.block_table.to(torch.int32),
-                                 decode.seq_lens.to(torch.int32), self.scale, v_dim=self.kv_lora_rank,
-                                 validate=False)
+        with record_function("omniops.vllm::mla_decode"):  # eager, like omniops.vllm.attention
+            out = omniops.mla_decode(q, kv_c_and_k_pe_cache, decode.block_table.to(torch.int32),
+                                     decode.seq_lens.to(torch.int32), self.scale, v_dim=self.kv_lora_rank,
+                                     validate=False)
         return out, None  # no LSE: decode context parallelism is off on CPU
 
 

@@ -52,7 +52,24 @@ def register() -> None:
     _register_layers(ops)
     _register_moe(ops)
     _register_attention(ops)
+    _key_compile_cache(ops)
     log.debug(report.line())
+
+
+def _key_compile_cache(ops: frozenset[str]) -> None:
+    """Make vLLM's torch.compile cache key depend on what the plugin replaced.
+
+    vLLM keys its AOT compile cache on its config and on the environment variables it knows
+    (``vllm.envs.environment_variables``), not on out-of-tree registrations: without this a run with the plugin
+    could load the graph a run without it compiled (or with other ``OMNI_VLLM_OPS``), and the other way round.
+    Adding a factor to that table is the one hook 0.32 offers; the traced sources (ours included) are checked
+    by vLLM on load anyway."""
+    import vllm.envs as envs
+
+    import omniops
+
+    key = f"omniops {omniops.__version__}: " + ",".join(sorted(ops))
+    envs.environment_variables["OMNI_VLLM_COMPILE_KEY"] = lambda: key
 
 
 def _register_layers(ops: frozenset[str]) -> None:
