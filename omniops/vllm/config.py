@@ -36,11 +36,10 @@ def selected_ops(value: str | None = None) -> frozenset[str]:
         return frozenset(OPS)
     if words == ["none"]:
         return frozenset()
-    unknown = [w for w in words if w not in OPS]
+    unknown = [w for w in words if w not in OPS and w not in ("all", "none")]
     if unknown or "all" in words or "none" in words:
-        bad = unknown or ["all/none mixed with op names"]
-        raise ValueError(f"{ENV}={raw!r}: unknown {', '.join(bad)}; expected 'all', 'none' or a comma list of "
-                         f"{', '.join(OPS)}")
+        what = f"unknown {', '.join(unknown)}" if unknown else "all/none mixed with op names"
+        raise ValueError(f"{ENV}={raw!r}: {what}; expected 'all', 'none' or a comma list of {', '.join(OPS)}")
     return frozenset(words)
 
 
