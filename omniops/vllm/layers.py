@@ -25,12 +25,16 @@ from omniops.vllm import report
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class OmniRMSNorm(RMSNorm):
-    """RMSNorm and fused residual add + RMSNorm on ``omniops.rms_norm`` (functional: returns new tensors)."""
+class _Enabled:
+    """Mixed in before the vLLM class: on whatever ``compilation_config.custom_ops`` says."""
 
     @classmethod
     def enabled(cls) -> bool:
         return True
+
+
+class OmniRMSNorm(_Enabled, RMSNorm):
+    """RMSNorm and fused residual add + RMSNorm on ``omniops.rms_norm`` (functional: returns new tensors)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -54,12 +58,8 @@ class OmniRMSNorm(RMSNorm):
         return omniops.rms_norm(x, w, self.variance_epsilon, residual)
 
 
-class OmniSiluAndMul(SiluAndMul):
+class OmniSiluAndMul(_Enabled, SiluAndMul):
     """``silu(x[..., :d]) * x[..., d:]`` on ``omniops.silu_and_mul``."""
-
-    @classmethod
-    def enabled(cls) -> bool:
-        return True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -71,13 +71,9 @@ class OmniSiluAndMul(SiluAndMul):
         return omniops.silu_and_mul(x)
 
 
-class OmniRotaryEmbedding(RotaryEmbedding):
+class OmniRotaryEmbedding(_Enabled, RotaryEmbedding):
     """vLLM's plain rotary embedding (neox or gpt-j pairing, partial rotary) on ``omniops.rotary_embedding``.
     Only the base class is replaced: scaled variants (YaRN, Llama-3, M-RoPE, ...) are other classes and stay."""
-
-    @classmethod
-    def enabled(cls) -> bool:
-        return True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
