@@ -92,15 +92,20 @@ class OmniUnquantizedFusedMoEMethod(UnquantizedFusedMoEMethod):
     def _omni_route(self) -> bool:
         return self._route_why is None
 
+    # vLLM's runner reads these inside the compiled forward: no super() (Dynamo cannot trace super() properties)
     @property
     def is_monolithic(self) -> bool:
-        return True if self._omni_route else super().is_monolithic
+        if self._omni_route:
+            return True
+        if self._omni_experts:
+            return False  # omni experts on vLLM's routing: the modular path
+        return UnquantizedFusedMoEMethod.is_monolithic.fget(self)
 
     @property
     def mk_can_overlap_shared_experts(self) -> bool:
         if self._omni_route or self._omni_experts:
             return False
-        return super().mk_can_overlap_shared_experts
+        return UnquantizedFusedMoEMethod.mk_can_overlap_shared_experts.fget(self)
 
     def process_weights_after_loading(self, layer) -> None:
         if self.route:

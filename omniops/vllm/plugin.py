@@ -9,7 +9,9 @@ the CPU platform picks CPU_ATTN / CPU_MLA / AMX_MLA itself and ignores other ``-
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 
 from omniops.vllm import config, report
 
@@ -49,6 +51,9 @@ def register() -> None:
     for name in config.OPS:
         if name not in ops:
             report.left(name, f"not in {config.ENV}")
+    if importlib.util.find_spec("omniops._C") is None or os.environ.get("OMNI_USE_CPP") == "0":
+        log.warning("omniops vLLM plugin: omniops._C is not available (built with OMNI_USE_CPP=0, or not built): "
+                    "the omni ops run their pure-torch reference implementations, far slower than vLLM's kernels")
     _register_layers(ops)
     _register_moe(ops)
     _register_attention(ops)

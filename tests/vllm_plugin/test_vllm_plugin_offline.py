@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from omniops.bench.servers import PEERS_PY, ROOT, target_env
 
+from omniops.vllm.trace import count_omni_events
 from tests.vllm_plugin._vllm_peer import (
     ARCHS,
     MAX_TOKENS,
@@ -61,3 +62,33 @@ def test_offline_llm_omni_compile_backend(vllm_checkpoint, plain_outputs, tmp_pa
     # the passes ran on vLLM's graph (OMNI_LOG=passes prints their report) and saw the plugin's omni ops in it
     assert "omni passes: 1 graph(s) rewritten" in out, out[-4000:]
     assert "omni ops in the graphs:" in out and "fused_moe x" in out
+
+
+def test_ops_subset_registration():
+    """OMNI_VLLM_OPS=rms_norm,fused_moe registers just those, the line says why the rest stays vLLM's; the
+    registration is idempotent (vLLM may call it again in one process)."""
+    code = ("from omniops.vllm import plugin, report; plugin.register(); plugin.register(); "
+            "from vllm.model_executor.custom_op import op_registry_oot as r; print(sorted(r)); print(report.line())")
+    env = {**target_env("vllm_omni"), "OMNI_VLLM_OPS": "rms_norm,fused_moe"}
+    proc = subprocess.run([str(PEERS_PY), "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    registry, line = proc.stdout.strip().splitlines()[-2:]
+    assert registry == "['RMSNorm', 'UnquantizedFusedMoEMethod']"
+    replaced, left = line.split("| left to vLLM:")
+    assert "rms_norm: RMSNorm" in replaced and "fused_moe: " in replaced and "moe_route" not in replaced
+    for name in ("silu_and_mul", "rotary_embedding", "moe_route", "attention", "mla_decode"):
+        assert f"{name} (not in OMNI_VLLM_OPS)" in left
+
+
+@pytest.mark.parametrize("part, other", [("fused_moe", "moe_route"), ("moe_route", "fused_moe")])
+def test_offline_llm_moe_parts_alone(part, other, vllm_checkpoint, plain_outputs, tmp_path):
+    """Either MoE part alone: vLLM's router feeding omni's experts (modular path), or omni's router feeding vLLM's
+    experts kernel (monolithic path); same completions, and only that part's omni op in the profile."""
+    plain, _ = plain_outputs("qwen3_moe")
+    traces = tmp_path / "traces"
+    got, _ = run_offline(vllm_checkpoint("qwen3_moe"), traces, {}, env={"OMNI_VLLM_OPS": part})
+    assert got == plain
+    wait_traces(traces)
+    counts = count_omni_events(traces)
+    assert counts[f"omni::{part}"] > 0 and counts[f"omni::{other}"] == 0, dict(counts)
