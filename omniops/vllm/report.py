@@ -17,18 +17,7 @@ log = logging.getLogger("vllm.omniops")
 _replaced: dict[str, str] = {}
 _left: dict[str, str] = {}
 _fallbacks: Counter[tuple[str, str]] = Counter()
-_served: Counter[str] = Counter()
 _logged = False
-
-
-def reset() -> None:
-    """Forget every decision (tests; a process registers once)."""
-    global _logged
-    _replaced.clear()
-    _left.clear()
-    _fallbacks.clear()
-    _served.clear()
-    _logged = False
 
 
 def replaced(name: str, what: str) -> None:
@@ -39,11 +28,6 @@ def replaced(name: str, what: str) -> None:
 def left(name: str, why: str) -> None:
     _left[name] = why
     _replaced.pop(name, None)
-
-
-def decisions() -> tuple[dict[str, str], dict[str, str]]:
-    """(replaced {name: vLLM part -> omni op}, left {name: why})."""
-    return dict(_replaced), dict(_left)
 
 
 def line() -> str:
@@ -59,14 +43,9 @@ def layer_built(name: str, why_not: str | None = None) -> None:
         _logged = True
         log.info(line())
     if why_not is None:
-        _served[name] += 1
         return
     key = (name, why_not)
     if not _fallbacks[key]:
         log.warning("omniops vLLM plugin: a %s layer keeps vLLM's implementation: %s", name, why_not)
     _fallbacks[key] += 1
 
-
-def layer_counts() -> tuple[dict[str, int], dict[tuple[str, str], int]]:
-    """(layers served by omni ops per name, layers left per (name, reason)) built so far in this process."""
-    return dict(_served), dict(_fallbacks)
