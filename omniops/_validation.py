@@ -7,6 +7,7 @@ time. Checks that read values (positions, block tables) live with their op and a
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -107,7 +108,7 @@ def check_int(name: str, v: object, *, lo: int = -2**63, hi: int = 2**63 - 1) ->
     and kernels take); SymInts pass through."""
     if isinstance(v, torch.SymInt):
         return v  # type: ignore[return-value]
-    if isinstance(v, bool) or not isinstance(v, int):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):  # numpy integers too
         raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
     if not lo <= v <= hi:
         raise ValueError(f"{name}: expected an int in [{lo}, {hi}], got {v}")
@@ -118,7 +119,7 @@ def check_float(name: str, v: object, *, lo: float | None = None) -> float:
     """A real number finite in float32 (what the kernels compute with; 1e39 is finite only as a double), >= lo."""
     if isinstance(v, torch.SymFloat):
         return v  # type: ignore[return-value]
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):  # numpy scalars too
         raise TypeError(f"{name}: expected a real number, got {type(v).__name__}")
     f = float(v) if not isinstance(v, int) or abs(v) <= 2**1023 else math.inf
     if not math.isfinite(f) or abs(f) > _FP32_MAX:
