@@ -69,6 +69,15 @@ def omni_linear_rows(dtype: torch.dtype) -> int:
     return rows
 
 
+def use_omni_gemm(omni_rows: int, rows) -> bool:
+    """Whether a call with ``rows`` rows takes the omni GEMM. Inside a compiled graph there is no branch on the
+    (symbolic) row count: it would guard, and the graphs would depend on the calibration; there the omni GEMM
+    serves only where it won at every measured size."""
+    if torch.compiler.is_compiling():
+        return omni_rows >= _calibrate.ROWS[-1]
+    return 0 < rows <= omni_rows
+
+
 class Linear:
     """``y = x @ W.T``: the omni GEMM at decode-sized row counts where it is measured faster on this CPU, torch's
     GEMM (oneDNN / MKL) otherwise; or a QuantLinear with the project's formats."""
@@ -96,17 +105,14 @@ class Linear:
     def __call__(self, x: Tensor) -> Tensor:
         if self.quant is not None:
             return self.quant(x)
-        if x.dim() == 2 and self.omni_rows:
-            if torch.compiler.is_compiling():
-                # no branch on the (symbolic) row count: it would guard, and the graphs would depend on the
-                # calibration; the omni GEMM only where it won at every measured size
-                if self.omni_rows >= _calibrate.ROWS[-1]:
-                    return self._omni(x, torch.arange(2) * x.shape[0])
-            elif x.shape[0] <= self.omni_rows:
+        if x.dim() == 2 and use_omni_gemm(self.omni_rows, x.shape[0]):
+            if torch.compiler.is_compiling():  # no per-size cache in the graph
+                offsets = torch.arange(2) * x.shape[0]
+            else:
                 offsets = self._offsets.get(x.shape[0])
                 if offsets is None:
                     offsets = self._offsets[x.shape[0]] = torch.tensor([0, x.shape[0]])
-                return self._omni(x, offsets)
+            return self._omni(x, offsets)
         return F.linear(x, self.weight, self.bias)
 
     def _omni(self, x: Tensor, offsets: Tensor) -> Tensor:
@@ -125,11 +131,7 @@ class PerHead:
 
     def __call__(self, x: Tensor) -> Tensor:
         B, H, K = x.shape
-        if torch.compiler.is_compiling():
-            omni = self.omni_rows >= _calibrate.ROWS[-1]  # no branch on the symbolic batch (see Linear)
-        else:
-            omni = 0 < B <= self.omni_rows
-        if not omni:
+        if not use_omni_gemm(self.omni_rows, B):
             return torch.bmm(x.transpose(0, 1), self.weight.transpose(1, 2)).transpose(0, 1)
         rows = x.transpose(0, 1).reshape(H * B, K)  # grouped by head
         y = omniops.grouped_gemm(rows, self.weight, torch.arange(H + 1) * B)
