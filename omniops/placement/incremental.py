@@ -30,19 +30,22 @@ from omniops.placement._common import (
     check_phy2log,
     check_weight,
     expert_nodes,
+    gpu_loads,
     logical_counts,
     replicate,
 )
+from omniops.placement._operations import Hosts, apply_retarget, best_operation, retarget_loads
+from omniops.placement._repair import repair_nodes
 
-_SWAP_GPUS = 8  # swap partners: copies on this many of the lightest GPUs
-_RETARGET_SLOTS = 8  # candidate donor slots (copies of multi-copy experts on the coolest GPUs)
-_COLD_EXPERTS = 4  # candidate cold experts to take over a multi-copy slot on the busiest GPU
 _PHASE_A_TRIES = 8  # short experts tried per replication step, hottest first
 # Budget share that phase A (replication towards a fresh plan's copy counts) may spend. Those moves keep the max
 # on the recorded window but protect the next steps (a heating expert's copies); the rest is for phase B's
 # exact cuts of the max. Measured on drift and re-ranked Zipf traces (EP32/EP64 hierarchical): 0.25-0.5 best,
 # 1.0 starves phase B on large load changes.
 _PHASE_A_SHARE = 0.5
+# A re-paired layer (a group swapped between nodes, >= 64 slot copies at DeepSeek-V3's sizes) is kept only when
+# its final max GPU load is at least this much (relative) below the plain plan's.
+_REPAIR_KEEP = 0.01
 
 
 def incremental_rebalance(
@@ -85,20 +88,45 @@ def incremental_rebalance(
         raise ValueError(f"num_gpus: {num_slots} slots do not split evenly over {num_gpus} GPUs")
     if num_gpus % num_nodes:
         raise ValueError(f"num_gpus: {num_gpus} is not a multiple of num_nodes={num_nodes}")
-    per = num_slots // num_gpus
     hier = num_nodes > 1 and num_groups % num_nodes == 0
-    gpu_node = np.arange(num_gpus) // (num_gpus // num_nodes)
     exp_node = expert_nodes(p2l, num_experts, num_groups, num_nodes, num_gpus) if hier else None
-    slot_gpu = np.arange(num_slots) // per
     if max_moves == 0:
         return torch.from_numpy(p2l)
 
+    out = _plan(w, p2l.copy(), num_gpus, max_moves, exp_node, num_nodes, min_gain)
+    if hier and max_moves >= 2 * (num_experts // num_groups):
+        # The node pairing itself may be what limits a layer (no edit inside the nodes beats the heaviest node's
+        # load over its GPUs), and only a budget of two groups' slots can change it. A re-pair spends most of
+        # the budget at once, so it is planned on the side and kept only for the layers where it ends clearly
+        # better than the plain plan.
+        rep = p2l.copy()
+        rows = np.flatnonzero(repair_nodes(w, rep, exp_node, max_moves, num_groups, num_nodes, num_gpus))
+        if rows.size:
+            nodes = expert_nodes(rep[rows], num_experts, num_groups, num_nodes, num_gpus)
+            alt = _plan(w[rows], rep[rows], num_gpus, max_moves, nodes, num_nodes, min_gain, orig=p2l[rows])
+            better = gpu_loads(w[rows], alt, num_gpus).max(1) < gpu_loads(w[rows], out[rows], num_gpus).max(1) * (
+                1 - _REPAIR_KEEP)
+            out[rows[better]] = alt[better]
+    return torch.from_numpy(out)
+
+
+def _plan(
+    w: np.ndarray, p2l: np.ndarray, num_gpus: int, max_moves: int, exp_node: np.ndarray | None, num_nodes: int,
+    min_gain: float, orig: np.ndarray | None = None,
+) -> np.ndarray:
+    """Phases A and B on validated input; ``p2l`` is edited in place and returned. ``orig``: the placement in
+    service when ``p2l`` already differs from it (a re-paired layer), else ``p2l`` itself."""
+    num_layers, num_experts = w.shape
+    num_slots = p2l.shape[1]
+    per = num_slots // num_gpus
+    gpu_node = np.arange(num_gpus) // (num_gpus // num_nodes)
+    slot_gpu = np.arange(num_slots) // per
+    orig = p2l.copy() if orig is None else orig
     cnt = logical_counts(p2l, num_experts)
-    hosts = _Hosts(p2l, num_experts, per)
-    orig = p2l.copy()
+    hosts = Hosts(p2l, num_experts, per)
     # The budget counts slots that differ from the placement in service (what a caller copies), not operations:
     # an operation on a slot that already changed is free, one that puts a slot back refunds it.
-    used = np.zeros(num_layers, dtype=np.int64)
+    used = (p2l != orig).sum(1)
     ar = np.arange(num_layers)
     rounds = 2 * max_moves + 16  # free operations do not consume budget; each one still cuts or keeps the max
 
@@ -128,7 +156,7 @@ def incremental_rebalance(
             spare = over if exp_node is None else over & (gpu_node[slot_gpu][None, :] == exp_node[active, aj][:, None])
             score = np.where(spare, room, np.inf)
             tj = np.argmin(score, axis=1)
-            new = _retarget_loads(wl, cl, pl, gl, hosts, active, aj, tj, per)
+            new = retarget_loads(wl, cl, pl, gl, hosts, active, aj, tj, per)
             ot = orig[active, tj]
             cost_j = (aj != ot).astype(np.int64) - (pl[aa, tj] != ot)
             fits = short[aa, aj] & np.isfinite(score[aa, tj]) & (new.max(1) <= gl.max(1) * (1 + 1e-12))
@@ -139,7 +167,7 @@ def incremental_rebalance(
         ot = orig[active, t]
         cost = (a != ot).astype(np.int64) - (pl[aa, t] != ot)
         rows, a, t = active[ok], a[ok], t[ok]
-        _apply_retarget(p2l, cnt, hosts, rows, t, a)
+        apply_retarget(p2l, cnt, hosts, rows, t, a)
         used[rows] += cost[ok]
         active = rows[used[rows] < cap_a]
 
@@ -156,7 +184,7 @@ def incremental_rebalance(
     for _ in range(rounds):
         if active.size == 0:
             break
-        kind, s, t, a, cost = _best_operation(
+        kind, s, t, a, cost = best_operation(
             w[active], p2l[active], cnt[active], hosts, active, orig[active], max_moves - used[active], per,
             slot_gpu, gpu_node, None if exp_node is None else exp_node[active],
         )
@@ -166,72 +194,17 @@ def incremental_rebalance(
         sw = kind == 2
         r_sw, s_sw, t_sw = rows[sw], s[sw], t[sw]
         e_s, e_t = p2l[r_sw, s_sw], p2l[r_sw, t_sw]
-        _apply_retarget(p2l, cnt, hosts, r_sw, s_sw, e_t)
-        _apply_retarget(p2l, cnt, hosts, r_sw, t_sw, e_s)
+        apply_retarget(p2l, cnt, hosts, r_sw, s_sw, e_t)
+        apply_retarget(p2l, cnt, hosts, r_sw, t_sw, e_s)
         rt = kind == 1
-        _apply_retarget(p2l, cnt, hosts, rows[rt], t[rt], a[rt])
+        apply_retarget(p2l, cnt, hosts, rows[rt], t[rt], a[rt])
         used[rows] += cost[ok]
         active = rows[used[rows] < max_moves]
         if active.size:
             lmax = np.take_along_axis(w[active] / cnt[active], p2l[active], axis=1).reshape(
                 active.size, num_gpus, per).sum(-1).max(1)
             active = active[lmax > bound[active]]
-    return torch.from_numpy(p2l)
-
-
-class _Hosts:
-    """Copies of each expert on each GPU, [L, E, G], kept current as slots change.
-
-    With one slot per GPU this is just ``phy2log == expert`` and no table is kept (it would be E*G per layer).
-    """
-
-    def __init__(self, p2l: np.ndarray, num_experts: int, per: int) -> None:
-        self.per = per
-        self.table = None
-        if per > 1:
-            num_layers, num_slots = p2l.shape
-            g = num_slots // per
-            flat = ((np.arange(num_layers)[:, None] * num_experts + p2l) * g + np.arange(num_slots) // per).ravel()
-            self.table = np.bincount(flat, minlength=num_layers * num_experts * g).reshape(num_layers, num_experts, g)
-
-    def of(self, p2l_rows: np.ndarray, rows: np.ndarray, experts: np.ndarray) -> np.ndarray:
-        """[A, X] expert ids for layers `rows` -> [A, X, G]."""
-        if self.table is None:
-            return (p2l_rows[:, None, :] == experts[:, :, None]).astype(np.float64)
-        return self.table[rows[:, None], experts]
-
-    def move(self, rows: np.ndarray, t: np.ndarray, old: np.ndarray, new: np.ndarray) -> None:
-        if self.table is not None:
-            np.subtract.at(self.table, (rows, old, t // self.per), 1)
-            np.add.at(self.table, (rows, new, t // self.per), 1)
-
-
-def _apply_retarget(
-    p2l: np.ndarray, cnt: np.ndarray, hosts: _Hosts, rows: np.ndarray, t: np.ndarray, a: np.ndarray
-) -> None:
-    """Slot t of each row in `rows` becomes a copy of expert a (updates counts and host table)."""
-    if rows.size == 0:
-        return
-    c = p2l[rows, t]
-    hosts.move(rows, t, c, a)
-    np.subtract.at(cnt, (rows, c), 1)
-    np.add.at(cnt, (rows, a), 1)
-    p2l[rows, t] = a
-
-
-def _retarget_loads(
-    w: np.ndarray, cnt: np.ndarray, p2l: np.ndarray, gl: np.ndarray, hosts: _Hosts, rows: np.ndarray,
-    a: np.ndarray, t: np.ndarray, per: int,
-) -> np.ndarray:
-    """[A, G] GPU loads after slot t becomes a copy of a (one candidate per row)."""
-    ar = np.arange(p2l.shape[0])
-    c = p2l[ar, t]
-    wa, ca, wc, cc = w[ar, a], cnt[ar, a], w[ar, c], cnt[ar, c]
-    pa_new, pc_new = wa / (ca + 1), wc / np.maximum(cc - 1, 1)
-    h = hosts.of(p2l, rows, np.stack([a, c], axis=1))
-    new = gl + h[:, 0] * (pa_new - wa / ca)[:, None] + h[:, 1] * (pc_new - wc / cc)[:, None]
-    new[ar, t // per] += pa_new - pc_new
-    return new
+    return p2l
 
 
 def _target_counts(w: np.ndarray, num_slots: int, exp_node: np.ndarray | None, num_nodes: int) -> np.ndarray:
@@ -254,156 +227,3 @@ def _target_counts(w: np.ndarray, num_slots: int, exp_node: np.ndarray | None, n
             pc[need, e] = w[need, e] / cnt[need, e]
         out += cnt
     return out
-
-
-def _best_operation(
-    w: np.ndarray,
-    p2l: np.ndarray,
-    cnt: np.ndarray,
-    hosts: _Hosts,
-    rows: np.ndarray,
-    orig: np.ndarray,
-    budget: np.ndarray,
-    per: int,
-    slot_gpu: np.ndarray,
-    gpu_node: np.ndarray,
-    exp_node: np.ndarray | None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per layer: (kind 0 none / 1 retarget / 2 swap, slot s on the busiest GPU, slot t, new expert for t, cost).
-
-    ``orig`` [A, R] is the placement in service and ``budget`` [A] the slot changes still allowed; an operation's
-    cost is how many more slots differ from ``orig`` after it (-2..2). Among strictly improving affordable
-    operations the one with the best cut of the max GPU load per slot of cost wins (free ones count double);
-    among swaps of equal cut, the one leaving its two GPUs most even (more room for the next operations)."""
-    n_layers, num_slots = p2l.shape
-    num_gpus = num_slots // per
-    ar = np.arange(n_layers)
-    pc = w / cnt  # load per copy
-    sl = np.take_along_axis(pc, p2l, axis=1)  # [A, R] slot loads
-    gl = sl.reshape(n_layers, num_gpus, per).sum(-1)  # [A, G]
-    order = np.argsort(-gl, axis=1)
-    gstar = order[:, 0]
-    lmax = gl[ar, gstar]
-    tol = 1e-9 * np.maximum(lmax, 1e-300)
-    star_slots = gstar[:, None] * per + np.arange(per)  # [A, S]
-    node_ok = (
-        np.ones((n_layers, num_gpus), dtype=bool) if exp_node is None else gpu_node[None, :] == gpu_node[gstar][:, None]
-    )  # GPUs whose node may receive the busiest GPU's experts
-
-    # --- swaps: exact, only the two GPUs change; partners on the lightest allowed GPUs (largest feasible cuts)
-    kg = min(_SWAP_GPUS, num_gpus - 1)
-    if kg > 0:
-        second_idx = order[:, 1]
-        second = gl[ar, second_idx]
-        third = gl[ar, order[:, 2]] if num_gpus > 2 else np.full(n_layers, -np.inf)
-        allowed = node_ok.copy()
-        allowed[ar, gstar] = False
-        light_score = np.where(allowed, gl, np.inf)
-        light = np.argpartition(light_score, kg - 1, axis=1)[:, :kg] if kg < num_gpus else np.argsort(light_score, 1)
-        light_ok = np.take_along_axis(light_score, light, axis=1) < np.inf
-        t_gpu = np.repeat(light, per, axis=1)  # [A, kg*S]
-        cand = (light[:, :, None] * per + np.arange(per)).reshape(n_layers, -1)
-        rest = np.where(t_gpu == second_idx[:, None], third[:, None], second[:, None])  # max excl. g* and h
-        delta = sl[ar[:, None], star_slots][:, :, None] - np.take_along_axis(sl, cand, axis=1)[:, None, :]
-        new_max = np.maximum(np.maximum(rest[:, None, :], lmax[:, None, None] - delta),
-                             gl[ar[:, None], t_gpu][:, None, :] + delta)
-        valid = (delta > tol[:, None, None]) & np.repeat(light_ok, per, axis=1)[:, None, :]
-        cur_s, orig_s = p2l[ar[:, None], star_slots], orig[ar[:, None], star_slots]  # [A, S]
-        cur_t, orig_t = np.take_along_axis(p2l, cand, axis=1), np.take_along_axis(orig, cand, axis=1)  # [A, C]
-        cost_sw = ((cur_t[:, None, :] != orig_s[:, :, None]).astype(np.int64)
-                   + (cur_s[:, :, None] != orig_t[:, None, :])
-                   - (cur_s != orig_s)[:, :, None] - (cur_t != orig_t)[:, None, :])
-        valid &= cost_sw <= budget[:, None, None]
-        gain = np.where(valid, lmax[:, None, None] - new_max, -np.inf)
-        valid &= gain > tol[:, None, None]
-        eff = np.where(valid, gain / np.maximum(cost_sw, 0.5), -np.inf).reshape(n_layers, -1)
-        best_eff = eff.max(1)
-        # among the swaps of (nearly) the best efficiency: the one leaving g* and h most even
-        pair = np.maximum(lmax[:, None, None] - delta, gl[ar[:, None], t_gpu][:, None, :] + delta).reshape(n_layers, -1)
-        near = eff >= best_eff[:, None] - 1e-9 * np.abs(best_eff[:, None])
-        best_sw = np.argmin(np.where(near & np.isfinite(eff), pair, np.inf), axis=1)
-        eff_sw = eff[ar, best_sw]
-        cost_sw = cost_sw.reshape(n_layers, -1)[ar, best_sw]
-        sw_s = star_slots[ar, best_sw // cand.shape[1]]
-        sw_t = cand[ar, best_sw % cand.shape[1]]
-    else:
-        eff_sw = np.full(n_layers, -np.inf)
-        cost_sw = np.zeros(n_layers, dtype=np.int64)
-        sw_s = sw_t = np.zeros(n_layers, dtype=np.int64)
-
-    # --- retargets: a slot t holding a multi-copy expert c becomes a copy of expert a
-    multi = np.take_along_axis(cnt, p2l, axis=1) >= 2  # [A, R] slots that may be given away
-    t_node_ok = np.take_along_axis(node_ok, np.broadcast_to(slot_gpu, (n_layers, num_slots)), axis=1)
-    # (1) a = an expert on the busiest GPU, t = a donor slot on a cool GPU of the same node
-    # donor quality: load left on its GPU plus the rise of the donor expert's other copies
-    bump = np.take_along_axis(w / np.maximum(cnt - 1, 1) - pc, p2l, axis=1)
-    room = gl[:, slot_gpu] - sl + bump
-    k = min(_RETARGET_SLOTS, num_slots)
-    donor_score = np.where(multi & t_node_ok, room, np.inf)
-    t1 = np.argpartition(donor_score, k - 1, axis=1)[:, :k] if k < num_slots else np.argsort(donor_score, axis=1)
-    t1_ok = np.take_along_axis(donor_score, t1, axis=1) < np.inf
-    a1 = p2l[ar[:, None], star_slots]  # [A, S]
-    g1, v1 = _retarget_gain(w, p2l, cnt, hosts, rows, gl, a1[:, :, None], t1[:, None, :], per)
-    v1 &= t1_ok[:, None, :]
-    # (2) t = a multi-copy slot on the busiest GPU, a = one of the coldest experts (per copy after the move)
-    after = w / (cnt + 1)
-    if exp_node is not None:
-        after = np.where(exp_node == gpu_node[gstar][:, None], after, np.inf)
-    kc = min(_COLD_EXPERTS, w.shape[1])
-    a2 = np.argpartition(after, kc - 1, axis=1)[:, :kc]
-    a2_ok = np.take_along_axis(after, a2, axis=1) < np.inf
-    g2, v2 = _retarget_gain(w, p2l, cnt, hosts, rows, gl, a2[:, :, None], star_slots[:, None, :], per)
-    v2 &= a2_ok[:, :, None] & multi[ar[:, None], star_slots][:, None, :]
-
-    # slot t's cost: it differs from the service placement after (a != orig) minus before
-    o1 = np.take_along_axis(orig, t1, axis=1)
-    c1 = (a1[:, :, None] != o1[:, None, :]).astype(np.int64) - (np.take_along_axis(p2l, t1, axis=1) != o1)[:, None, :]
-    o2 = orig[ar[:, None], star_slots]
-    c2 = (a2[:, :, None] != o2[:, None, :]).astype(np.int64) - (p2l[ar[:, None], star_slots] != o2)[:, None, :]
-    v1 &= (g1 > tol[:, None, None]) & (c1 <= budget[:, None, None])
-    v2 &= (g2 > tol[:, None, None]) & (c2 <= budget[:, None, None])
-    effs = np.concatenate([np.where(v1, g1 / np.maximum(c1, 0.5), -np.inf).reshape(n_layers, -1),
-                           np.where(v2, g2 / np.maximum(c2, 0.5), -np.inf).reshape(n_layers, -1)], axis=1)
-    costs = np.concatenate([c1.reshape(n_layers, -1), c2.reshape(n_layers, -1)], axis=1)
-    best_rt = np.argmax(effs, axis=1)
-    eff_rt = effs[ar, best_rt]
-    cost_rt = costs[ar, best_rt]
-    n1 = a1.shape[1] * t1.shape[1]
-    in1 = best_rt < n1
-    i1a, i1t = np.divmod(np.minimum(best_rt, n1 - 1), t1.shape[1])
-    i2a, i2t = np.divmod(np.maximum(best_rt - n1, 0), per)
-    rt_t = np.where(in1, t1[ar, i1t], star_slots[ar, i2t])
-    rt_a = np.where(in1, a1[ar, i1a], a2[ar, i2a])
-
-    # Cut of the max load per slot of cost decides (a fresh swap costs two).
-    use_sw = eff_sw > eff_rt
-    eff = np.where(use_sw, eff_sw, eff_rt)
-    kind = np.where(np.isfinite(eff), np.where(use_sw, 2, 1), 0)
-    s = np.where(use_sw, sw_s, 0)
-    t = np.where(use_sw, sw_t, rt_t)
-    cost = np.where(kind > 0, np.where(use_sw, cost_sw, cost_rt), 0)
-    return kind, s, t, rt_a, cost
-
-
-def _retarget_gain(
-    w: np.ndarray, p2l: np.ndarray, cnt: np.ndarray, hosts: _Hosts, rows: np.ndarray, gl: np.ndarray,
-    a: np.ndarray, t: np.ndarray, per: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact max-load cut of making slot t a copy of expert a; a [A, X, 1], t [A, 1, Y] -> gain, valid [A, X, Y]."""
-    n_layers, num_slots = p2l.shape
-    num_gpus = num_slots // per
-    ar = np.arange(n_layers)[:, None, None]
-    c = p2l[ar, t]  # [A, 1, Y] expert given away
-    wa, ca = w[ar, a], cnt[ar, a]
-    wc, cc = w[ar, c], cnt[ar, c]
-    d_a = wa / (ca + 1) - wa / ca  # per-copy change of a (<= 0)
-    d_c = wc / np.maximum(cc - 1, 1) - wc / cc  # per-copy change of c (>= 0)
-    host_a = hosts.of(p2l, rows, a[:, :, 0])  # [A, X, G]
-    host_c = hosts.of(p2l, rows, c[:, 0, :])  # [A, Y, G]
-    new = (gl[:, None, None, :] + host_a[:, :, None, :] * d_a[..., None] + host_c[:, None, :, :] * d_c[..., None])
-    # slot t itself: its copy of c (now counted at c's new per-copy load) becomes a copy of a
-    delta_t = wa / (ca + 1) - (wc / np.maximum(cc - 1, 1))
-    new += np.where((t // per)[..., None] == np.arange(num_gpus), delta_t[..., None], 0.0)
-    gain = gl.max(1)[:, None, None] - new.max(-1)
-    valid = (a != c) & (cc >= 2)
-    return gain, np.broadcast_to(valid, gain.shape).copy()
