@@ -20,13 +20,14 @@ def apply_expert_placement(weights: list[Tensor], old: ExpertPlacement, phy2log_
                            group: dist.ProcessGroup | None = None, *, agree: bool = True) -> ExpertPlacement:
     """Move this rank's expert weights from placement ``old`` to ``phy2log_new`` and return the new placement.
 
-    ``weights``: tensors of shape ``[experts_per_rank, ...]`` (e.g. w13 and w2), one row per local physical
-    slot, updated in place. Collective, between forward steps: every rank of ``group`` calls it with the same
-    map. Slots whose expert changes get its rows from a local copy when this rank holds one, else from a rank
-    holding one (point-to-point, one message per rank pair; senders chosen to spread the traffic). The map is
-    checked first; with ``agree`` one small all-reduce makes every rank agree that all ranks' maps are valid
-    and identical, so a bad map raises ValueError on every rank (before any weight moves) instead of hanging
-    some of them (a caller that broadcast the map from one rank may skip it).
+    ``weights``: tensors of shape ``[experts_per_rank, ...]`` (e.g. w13 and w2, or a quantized expert's weights
+    and scales: dtypes may differ), one contiguous row per local physical slot, updated in place. Collective,
+    between forward steps: every rank of ``group`` calls it with the same map. Slots whose expert changes get
+    its rows from a local copy when this rank holds one, else from a rank holding one (point-to-point, one
+    message per rank pair; senders chosen to spread the traffic). The map is checked first; with ``agree`` one
+    small all-reduce makes every rank agree that all ranks' maps are valid and identical, so a bad map raises
+    ValueError on every rank (before any weight moves) instead of hanging some of them (a caller that broadcast
+    the map from one rank may skip it).
     """
     world, rank = world_and_rank(group)
     if world != old.world_size:
@@ -42,38 +43,47 @@ def apply_expert_placement(weights: list[Tensor], old: ExpertPlacement, phy2log_
     old_local = old.local_logical(rank).tolist()
     slot_of = {e: old_local.index(e) for e in set(old_local)}  # a local slot holding each logical expert
     device = weights[0].device
-    sizes = [w[0].numel() for w in weights]
+    # Rows travel as raw bytes: the tensors of one slot may differ in dtype (a quantized expert's int8 / fp8 /
+    # packed int4 weights with their fp32 scales) and go in one message, bit for bit.
+    sizes = [w[0].numel() * w.element_size() for w in weights]
     # Everything read from the old weights is copied out (gather / pack) before any slot is overwritten.
-    rows: dict[int, list[Tensor]] = {}
+    rows: dict[int, Tensor] = {}
     if local:
         idx = torch.tensor([slot_of[e] for e in local], device=device)
-        copies = [w[idx] for w in weights]
-        rows.update({e: [c[i] for c in copies] for i, e in enumerate(local)})
+        packed = _pack_rows(weights, idx)
+        rows.update({e: packed[i] for i, e in enumerate(local)})
     ops, bufs = [], []  # bufs keeps the packed send buffers alive until the waits below
     for peer, experts in sends.items():
         idx = torch.tensor([slot_of[e] for e in experts], device=device)
-        packed = torch.cat([w[idx].flatten(1) for w in weights], dim=1)
+        packed = _pack_rows(weights, idx)
         ops.append(dist.P2POp(dist.isend, packed, global_rank(group, peer), group))
         bufs.append(packed)
     recv_bufs = []
     for peer, experts in recvs.items():
-        buf = weights[0].new_empty((len(experts), sum(sizes)))
+        buf = torch.empty((len(experts), sum(sizes)), dtype=torch.uint8, device=device)
         ops.append(dist.P2POp(dist.irecv, buf, global_rank(group, peer), group))
         recv_bufs.append((experts, buf))
     if ops:
         for req in dist.batch_isend_irecv(ops):
             req.wait()
     for experts, buf in recv_bufs:
-        for i, e in enumerate(experts):
-            parts = buf[i].split(sizes)
-            rows[e] = [p.view_as(w[0]) for p, w in zip(parts, weights, strict=True)]
+        rows.update({e: buf[i] for i, e in enumerate(experts)})
     old_p2l = old.phy2log
     for j in range(rank * per, (rank + 1) * per):
         e = int(new[j])
         if e != int(old_p2l[j]):
-            for w, r in zip(weights, rows[e], strict=True):
-                w[j - rank * per].copy_(r)
+            for w, part in zip(weights, rows[e].split(sizes), strict=True):
+                # back to the weight's dtype (a clone: a byte offset may not be aligned to it) and copied as
+                # such: that write moves the weight's version counter, which invalidates prepacked tiles
+                # (a write through a uint8 view under inference_mode would not)
+                dst = w[j - rank * per]
+                dst.copy_(part.clone().view(w.dtype).view(dst.shape))
     return ExpertPlacement.from_phy2log(new, old.world_size, old.num_logical)
+
+
+def _pack_rows(weights: list[Tensor], idx: Tensor) -> Tensor:
+    """Rows ``idx`` of every weight, side by side as bytes: ``[len(idx), sum of one row's bytes]`` uint8."""
+    return torch.cat([w[idx].reshape(len(idx), -1).view(torch.uint8) for w in weights], dim=1)
 
 
 def _agree_on_map(new: Tensor | None, err: str | None, num_physical: int, device: torch.device,

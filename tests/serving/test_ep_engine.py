@@ -144,8 +144,7 @@ def test_bad_options_refused(checkpoint):
     path = checkpoint("qwen3_moe")
     for kw, match in [(dict(redundant_experts=2), "need ep > 1"), (dict(ep=2, placement="best"), "placement"),
                       (dict(ep=2, placement_interval=0), "placement_interval"),
-                      (dict(ep=4, placement_nodes=3), "placement_nodes"),
-                      (dict(ep=2, quantization="w8a8"), "quantization")]:
+                      (dict(ep=4, placement_nodes=3), "placement_nodes")]:
         with pytest.raises(ValueError, match=match):
             LLM(path, **BASE, **kw)
     with pytest.raises(ValueError, match="do not split evenly"):  # 8 + 1 slots over 2 ranks: before any spawn

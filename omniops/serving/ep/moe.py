@@ -10,6 +10,9 @@ again holds the whole batch for the next (replicated) attention layer.
 Shared experts (DeepSeek) stay on every rank: a rank computes them for its own slice and sums them in the same
 fp32 combine as the routed rows, after them, as the single-process ``FusedMoE`` does (one rounding).
 
+Quantized experts (``--quantization``): each rank stacks its slots' quantized tensors (weights and scales) and
+runs the single-process quantized expert path on what it received (``omniops.serving.ep.quant_slots``).
+
 Load statistics come from the dispatch itself (no extra pass over the tokens): its per-logical-expert bincount
 goes to the engine's ``LoadRecorder`` (``record_counts``) and the number of rows this rank received to the
 per-rank recorder behind ``omni:expert_load_imbalance``.
@@ -26,6 +29,7 @@ from torch import Tensor
 import omniops
 from omniops.distributed import ExpertPlacement, apply_expert_placement, ep_combine, ep_dispatch
 from omniops.placement import LoadRecorder
+from omniops.serving.ep.quant_slots import QuantSlots, shared_rows
 
 # torch 2.13 renamed all_gather_into_tensor (deprecated) to all_gather_single
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -36,8 +40,6 @@ class EPMoELayer:
 
     def __init__(self, moe, placement: ExpertPlacement, rank: int, group: dist.ProcessGroup | None, index: int,
                  recorder: LoadRecorder, rank_recorder: LoadRecorder):
-        if getattr(moe, "w13", None) is None:
-            raise ValueError("ep: quantized experts cannot be placed (they are per-expert linears)")
         self.route: Callable[[Tensor], tuple[Tensor, Tensor]] = moe.route
         E = self.num_routed = moe.num_routed
         self.num_shared = moe.num_shared
@@ -46,11 +48,18 @@ class EPMoELayer:
         self.placement, self.rank, self.group, self.index = placement, rank, group, index
         self.world = placement.world_size
         local = placement.local_logical(rank)
-        # clones: the full [E, ...] tensors of the FusedMoE are freed once it is replaced in the model
-        self.w13 = moe.w13[local].clone()
-        self.w2 = moe.w2[local].clone()
-        self.sw13 = moe.w13[E:].clone() if self.num_shared else None
-        self.sw2 = moe.w2[E:].clone() if self.num_shared else None
+        self.quant: QuantSlots | None = None
+        self.shared_quant = None
+        if moe.w13 is None:  # quantized experts: each tensor stacked over the local slots (weights with scales)
+            self.quant = QuantSlots(moe.quant, local.tolist())
+            self.shared_quant = moe.quant[E:]
+            self.w13 = self.w2 = self.sw13 = self.sw2 = None
+        else:
+            # clones: the full [E, ...] tensors of the FusedMoE are freed once it is replaced in the model
+            self.w13 = moe.w13[local].clone()
+            self.w2 = moe.w2[local].clone()
+            self.sw13 = moe.w13[E:].clone() if self.num_shared else None
+            self.sw2 = moe.w2[E:].clone() if self.num_shared else None
         self.recorder, self.rank_recorder = recorder, rank_recorder
         self._own = torch.zeros(self.world, dtype=torch.int64)  # one-hot row of this rank's received rows
 
@@ -66,9 +75,14 @@ class EPMoELayer:
         self.recorder.record_counts(self.index, d.handle.logical_counts)
         self._own[self.rank] = d.hidden.shape[0]
         self.rank_recorder.record_counts(self.index, self._own)
+        extra = None
+        if self.quant is not None:
+            y = self.quant(d.hidden, d.local_ids)
+            if self.num_shared:
+                extra = (shared_rows(self.shared_quant, xs), torch.ones(xs.shape[0], self.num_shared, dtype=w.dtype))
+            return self._gather(ep_combine(y, d.handle, extra), T)
         ones = torch.ones(d.hidden.shape[0], 1, dtype=torch.float32)
         y = omniops.fused_moe(d.hidden, self.w13, self.w2, ones, d.local_ids.view(-1, 1))
-        extra = None
         if self.num_shared:
             n, ns = xs.shape[0], self.num_shared
             sids = torch.arange(ns).repeat(n)
@@ -96,8 +110,8 @@ class EPMoELayer:
         broadcast, so the ranks' agreement check of ``apply_expert_placement`` is skipped."""
         moved = int((self.placement.phy2log != phy2log).sum())
         if moved:
-            self.placement = apply_expert_placement([self.w13, self.w2], self.placement, phy2log, self.group,
-                                                    agree=False)
+            weights = self.quant.tensors if self.quant is not None else [self.w13, self.w2]
+            self.placement = apply_expert_placement(weights, self.placement, phy2log, self.group, agree=False)
         return moved
 
 

@@ -32,9 +32,6 @@ def check_ep_options(cfg) -> None:
         return
     if ep % nodes:
         raise ValueError(f"placement_nodes: ep={ep} ranks do not split into {nodes} equal nodes")
-    if cfg.quantization is not None:
-        raise ValueError(f"quantization: {cfg.quantization!r} is not supported with ep > 1 yet (the quantized "
-                         "experts are per-expert linears that the placement cannot move)")
 
 
 def default_max_moves(num_slots: int) -> int:
