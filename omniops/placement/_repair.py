@@ -30,8 +30,9 @@ def repair_nodes(
     """Layers' best group swaps, applied in place on ``p2l`` [L, R]; returns [L] bool: layers that swapped.
 
     A swap is taken when its slot changes fit ``budget``, it lowers the heaviest node's load by ``min_gain``
-    (relative), the layer's max GPU load is above the new node bound by as much, and the rewritten layer's max
-    GPU load is not above the old one (the incremental planner's never-worse rule).
+    (relative) and the layer's max GPU load is above the new node bound by as much. The swapped-in copies can
+    only use the outgoing group's slots, which may sit unevenly on the node's GPUs, so a swapped layer's max GPU
+    load may be above the old one until the planner reworks it: the caller keeps it only if it ends better.
     """
     num_layers, num_slots = p2l.shape
     num_experts = w.shape[1]
@@ -66,13 +67,11 @@ def repair_nodes(
     swapped = np.zeros(num_layers, dtype=bool)
     for layer in np.flatnonzero(take):
         a, c = divmod(int(best[layer]), num_groups)
-        row = p2l[layer].copy()
+        row = p2l[layer]
         grp = row // gsz
         for out_g, in_g in ((a, c), (c, a)):
             _fill(w[layer], row, np.flatnonzero(grp == out_g), in_g, gsz, per, num_experts)
-        if gpu_loads(w[layer:layer + 1], row[None], num_gpus).max() <= lmax[layer] * (1 + 1e-12):
-            p2l[layer] = row
-            swapped[layer] = True
+        swapped[layer] = True
     return swapped
 
 

@@ -77,3 +77,40 @@ def drifting_trace(
         burst_left = np.maximum(burst_left - 1, 0)
         out[t] = rng.poisson(share * tokens)
     return out
+
+
+# The load in service is seldom the load a placement was planned for: the kinds of change below turn the load of
+# the plan (``w_old``) into the load of the next window, for planners that start from the placement in service.
+SHIFTS = ("drift", "rerank", "groups", "groups+drift")
+
+
+def shifted_load(
+    w_old: np.ndarray, kind: str, rng: np.random.Generator, *, num_groups: int = 8, hot: int = 32, swaps: int = 16,
+    group_spread: float = 0.15,
+) -> np.ndarray:
+    """[L, E] load after a change of ``kind`` (same total per layer):
+
+    * ``drift``: ``swaps`` experts among the ``hot`` heaviest trade loads with random experts (a hot set moving);
+    * ``rerank``: a fresh random ranking of the same loads (a new workload, same skew);
+    * ``groups``: every expert group's load scaled by a factor in ``1 +- group_spread`` (node totals drifting:
+      what a hierarchical plan's group-to-node pairing cannot follow);
+    * ``groups+drift``: both, half the spread and half the swaps.
+    """
+    num_layers, num_experts = w_old.shape
+    rows = np.arange(num_layers)
+    w = w_old.copy()
+    if kind not in SHIFTS:
+        raise ValueError(f"kind: expected one of {SHIFTS}, got {kind!r}")
+    if kind == "rerank":
+        w = np.take_along_axis(w_old, np.argsort(rng.random(w_old.shape), axis=1), axis=1)
+    if kind in ("drift", "groups+drift"):
+        order = np.argsort(-w_old, axis=1)
+        for _ in range(swaps if kind == "drift" else swaps // 2):
+            i = order[rows, rng.integers(0, min(hot, num_experts), num_layers)]
+            j = rng.integers(0, num_experts, num_layers)
+            w[rows, i], w[rows, j] = w[rows, j], w[rows, i].copy()
+    if kind in ("groups", "groups+drift"):
+        spread = group_spread if kind == "groups" else group_spread / 2
+        f = rng.uniform(1 - spread, 1 + spread, (num_layers, num_groups))
+        w = w * np.repeat(f, num_experts // num_groups, axis=1)
+    return w * (w_old.sum(1, keepdims=True) / np.maximum(w.sum(1, keepdims=True), 1e-300))
