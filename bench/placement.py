@@ -29,7 +29,7 @@ from omniops.placement import (
     rebalance_experts,
     slots_moved,
 )
-from omniops.placement.traces import drifting_trace, layer_skews, zipf_weights
+from omniops.placement.traces import SHIFTS, drifting_trace, layer_skews, shifted_load, zipf_weights
 
 NAME = "placement"
 
@@ -151,6 +151,40 @@ def _drift_rows(eplb, num_layers: int, steps: int, window: int) -> tuple[list[di
     return rows, curves
 
 
+def _shift_rows(eplb, num_layers: int) -> list[dict]:
+    """EP32-hier, in-service placement = a fresh plan of an older Zipf load, next window's load shifted
+    (``traces.shifted_load``): each planner on the new load, scored on it; moves from the placement in service."""
+    lay = LAYOUTS["EP32-hier"]
+    args = (lay.num_replicas, lay.num_groups, lay.num_nodes, lay.num_gpus)
+    hier = dict(num_groups=lay.num_groups, num_nodes=lay.num_nodes)
+    budgets = (lay.num_replicas // 10, lay.num_replicas // 4)
+    rows = []
+    for lo, hi in ((0.1, 0.5), (0.6, 1.5)):
+        for kind in SHIFTS:
+            rng = np.random.default_rng(0)
+            w_old = zipf_weights(num_layers, NUM_EXPERTS, rng.uniform(lo, hi, num_layers), rng)
+            w = shifted_load(w_old, kind, rng)
+            old = rebalance_experts(w_old, *args)[0].numpy()
+            case = f"EP32-hier shift {kind}, s={lo}..{hi}"
+            nodes = gpu_loads(w, old, lay.num_gpus).reshape(num_layers, lay.num_nodes, -1).sum(-1)
+            floor = nodes.max(1) / (lay.num_gpus // lay.num_nodes) / (w.sum(1) / lay.num_gpus)
+            rows.append(dict(case=case, method="in service (stale)",
+                             imbalance=float(imbalance(gpu_loads(w, old, lay.num_gpus)).mean())))
+            rows.append(dict(case=case, method="node floor of the stale pairing", imbalance=float(floor.mean())))
+            plans = {}
+            if eplb:
+                plans["EPLB fresh (vLLM)"] = _timed(eplb, torch.from_numpy(w), *args, old_phy2log=torch.from_numpy(old))
+            plans["ours fresh"] = _timed(rebalance_experts, w, *args)
+            for b in budgets:
+                plans[f"ours incremental ({b})"] = _timed(incremental_rebalance, w, old, lay.num_gpus, b, **hier)
+            for method, (new, ms) in plans.items():
+                new = np.asarray(new[0] if isinstance(new, tuple) else new)
+                imb = float(imbalance(gpu_loads(w, new, lay.num_gpus)).mean())
+                rows.append(dict(case=case, method=method, imbalance=imb, moves=float(slots_moved(old, new).mean()),
+                                 planner_ms=ms))
+    return rows
+
+
 def _fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
@@ -215,6 +249,7 @@ def run(opts: BenchOptions, console: Console) -> list[dict]:
     rows = _static_rows(opts, eplb, num_layers, reps)
     drift_rows, curves = _drift_rows(eplb, num_layers, steps, window=4)
     rows += drift_rows
+    rows += _shift_rows(eplb, num_layers)
 
     table = Table(title=f"expert placement (L={num_layers}, E={NUM_EXPERTS})")
     for col in ("case", "method", "max/mean", "moves/rebalance", "moves bound", "planner ms"):
