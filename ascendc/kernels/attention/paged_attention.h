@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "host/kernel_operator.h"
+#include "kernels/attention/amx_attention.h"
 #include "omni/ops/attention.h"
 
 namespace omni_kernels {
@@ -408,18 +409,55 @@ void LoadQ(float* dst, const T* src, int64_t n, float scale) {
   for (int64_t i = 0; i < n; ++i) dst[i] = ToFloat(src[i]) * scale;
 }
 
+constexpr int64_t kMaxAmxHeads = 64;
+
+// Whether items of `rows` query rows at one position go to the AMX path (amx_attention.h): bf16 on the amx
+// library, no soft cap, no mask.
+template <typename T>
+bool UseAmxRows(const OmniPagedAttnArgs& a, int64_t rows) {
+  if constexpr (!std::is_same_v<T, bfloat16_t> || !kHaveAmxAttention) {
+    return false;
+  } else {
+    return a.soft_cap <= 0.0f && (a.mask == nullptr || a.mask_kind == OMNI_MASK_NONE) &&
+           a.kv_heads <= kMaxAmxHeads && AmxAttentionFits(rows, a.head_dim, a.v_dim);
+  }
+}
+
+// kv heads per AMX item: as many as leave at least two items per core (units = items per kv head).
+inline int64_t HeadsPerItem(int64_t units, int64_t kv_heads, int64_t cores, int64_t max_heads = kMaxAmxHeads) {
+  int64_t hpi = kv_heads;
+  while (hpi > 1 && (hpi > max_heads || units * (kv_heads / hpi) < 2 * cores)) {
+    --hpi;
+    while (kv_heads % hpi != 0) --hpi;
+  }
+  return hpi;
+}
+
+// One AMX item: kv heads [kvh, kvh + hpi) of sequence b over keys [lo, hi); q0 = query row kvh * G.
+template <typename T>
+void AmxItem(const OmniPagedAttnArgs& a, int64_t b, int64_t kvh, int64_t hpi, int64_t lo, int64_t hi, const T* q0,
+             float* o, float* m, float* l) {
+  KeySource<T> srcs[kMaxAmxHeads];
+  for (int64_t h = 0; h < hpi; ++h) srcs[h] = MakeSource<T>(a, b, kvh + h);
+  AmxSharedKeys(srcs, hpi, a.q_heads / a.kv_heads, lo, hi, reinterpret_cast<const uint16_t*>(q0), a.q_head_stride,
+                a.head_dim, a.v_dim, a.scale, o, m, l);
+}
+
 template <typename T>
 void Decode(const OmniPagedAttnArgs* ap, const OmniRuntime* rt) {
   const OmniPagedAttnArgs& a = *ap;
   const int64_t G = a.q_heads / a.kv_heads, S = a.num_splits, D = a.head_dim, Dv = a.v_dim;
-  const int64_t items = a.batch * a.kv_heads * S;
   const bool shared = SharedKV(a);
+  const bool amx = UseAmxRows<T>(a, G);
+  // The AMX path takes several kv heads per item (their cache rows are adjacent: sequential reads).
+  const int64_t hpi = amx ? HeadsPerItem(a.batch * S, a.kv_heads, rt->num_cores) : 1, groups = a.kv_heads / hpi;
+  const int64_t items = a.batch * groups * S;
   auto body = [&]() {
     KernelPagedAttention<T> k(a, shared, 0);
     int64_t begin, end;
     BlockRange(items, GetBlockIdx(), GetBlockNum(), &begin, &end);
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t s = it % S, kvh = (it / S) % a.kv_heads, b = it / (S * a.kv_heads);
+      const int64_t s = it % S, kvh = (it / S) % groups * hpi, b = it / (S * groups);
       // State rows of this item: workspace rows ((b * S + s) * Hq + kvh * G + g), stored as q | o | m, l blocks.
       const int64_t row0 = (b * S + s) * a.q_heads + kvh * G;
       float* q = a.workspace + row0 * D;
@@ -428,8 +466,8 @@ void Decode(const OmniPagedAttnArgs* ap, const OmniRuntime* rt) {
       float* m = a.workspace + total_rows * (D + Dv) + row0;
       float* l = a.workspace + total_rows * (D + Dv + 1) + row0;
       const T* qsrc = static_cast<const T*>(a.q) + b * a.q_token_stride + kvh * G * a.q_head_stride;
-      for (int64_t g = 0; g < G; ++g) {
-        LoadQ(q + g * D, qsrc + g * a.q_head_stride, D, a.scale);
+      for (int64_t g = 0; g < hpi * G; ++g) {
+        if (!amx) LoadQ(q + g * D, qsrc + g * a.q_head_stride, D, a.scale);
         std::memset(o + g * Dv, 0, Dv * 4);
         m[g] = kNegInf;
         l[g] = 0.0f;
@@ -438,6 +476,10 @@ void Decode(const OmniPagedAttnArgs* ap, const OmniRuntime* rt) {
       int64_t lo = a.window > 0 ? std::max<int64_t>(0, n - a.window) : 0;
       lo = std::max(lo, s * a.split_len);
       const int64_t hi = std::min(n, (s + 1) * a.split_len);
+      if (amx) {
+        if (hi > lo) AmxItem(a, b, kvh, hpi, lo, hi, qsrc, o, m, l);
+        continue;
+      }
       k.Attend(MakeSource<T>(a, b, kvh), lo, hi, static_cast<int>(G), 1, n - 1, false, q, o, m, l,
                MakeMask(a, b, 0, kvh * G, G));
     }
@@ -491,6 +533,22 @@ inline int64_t PrefillStateRows(int64_t D, int64_t Dv) {
   return std::max<int64_t>(1, std::min<int64_t>(rows, kRB));
 }
 
+// out[t0 + j, h0 + g] = o[j * hn + g] / l[j * hn + g] for ntok tokens x hn heads.
+template <typename T>
+void WriteRows(const OmniPagedAttnArgs& a, int64_t t0, int64_t h0, int64_t ntok, int64_t hn, const float* o,
+               const float* l) {
+  const int64_t Dv = a.v_dim;
+  for (int64_t j = 0; j < ntok; ++j) {
+    for (int64_t g = 0; g < hn; ++g) {
+      const int64_t r = j * hn + g;
+      const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+      T* dst = static_cast<T*>(a.out) + (t0 + j) * a.out_token_stride + (h0 + g) * a.out_head_stride;
+      const float* os = o + r * Dv;
+      for (int64_t d = 0; d < Dv; ++d) dst[d] = FromFloat<T>(os[d] * inv);
+    }
+  }
+}
+
 template <typename T>
 void Prefill(const OmniPagedAttnArgs* ap, const OmniRuntime* rt) {
   const OmniPagedAttnArgs& a = *ap;
@@ -505,6 +563,10 @@ void Prefill(const OmniPagedAttnArgs* ap, const OmniRuntime* rt) {
     for (int64_t j = 0; j < len; j += mq) tiles.emplace_back(b, j);
   }
   const int64_t items = static_cast<int64_t>(tiles.size()) * a.kv_heads * nhc;
+  const bool amx_rows = nhc == 1 && UseAmxRows<T>(a, G);
+  int64_t decode_tiles = 0;
+  for (int64_t b = 0; b < a.batch; ++b) decode_tiles += a.cu_seqlens[b + 1] - a.cu_seqlens[b] == 1;
+  const int64_t hpi = amx_rows ? HeadsPerItem(decode_tiles, a.kv_heads, rt->num_cores, max_rows / G) : 1;
   auto body = [&]() {
     KernelPagedAttention<T> k(a, false, max_rows);
     float* st = k.State();
@@ -520,6 +582,16 @@ void Prefill(const OmniPagedAttnArgs* ap, const OmniRuntime* rt) {
       const int64_t rows = ntok * hn;
       const int64_t ctx = (a.k_cache != nullptr && a.ctx_lens != nullptr) ? a.ctx_lens[b] : 0;
       float* q = st;
+      if (ntok == 1 && amx_rows) {  // one position: every row sees the same keys
+        if (kvh % hpi != 0) continue;  // the item of the group's first kv head takes the whole group
+        float* o1 = q + hpi * G * D;
+        float* m1 = o1 + hpi * G * Dv;
+        float* l1 = m1 + hpi * G;
+        const T* q0 = static_cast<const T*>(a.q) + t0 * a.q_token_stride + kvh * G * a.q_head_stride;
+        AmxItem(a, b, kvh, hpi, 0, a.causal ? ctx + j0 + 1 : ctx + len, q0, o1, m1, l1);
+        WriteRows<T>(a, t0, kvh * G, 1, hpi * G, o1, l1);
+        continue;
+      }
       float* o = q + rows * D;
       float* m = o + rows * Dv;
       float* l = m + rows;
@@ -536,15 +608,7 @@ void Prefill(const OmniPagedAttnArgs* ap, const OmniRuntime* rt) {
       const int64_t hi = a.causal ? pos0 + ntok : ctx + len;
       k.Attend(MakeSource<T>(a, b, kvh), 0, hi, static_cast<int>(rows), static_cast<int>(hn), pos0, a.causal != 0,
                q, o, m, l, MakeMask(a, b, j0, kvh * G + g0, hn));
-      for (int64_t j = 0; j < ntok; ++j) {
-        for (int64_t g = 0; g < hn; ++g) {
-          const int64_t r = j * hn + g;
-          const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-          T* dst = static_cast<T*>(a.out) + (t0 + j) * a.out_token_stride + (kvh * G + g0 + g) * a.out_head_stride;
-          const float* os = o + r * Dv;
-          for (int64_t d = 0; d < Dv; ++d) dst[d] = FromFloat<T>(os[d] * inv);
-        }
-      }
+      WriteRows<T>(a, t0, kvh * G + g0, ntok, hn, o, l);
     }
   };
   LaunchBlocks(std::min<int64_t>(items, rt->num_cores), rt, body);

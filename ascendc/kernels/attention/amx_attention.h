@@ -1,0 +1,177 @@
+// Decode-shaped attention on AMX (amx library, bf16): the G query heads of each of `heads` kv heads at one
+// position (GQA decode, and the 1-token chunks of a varlen step) over one key range.
+//
+// The general kernel (paged_attention.h) converts each 16-key chunk to fp32, transposes K and runs an online
+// softmax per row; with only G = 4-8 rows per item that per-chunk work is paid for few rows, and an item per
+// kv head reads a quarter of every cache line pair it walks (measured ~1 ms per layer at batch 16 x 300 keys,
+// bf16, one core, against ~0.38 ms to stream those K/V blocks). Here:
+//   keys    a 16-token chunk of every kv head of the item is copied out in cache order (sequential reads);
+//   scores  S[key, head] = K[key, :] . Q[head, :]: the copied K rows are the A operand (16 keys x 32 dims a
+//           tile, no conversion, no transpose), Q^T the B operand (VNNI pairs, built once per call);
+//   softmax two-pass over the call's keys, vectorised across the G heads of a kv head (one zmm lane each);
+//   values  O[head, :] += P[key, head] * V[key, :] on AVX-512 FMAs, V chunks copied out as K's.
+// The result has the general kernel's state semantics: o un-normalised, m the max of the scaled scores, l the sum.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "kernels/moe/amx_tiles.h"
+
+namespace omni_kernels {
+inline namespace OMNI_ISA_NS {
+namespace attn {
+
+#if defined(OMNI_HAVE_AMX_TILES)
+constexpr bool kHaveAmxAttention = true;
+
+// Whether AmxSharedKeys serves G query rows per kv head with these head dims.
+OMNI_INLINE bool AmxAttentionFits(int64_t G, int64_t D, int64_t Dv) {
+  return G >= 1 && G <= 16 && D % 32 == 0 && Dv % 16 == 0;
+}
+
+// o[r, d0 : d0 + 16 NV] (+)= sum_t p[t * 16 + r] * v[t, d0 : ...] for r < NR; v: nt bf16 rows, `ldv` apart.
+template <int NR, int NV>
+OMNI_INLINE void ValueBlock(const uint16_t* v, int64_t ldv, int64_t nt, const float* p, int64_t d0, float* o,
+                            int64_t ldo, bool first) {
+  __m512 acc[NR][NV];
+#pragma GCC unroll 4
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j)
+      acc[r][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(o + r * ldo + d0 + j * 16);
+  for (int64_t t = 0; t < nt; ++t) {
+    __m512 vr[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + t * ldv + d0 + j * 16));
+      vr[j] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) {
+      const __m512 pr = _mm512_set1_ps(p[t * 16 + r]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_fmadd_ps(pr, vr[j], acc[r][j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(o + r * ldo + d0 + j * 16, acc[r][j]);
+}
+
+template <int NR>
+OMNI_INLINE void ValueRows(const uint16_t* v, int64_t ldv, int64_t nt, const float* p, int64_t Dv, float* o,
+                           bool first) {
+  int64_t d0 = 0;
+  for (; d0 + 64 <= Dv; d0 += 64) ValueBlock<NR, 4>(v, ldv, nt, p, d0, o, Dv, first);
+  switch ((Dv - d0) / 16) {
+    case 3: ValueBlock<NR, 3>(v, ldv, nt, p, d0, o, Dv, first); break;
+    case 2: ValueBlock<NR, 2>(v, ldv, nt, p, d0, o, Dv, first); break;
+    case 1: ValueBlock<NR, 1>(v, ldv, nt, p, d0, o, Dv, first); break;
+    default: break;
+  }
+}
+
+// G rows of o (row stride Dv) from one chunk: 4 rows at a time, then the rest.
+OMNI_INLINE void ValueChunk(const uint16_t* v, int64_t ldv, int64_t nt, const float* p, int64_t G, int64_t Dv,
+                            float* o, bool first) {
+  int64_t r = 0;
+  for (; r + 4 <= G; r += 4) ValueRows<4>(v, ldv, nt, p + r, Dv, o + r * Dv, first);
+  switch (G - r) {
+    case 3: ValueRows<3>(v, ldv, nt, p + r, Dv, o + r * Dv, first); break;
+    case 2: ValueRows<2>(v, ldv, nt, p + r, Dv, o + r * Dv, first); break;
+    case 1: ValueRows<1>(v, ldv, nt, p + r, Dv, o + r * Dv, first); break;
+    default: break;
+  }
+}
+
+// Copies rows [c_lo, c_lo + nk) of every head into dst [16][heads * n] (token-major, heads side by side) and
+// zeroes the rows after nk. row(h, pos) gives head h's bf16 row.
+template <typename RowFn>
+OMNI_INLINE void StageChunk(uint16_t* dst, int64_t heads, int64_t n, int64_t c_lo, int64_t nk, RowFn row) {
+  for (int64_t i = 0; i < nk; ++i)
+    for (int64_t h = 0; h < heads; ++h)
+      std::memcpy(dst + (i * heads + h) * n, row(h, c_lo + i), static_cast<size_t>(n) * 2);
+  if (nk < 16) std::memset(dst + nk * heads * n, 0, static_cast<size_t>((16 - nk) * heads * n) * 2);
+}
+
+// Attention over keys [lo, hi) for `heads` kv heads: srcs[h].K(pos) / V(pos) give head h's bf16 rows (D / Dv
+// elements); query row g of head h at q + (h * G + g) * q_stride (bf16, unscaled). Writes, for row
+// R = h * G + g: o[R * Dv : ...] un-normalised, m[R], l[R]. Caller: AmxAttentionFits(G, D, Dv), hi > lo.
+template <typename Src>
+inline void AmxSharedKeys(const Src* srcs, int64_t heads, int64_t G, int64_t lo, int64_t hi, const uint16_t* q,
+                          int64_t q_stride, int64_t D, int64_t Dv, float scale, float* o, float* m, float* l) {
+  const int64_t n = hi - lo, ks_n = D / 32, chunks = (n + 15) / 16;
+  thread_local std::vector<uint16_t> qt_buf, kv_buf;
+  thread_local std::vector<float> s_buf;
+  qt_buf.assign(static_cast<size_t>(heads * ks_n * 512), 0);
+  kv_buf.resize(static_cast<size_t>(16 * heads * std::max(D, Dv)));
+  s_buf.resize(static_cast<size_t>(heads * chunks * 256));
+  // Q^T in VNNI pairs, 16 columns (rows g >= G stay zero): qt[h][ks][p][g][j] = q[h G + g][32 ks + 2 p + j].
+  uint16_t* qt = qt_buf.data();
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t g = 0; g < G; ++g) {
+      const uint16_t* qr = q + (h * G + g) * q_stride;
+      uint16_t* qh = qt + h * ks_n * 512;
+      for (int64_t d = 0; d < D; ++d) qh[(d / 32) * 512 + ((d % 32) / 2) * 32 + g * 2 + (d % 2)] = qr[d];
+    }
+  uint16_t* kv = kv_buf.data();
+  float* s = s_buf.data();  // s[h][t][16]: head h's scores of key lo + t, one column per query row
+
+  amx::LoadConfig();
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t c_lo = lo + c * 16, nk = std::min<int64_t>(16, hi - c_lo);
+    StageChunk(kv, heads, D, c_lo, nk, [&](int64_t h, int64_t pos) { return srcs[h].K(pos); });
+    for (int64_t h = 0; h < heads; ++h) {
+      _tile_zero(0);
+      for (int64_t ks = 0; ks < ks_n; ++ks) {
+        _tile_loadd(1, kv + h * D + ks * 32, heads * D * 2);
+        _tile_loadd(2, qt + (h * ks_n + ks) * 512, 64);
+        _tile_dpbf16ps(0, 1, 2);
+      }
+      _tile_stored(0, s + (h * chunks + c) * 256, 64);
+    }
+  }
+  amx::Release();
+
+  // Softmax over the keys of each kv head, one lane per query row.
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t h = 0; h < heads; ++h) {
+    float* sh = s + h * chunks * 256;
+    __m512 mx = _mm512_set1_ps(-__builtin_inff());
+    for (int64_t t = 0; t < n; ++t) mx = _mm512_max_ps(mx, _mm512_mul_ps(_mm512_loadu_ps(sh + t * 16), sc));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; ++t) {
+      const __m512 p = amx::Exp16(_mm512_fmsub_ps(_mm512_loadu_ps(sh + t * 16), sc, mx));
+      _mm512_storeu_ps(sh + t * 16, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    alignas(64) float mv[16], lv[16];
+    _mm512_store_ps(mv, mx);
+    _mm512_store_ps(lv, sum);
+    for (int64_t g = 0; g < G; ++g) {
+      m[h * G + g] = mv[g];
+      l[h * G + g] = lv[g];
+    }
+  }
+
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t c_lo = lo + c * 16, nk = std::min<int64_t>(16, hi - c_lo);
+    StageChunk(kv, heads, Dv, c_lo, nk, [&](int64_t h, int64_t pos) { return srcs[h].V(pos); });
+    for (int64_t h = 0; h < heads; ++h)
+      ValueChunk(kv + h * Dv, heads * Dv, nk, s + (h * chunks + c) * 256, G, Dv, o + h * G * Dv, c == 0);
+  }
+}
+#else
+constexpr bool kHaveAmxAttention = false;
+OMNI_INLINE bool AmxAttentionFits(int64_t, int64_t, int64_t) { return false; }
+template <typename Src>
+inline void AmxSharedKeys(const Src*, int64_t, int64_t, int64_t, int64_t, const uint16_t*, int64_t, int64_t, int64_t,
+                          float, float*, float*, float*) {}
+#endif
+
+}  // namespace attn
+}  // namespace OMNI_ISA_NS
+}  // namespace omni_kernels
