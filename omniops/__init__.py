@@ -9,7 +9,7 @@ helpers (plain functions, no backend): ``quantize_*`` / ``dequantize_weight``, `
 from __future__ import annotations
 
 from omniops._backends import BACKENDS, BackendError, available_backends, use_backend
-from omniops._cpu import cpu_info
+from omniops._cpu import cpu_info, get_kernel_threads, set_kernel_threads
 from omniops.ops.activation import silu_and_mul
 from omniops.ops.attention import gqa_decode, gqa_prefill, mla_decode
 from omniops.ops.cache_ops import mla_cache, reshape_and_cache
@@ -40,6 +40,7 @@ __all__ = [
     "fp8_block_gemm",
     "fp8_block_linear",
     "fused_moe",
+    "get_kernel_threads",
     "gqa_decode",
     "gqa_attention",
     "gqa_prefill",
@@ -58,6 +59,7 @@ __all__ = [
     "quantize_weight",
     "QuantLinear",
     "reshape_and_cache",
+    "set_kernel_threads",
     "rms_norm",
     "rms_norm_",
     "rotary_embedding",

@@ -40,3 +40,26 @@ def force_isa(isa: str) -> Iterator[None]:
         yield
     finally:
         C.set_isa(before)
+
+
+def set_kernel_threads(threads: int) -> None:
+    """Run the cpu kernels on omniops' cooperative pool of ``threads`` threads (the caller among them) instead of
+    torch's OpenMP pool; ``threads <= 1`` goes back to torch's pool.
+
+    The cooperative pool never waits for a thread that has not picked up work: a helper that another process
+    has descheduled delays a kernel only by the block it already holds, where an OpenMP region waits for the
+    whole team at its barrier (on a 2-core machine shared with an HTTP front end, 2 OpenMP threads made
+    omni-serve several times slower than 1). Torch's own ops keep torch's thread setting."""
+    from omniops._validation import check_int
+
+    threads = check_int("threads", threads, lo=1, hi=1024)
+    C = _ext.cpp()
+    if C is None:
+        raise RuntimeError(f"omniops._C is not available ({_ext.unavailable_reason()})")
+    C.set_kernel_threads(threads)
+
+
+def get_kernel_threads() -> int:
+    """Threads of the cooperative kernel pool (1: the kernels run on torch's pool)."""
+    C = _ext.cpp()
+    return int(C.get_kernel_threads()) if C is not None else 1

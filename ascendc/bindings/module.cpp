@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "bindings/common.h"
+#include "bindings/coop_pool.h"
 #include "bindings/cpu_features.h"
 
 namespace omni {
@@ -38,6 +39,9 @@ void RegisterAll(py::module_& m) {
   Def(m, "set_isa", &SetIsaArg, "switch kernel library: 'amx', 'avx512', 'avx2', 'generic' or 'auto'",
       py::arg("isa"));
   m.def("families", &FamilyNames, "the op families compiled into this module");
+  m.def("set_kernel_threads", &SetCoopThreads, py::arg("threads"),
+        "run the kernels on a cooperative pool of this many threads (the caller included; <= 1: torch's pool)");
+  m.def("get_kernel_threads", &CoopThreads, "threads of the cooperative kernel pool (1: torch's pool is used)");
   for (auto& f : Families()) f.second(m);
 }
 

@@ -1,6 +1,9 @@
-// The host runtime of the kernels: grid launches on torch's intra-op thread pool, per-thread scratch memory.
+// The host runtime of the kernels: grid launches on torch's intra-op thread pool (or, once set_kernel_threads
+// asks for it, on the cooperative pool of coop_pool.h), per-thread scratch memory.
 // Compiled with -fopenmp (CMakeLists.txt): at::parallel_for's OpenMP pragma is instantiated in this file.
 #include "bindings/runtime.h"
+
+#include "bindings/coop_pool.h"
 
 #include <ATen/Parallel.h>
 #include <sys/mman.h>
@@ -11,6 +14,8 @@
 namespace omni {
 namespace {
 
+constexpr int64_t kCoopBlocksPerThread = 4;
+
 void LaunchOnTorchPool(int64_t block_num, void* ctx, OmniBlockFn fn) {
   at::parallel_for(0, block_num, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) fn(ctx, i);
@@ -19,7 +24,12 @@ void LaunchOnTorchPool(int64_t block_num, void* ctx, OmniBlockFn fn) {
 
 }  // namespace
 
-OmniRuntime Runtime() { return OmniRuntime{&LaunchOnTorchPool, static_cast<int64_t>(at::get_num_threads())}; }
+OmniRuntime Runtime() {
+  const int coop = CoopThreads();
+  // Four blocks per thread: a helper descheduled while it holds a block delays the launch by that block only.
+  if (coop > 1) return OmniRuntime{&CoopLaunch, static_cast<int64_t>(coop) * kCoopBlocksPerThread};
+  return OmniRuntime{&LaunchOnTorchPool, static_cast<int64_t>(at::get_num_threads())};
+}
 
 void* Workspace(int64_t bytes) {
   struct Buffer {

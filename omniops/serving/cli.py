@@ -37,9 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", default=None, choices=("w8a8", "fp8_block", "w4a16"))
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--threads", type=int, default=None,
-                   help="compute threads of the engine (default: all cores but one, which the HTTP server and "
-                        "clients get — vLLM-CPU reserves one too; measured on 2 cores: ITL p50 at concurrency 1 "
-                        "9 ms with 1 thread vs 11-29 ms with 2)")
+                   help="compute threads of the engine (default: OMP_NUM_THREADS when set, else all cores but "
+                        "one, which the HTTP server and clients get — vLLM-CPU reserves one too)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key", default=os.environ.get("OMNI_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $OMNI_API_KEY)")
@@ -73,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable-uvicorn-access-log", action="store_true")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
+
+
+def default_threads() -> int:
+    """OMP_NUM_THREADS when the environment sets it (as vLLM-CPU honours it), else all cores but one."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -109,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     from omniops.serving.api import build_app
     from omniops.serving.engine_core import CoreSpec, EngineProcess, start_engine
 
-    threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
+    threads = args.threads or default_threads()
     if threads < 1:
         raise SystemExit("omni-serve: --threads must be >= 1")
     try:

@@ -34,7 +34,9 @@ def test_rejections_name_the_argument(fuzz_results) -> None:
 def test_every_entry_point_is_fuzzed() -> None:
     """A new entry point of omniops._C needs a baseline here."""
     C = _ext.cpp()
-    skip = {"cpu_info", "get_isa", "families", "tile_layouts", "w8a8_tile_layouts", "quant_gemm_int8_path"}
+    skip = {"cpu_info", "get_isa", "families", "tile_layouts", "w8a8_tile_layouts", "quant_gemm_int8_path",
+            # runtime settings, not kernels: tests/ops/test_kernel_threads.py checks set_kernel_threads' rejections
+            "get_kernel_threads", "set_kernel_threads"}
     entry = {n for n in dir(C) if not n.startswith("_") and callable(getattr(C, n))} - skip
     fuzzed = {b().fn for b in BASELINES.values()}
     assert entry <= fuzzed, f"entry points without a fuzz baseline: {sorted(entry - fuzzed)}"

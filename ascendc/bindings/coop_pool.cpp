@@ -1,0 +1,155 @@
+// The cooperative kernel pool (coop_pool.h).
+//
+// One job at a time (launches are serialised). A job is published as (ctx, fn, num) plus a 64-bit ticket word
+// = epoch << 32 | blocks not yet claimed; a thread claims one by a CAS (e, r) -> (e, r - 1) and runs block
+// num - r. A successful claim means the job still had blocks left, so it is live and its fields are the ones
+// read; a helper holding an older ticket fails its CAS. The caller returns once every block is done. A launch
+// from inside a block (or while another thread's launch runs) would wait on itself: it runs inline.
+#include "bindings/coop_pool.h"
+
+#include <atomic>
+#include <condition_variable>
+#include <exception>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace omni {
+namespace {
+
+class CoopPool {
+ public:
+  ~CoopPool() { Resize(1); }
+
+  void Resize(int threads) {
+    StopHelpers();
+    for (int i = 1; i < threads; ++i) helpers_.emplace_back([this] { HelperLoop(); });
+  }
+  int Threads() const { return static_cast<int>(helpers_.size()) + 1; }
+
+  void Launch(int64_t num, void* ctx, OmniBlockFn fn) {
+    std::unique_lock<std::mutex> job(launch_mu_, std::defer_lock);
+    if (helpers_.empty() || num <= 1 || in_block_ || !job.try_lock()) {
+      for (int64_t i = 0; i < num; ++i) fn(ctx, i);
+      return;
+    }
+    ctx_ = ctx;
+    fn_ = fn;
+    num_ = num;
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t epoch = (ticket_.load(std::memory_order_relaxed) >> 32) + 1;
+    ticket_.store(epoch << 32 | static_cast<uint64_t>(num), std::memory_order_release);  // publishes the fields
+    if (sleepers_.load(std::memory_order_acquire) > 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      cv_.notify_all();
+    }
+    RunBlocks(epoch);
+    // Blocks still running on helpers: spin a little (they are short), then let the core go.
+    for (int s = 0; done_.load(std::memory_order_acquire) < num; ++s) {
+      if (s < 4096) {
+#if defined(__x86_64__)
+        __builtin_ia32_pause();
+#endif
+      } else {
+        std::this_thread::yield();
+      }
+    }
+    if (error_) {
+      std::exception_ptr e = error_;
+      error_ = nullptr;
+      std::rethrow_exception(e);
+    }
+  }
+
+ private:
+  // Claims and runs blocks of `epoch` until none is left.
+  void RunBlocks(uint64_t epoch) {
+    uint64_t t = ticket_.load(std::memory_order_acquire);
+    while ((t >> 32) == epoch && (t & 0xffffffffu) != 0) {
+      if (!ticket_.compare_exchange_weak(t, t - 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+      const int64_t i = num_ - static_cast<int64_t>(t & 0xffffffffu);
+      in_block_ = true;
+      try {
+        fn_(ctx_, i);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!error_) error_ = std::current_exception();
+      }
+      in_block_ = false;
+      done_.fetch_add(1, std::memory_order_acq_rel);
+      t = ticket_.load(std::memory_order_acquire);
+    }
+  }
+
+  void HelperLoop() {
+    uint64_t seen = ticket_.load(std::memory_order_acquire) >> 32;
+    // Spin this many polls for the next job before sleeping: a decode step launches kernels tens of microseconds
+    // apart, and a futex wake-up costs about as much as a small kernel.
+    constexpr int kSpins = 1 << 14;
+    while (!stop_.load(std::memory_order_acquire)) {
+      uint64_t epoch = ticket_.load(std::memory_order_acquire) >> 32;
+      for (int s = 0; epoch == seen && s < kSpins && !stop_.load(std::memory_order_relaxed); ++s) {
+#if defined(__x86_64__)
+        __builtin_ia32_pause();
+#endif
+        epoch = ticket_.load(std::memory_order_acquire) >> 32;
+      }
+      if (epoch == seen) {
+        std::unique_lock<std::mutex> lock(mu_);
+        sleepers_.fetch_add(1, std::memory_order_acq_rel);
+        cv_.wait(lock, [&] {
+          return stop_.load(std::memory_order_acquire) || (ticket_.load(std::memory_order_acquire) >> 32) != seen;
+        });
+        sleepers_.fetch_sub(1, std::memory_order_acq_rel);
+        continue;
+      }
+      seen = epoch;
+      RunBlocks(epoch);
+    }
+  }
+
+  void StopHelpers() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_.store(true, std::memory_order_release);
+      cv_.notify_all();
+    }
+    for (std::thread& t : helpers_) t.join();
+    helpers_.clear();
+    stop_.store(false, std::memory_order_release);
+  }
+
+  std::vector<std::thread> helpers_;
+  std::atomic<uint64_t> ticket_{0};
+  std::atomic<int64_t> done_{0};
+  std::atomic<int> sleepers_{0};
+  std::atomic<bool> stop_{false};
+  void* ctx_ = nullptr;
+  OmniBlockFn fn_ = nullptr;
+  int64_t num_ = 0;
+  std::exception_ptr error_;
+  std::mutex mu_, launch_mu_;
+  std::condition_variable cv_;
+  static thread_local bool in_block_;
+};
+
+thread_local bool CoopPool::in_block_ = false;
+
+CoopPool& Pool() {
+  static CoopPool pool;
+  return pool;
+}
+
+}  // namespace
+
+void SetCoopThreads(int threads) {
+  if (threads < 1 || threads > 1024)
+    throw std::invalid_argument("threads: expected 1 to 1024 kernel threads, got " + std::to_string(threads));
+  Pool().Resize(threads);
+}
+int CoopThreads() { return Pool().Threads(); }
+void CoopLaunch(int64_t block_num, void* ctx, OmniBlockFn fn) { Pool().Launch(block_num, ctx, fn); }
+
+}  // namespace omni
