@@ -4,10 +4,12 @@
 // = epoch << 32 | blocks not yet claimed; a thread claims one by a CAS (e, r) -> (e, r - 1) and runs block
 // num - r. A successful claim means the job still had blocks left, so it is live and its fields are the ones
 // read; a helper holding an older ticket fails its CAS. The caller returns once every block is done. A launch
-// from inside a block (or while another thread's launch runs) would wait on itself: it runs inline.
+// from inside a block (or while another thread's launch runs) would wait on itself: it runs inline. After a
+// launch that waited long on a helper the caller runs alone for kSoloSpell (another process has the cores).
 #include "bindings/coop_pool.h"
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <mutex>
@@ -31,7 +33,7 @@ class CoopPool {
 
   void Launch(int64_t num, void* ctx, OmniBlockFn fn) {
     std::unique_lock<std::mutex> job(launch_mu_, std::defer_lock);
-    if (helpers_.empty() || num <= 1 || in_block_ || !job.try_lock()) {
+    if (helpers_.empty() || num <= 1 || in_block_ || !job.try_lock() || Clock::now() < solo_until_) {
       for (int64_t i = 0; i < num; ++i) fn(ctx, i);
       return;
     }
@@ -45,7 +47,9 @@ class CoopPool {
       std::lock_guard<std::mutex> lock(mu_);
       cv_.notify_all();
     }
+    const Clock::time_point start = Clock::now();
     RunBlocks(epoch);
+    const Clock::time_point own = Clock::now();
     // Blocks still running on helpers: spin a little (they are short), then let the core go.
     for (int s = 0; done_.load(std::memory_order_acquire) < num; ++s) {
       if (s < 4096) {
@@ -56,6 +60,10 @@ class CoopPool {
         std::this_thread::yield();
       }
     }
+    // A helper that held a block far longer than the caller's whole share was descheduled: another process
+    // wants these cores now. Run alone for a while rather than wait on it again at every launch.
+    const Clock::time_point end = Clock::now();
+    if (end - own > 2 * (own - start) + std::chrono::microseconds(200)) solo_until_ = end + kSoloSpell;
     if (error_) {
       std::exception_ptr e = error_;
       error_ = nullptr;
@@ -121,7 +129,11 @@ class CoopPool {
     stop_.store(false, std::memory_order_release);
   }
 
+  using Clock = std::chrono::steady_clock;
+  static constexpr std::chrono::milliseconds kSoloSpell{20};
+
   std::vector<std::thread> helpers_;
+  Clock::time_point solo_until_{};
   std::atomic<uint64_t> ticket_{0};
   std::atomic<int64_t> done_{0};
   std::atomic<int> sleepers_{0};

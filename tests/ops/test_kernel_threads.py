@@ -24,10 +24,10 @@ def pool():
 
 def _ops(dtype: torch.dtype) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    T, H, E, I, k = 37, 256, 8, 128, 2
+    T, H, E, inter, k = 37, 256, 8, 128, 2
     x = torch.randn(T, H, generator=g).to(dtype)
-    w13 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(dtype)
-    w2 = (torch.randn(E, H, I, generator=g) / I**0.5).to(dtype)
+    w13 = (torch.randn(E, 2 * inter, H, generator=g) / H**0.5).to(dtype)
+    w2 = (torch.randn(E, H, inter, generator=g) / inter**0.5).to(dtype)
     tw, ids = omniops.moe_route(torch.randn(T, E, generator=g), k, scoring="softmax", renormalize=True)
     W = (torch.randn(3, 96, H, generator=g) / H**0.5).to(dtype)
     offs = torch.tensor([0, 10, 10, T])
