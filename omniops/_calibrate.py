@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-ROWS = (1, 16, 64, 256)
+ROWS = (1, 16, 64, 256, 2048)  # 2048: a prefill chunk (max_num_batched_tokens)
 _N = _K = 2048
 # omni must be this much faster to be chosen: the measurement is short and the machine may be shared.
 _MARGIN = 1.1
@@ -35,7 +35,8 @@ def _best(fn, reps: int = 5) -> float:
 
 
 @functools.cache
-def _linear_table(isa: str, dtype: torch.dtype) -> dict[int, bool]:
+def _linear_table(isa: str, dtype: torch.dtype, threads: tuple[int, int]) -> dict[int, bool]:
+    """threads: (torch's, the kernel pool's): each side's speed depends on its own thread count."""
     import omniops
 
     g = torch.Generator().manual_seed(0)
@@ -60,7 +61,7 @@ def linear_table(dtype: torch.dtype) -> dict[int, bool] | None:
     C = _ext.cpp()
     if C is None or os.environ.get("OMNI_CALIBRATION", "on") == "off":
         return None
-    return _linear_table(C.get_isa(), dtype)
+    return _linear_table(C.get_isa(), dtype, (torch.get_num_threads(), int(C.get_kernel_threads())))
 
 
 def omni_linear_wins(dtype: torch.dtype, rows: int) -> bool | None:

@@ -5,7 +5,8 @@
 // num - r. A successful claim means the job still had blocks left, so it is live and its fields are the ones
 // read; a helper holding an older ticket fails its CAS. The caller returns once every block is done. A launch
 // from inside a block (or while another thread's launch runs) would wait on itself: it runs inline. After a
-// launch that waited long on a helper the caller runs alone for kSoloSpell (another process has the cores).
+// launch that waited long on a helper twice in a row the caller runs alone for kSoloSpell (another process has
+// the cores).
 #include "bindings/coop_pool.h"
 
 #include <atomic>
@@ -60,10 +61,14 @@ class CoopPool {
         std::this_thread::yield();
       }
     }
-    // A helper that held a block far longer than the caller's whole share was descheduled: another process
-    // wants these cores now. Run alone for a while rather than wait on it again at every launch.
+    // A helper that held a block far longer than the caller's whole share was descheduled. Twice within
+    // kStallWindow: another process wants these cores now; run alone for a while rather than wait on it at every
+    // launch (a rare preemption, e.g. by a niced batch job's slice, is cheaper to wait out).
     const Clock::time_point end = Clock::now();
-    if (end - own > 2 * (own - start) + std::chrono::microseconds(200)) solo_until_ = end + kSoloSpell;
+    if (end - own > 2 * (own - start) + std::chrono::microseconds(200)) {
+      if (end - last_stall_ < kStallWindow) solo_until_ = end + kSoloSpell;
+      last_stall_ = end;
+    }
     if (error_) {
       std::exception_ptr e = error_;
       error_ = nullptr;
@@ -130,10 +135,10 @@ class CoopPool {
   }
 
   using Clock = std::chrono::steady_clock;
-  static constexpr std::chrono::milliseconds kSoloSpell{20};
+  static constexpr std::chrono::milliseconds kSoloSpell{20}, kStallWindow{5};
 
   std::vector<std::thread> helpers_;
-  Clock::time_point solo_until_{};
+  Clock::time_point solo_until_{}, last_stall_{};
   std::atomic<uint64_t> ticket_{0};
   std::atomic<int64_t> done_{0};
   std::atomic<int> sleepers_{0};

@@ -55,6 +55,9 @@ class AttentionMetadata:
         return self.cu_seqlens[self.num_decode:] - self.num_decode
 
 
+ALL_ROWS = 1 << 30
+
+
 def omni_linear_rows(dtype: torch.dtype) -> int:
     """Up to how many rows the omni GEMM (``grouped_gemm`` over one group: a weight-streaming kernel, AMX tiles
     packed once on the amx library) beats torch's linear for this dtype, by omniops' startup calibration on this
@@ -64,9 +67,9 @@ def omni_linear_rows(dtype: torch.dtype) -> int:
     rows = 0
     for r in _calibrate.ROWS:
         if not _calibrate.omni_linear_wins(dtype, r):
-            break
+            return rows
         rows = r
-    return rows
+    return ALL_ROWS  # faster at every measured size, prefill chunks included (e.g. 2 pool threads vs torch's 1)
 
 
 def use_omni_gemm(omni_rows: int, rows) -> bool:
