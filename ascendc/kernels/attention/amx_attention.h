@@ -97,6 +97,12 @@ OMNI_INLINE void StageChunk(uint16_t* dst, int64_t heads, int64_t n, int64_t c_l
   if (nk < 16) std::memset(dst + nk * heads * n, 0, static_cast<size_t>((16 - nk) * heads * n) * 2);
 }
 
+// Whether keys [c_lo, c_lo + 16) are cached rows of one block (rows a fixed stride apart).
+template <typename Src>
+OMNI_INLINE bool Direct(const Src& src, int64_t c_lo) {
+  return c_lo + 16 <= src.ctx && src.kc != nullptr && c_lo % src.bs + 16 <= src.bs;
+}
+
 // Attention over keys [lo, hi) for `heads` kv heads: srcs[h].K(pos) / V(pos) give head h's bf16 rows (D / Dv
 // elements); query row g of head h at q + (h * G + g) * q_stride (bf16, unscaled). Writes, for row
 // R = h * G + g: o[R * Dv : ...] un-normalised, m[R], l[R]. Caller: AmxAttentionFits(G, D, Dv), hi > lo.
@@ -123,11 +129,16 @@ inline void AmxSharedKeys(const Src* srcs, int64_t heads, int64_t G, int64_t lo,
   amx::LoadConfig();
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t c_lo = lo + c * 16, nk = std::min<int64_t>(16, hi - c_lo);
-    StageChunk(kv, heads, D, c_lo, nk, [&](int64_t h, int64_t pos) { return srcs[h].K(pos); });
+    // 16 cached rows inside one block are read where they lie; other chunks (a block edge, the step's new tokens)
+    // are copied out first.
+    const bool direct = Direct(srcs[0], c_lo);
+    if (!direct) StageChunk(kv, heads, D, c_lo, nk, [&](int64_t h, int64_t pos) { return srcs[h].K(pos); });
     for (int64_t h = 0; h < heads; ++h) {
+      const uint16_t* kh = direct ? reinterpret_cast<const uint16_t*>(srcs[h].K(c_lo)) : kv + h * D;
+      const int64_t ldk = direct ? srcs[0].kts * 2 : heads * D * 2;
       _tile_zero(0);
       for (int64_t ks = 0; ks < ks_n; ++ks) {
-        _tile_loadd(1, kv + h * D + ks * 32, heads * D * 2);
+        _tile_loadd(1, kh + ks * 32, ldk);
         _tile_loadd(2, qt + (h * ks_n + ks) * 512, 64);
         _tile_dpbf16ps(0, 1, 2);
       }
@@ -159,9 +170,13 @@ inline void AmxSharedKeys(const Src* srcs, int64_t heads, int64_t G, int64_t lo,
 
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t c_lo = lo + c * 16, nk = std::min<int64_t>(16, hi - c_lo);
-    StageChunk(kv, heads, Dv, c_lo, nk, [&](int64_t h, int64_t pos) { return srcs[h].V(pos); });
-    for (int64_t h = 0; h < heads; ++h)
-      ValueChunk(kv + h * Dv, heads * Dv, nk, s + (h * chunks + c) * 256, G, Dv, o + h * G * Dv, c == 0);
+    const bool direct = Direct(srcs[0], c_lo);
+    if (!direct) StageChunk(kv, heads, Dv, c_lo, nk, [&](int64_t h, int64_t pos) { return srcs[h].V(pos); });
+    for (int64_t h = 0; h < heads; ++h) {
+      const uint16_t* vh = direct ? reinterpret_cast<const uint16_t*>(srcs[h].V(c_lo)) : kv + h * Dv;
+      ValueChunk(vh, direct ? srcs[0].vts : heads * Dv, nk, s + (h * chunks + c) * 256, G, Dv, o + h * G * Dv,
+                 c == 0);
+    }
   }
 }
 #else

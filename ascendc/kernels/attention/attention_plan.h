@@ -10,9 +10,11 @@ namespace omni_kernels {
 inline namespace OMNI_ISA_NS {
 namespace attn {
 
-// Enough (sequence, kv head, split) items for every core, but splits of at least 256 keys.
+// Enough (sequence, kv head, split) items for every core, but splits of at least 256 keys. The AMX decode path
+// takes every kv head of a sequence in one item (sequential cache reads), so it splits keys rather than heads.
 inline void PlanSplits(OmniPagedAttnArgs& a, int64_t max_len, const OmniRuntime* rt) {
-  const int64_t items = a.batch * a.kv_heads;
+  const bool amx = a.kv_heads > 0 && AmxRowsFit(a, a.q_heads / a.kv_heads);
+  const int64_t items = amx ? a.batch : a.batch * a.kv_heads;
   const int64_t cores = std::max<int64_t>(1, rt->num_cores);
   int64_t s = 1;
   if (items > 0 && max_len > 0) s = std::max<int64_t>(1, std::min((2 * cores + items - 1) / items, (max_len + 255) / 256));

@@ -413,14 +413,14 @@ constexpr int64_t kMaxAmxHeads = 64;
 
 // Whether items of `rows` query rows at one position go to the AMX path (amx_attention.h): bf16 on the amx
 // library, no soft cap, no mask.
+inline bool AmxRowsFit(const OmniPagedAttnArgs& a, int64_t rows) {
+  return kHaveAmxAttention && a.dtype == OMNI_BF16 && a.soft_cap <= 0.0f &&
+         (a.mask == nullptr || a.mask_kind == OMNI_MASK_NONE) && a.kv_heads <= kMaxAmxHeads &&
+         AmxAttentionFits(rows, a.head_dim, a.v_dim);
+}
 template <typename T>
 bool UseAmxRows(const OmniPagedAttnArgs& a, int64_t rows) {
-  if constexpr (!std::is_same_v<T, bfloat16_t> || !kHaveAmxAttention) {
-    return false;
-  } else {
-    return a.soft_cap <= 0.0f && (a.mask == nullptr || a.mask_kind == OMNI_MASK_NONE) &&
-           a.kv_heads <= kMaxAmxHeads && AmxAttentionFits(rows, a.head_dim, a.v_dim);
-  }
+  return std::is_same_v<T, bfloat16_t> && AmxRowsFit(a, rows);
 }
 
 // kv heads per AMX item: as many as leave at least two items per core (units = items per kv head).
