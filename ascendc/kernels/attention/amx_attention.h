@@ -25,6 +25,7 @@ namespace attn {
 
 #if defined(OMNI_HAVE_AMX_TILES)
 constexpr bool kHaveAmxAttention = true;
+constexpr int64_t kMaxAmxHeads = 64;  // kv heads one item may take
 
 // Whether AmxSharedKeys serves G query rows per kv head with these head dims.
 OMNI_INLINE bool AmxAttentionFits(int64_t G, int64_t D, int64_t Dv) {
@@ -103,6 +104,24 @@ OMNI_INLINE bool Direct(const Src& src, int64_t c_lo) {
   return c_lo + 16 <= src.ctx && src.kc != nullptr && c_lo % src.bs + 16 <= src.bs;
 }
 
+// Points rows[h] at head h's K (keys) or V rows of chunk [c_lo, c_lo + nk) and returns their stride in elements:
+// 16 cached rows inside one block are read where they lie; other chunks (a block edge, the step's new tokens)
+// are copied out into buf first.
+template <typename Src>
+OMNI_INLINE int64_t ChunkRows(const Src* srcs, int64_t heads, int64_t n, int64_t c_lo, int64_t nk, bool keys,
+                              uint16_t* buf, const uint16_t** rows) {
+  auto row = [&](int64_t h, int64_t pos) {
+    return reinterpret_cast<const uint16_t*>(keys ? srcs[h].K(pos) : srcs[h].V(pos));
+  };
+  if (Direct(srcs[0], c_lo)) {
+    for (int64_t h = 0; h < heads; ++h) rows[h] = row(h, c_lo);
+    return keys ? srcs[0].kts : srcs[0].vts;
+  }
+  StageChunk(buf, heads, n, c_lo, nk, row);
+  for (int64_t h = 0; h < heads; ++h) rows[h] = buf + h * n;
+  return heads * n;
+}
+
 // Attention over keys [lo, hi) for `heads` kv heads: srcs[h].K(pos) / V(pos) give head h's bf16 rows (D / Dv
 // elements); query row g of head h at q + (h * G + g) * q_stride (bf16, unscaled). Writes, for row
 // R = h * G + g: o[R * Dv : ...] un-normalised, m[R], l[R]. Caller: AmxAttentionFits(G, D, Dv), hi > lo.
@@ -124,21 +143,17 @@ inline void AmxSharedKeys(const Src* srcs, int64_t heads, int64_t G, int64_t lo,
       for (int64_t d = 0; d < D; ++d) qh[(d / 32) * 512 + ((d % 32) / 2) * 32 + g * 2 + (d % 2)] = qr[d];
     }
   uint16_t* kv = kv_buf.data();
+  const uint16_t* rows[kMaxAmxHeads];  // head h's rows of the current chunk
   float* s = s_buf.data();  // s[h][t][16]: head h's scores of key lo + t, one column per query row
 
   amx::LoadConfig();
   for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t c_lo = lo + c * 16, nk = std::min<int64_t>(16, hi - c_lo);
-    // 16 cached rows inside one block are read where they lie; other chunks (a block edge, the step's new tokens)
-    // are copied out first.
-    const bool direct = Direct(srcs[0], c_lo);
-    if (!direct) StageChunk(kv, heads, D, c_lo, nk, [&](int64_t h, int64_t pos) { return srcs[h].K(pos); });
+    const int64_t c_lo = lo + c * 16;
+    const int64_t ldk = ChunkRows(srcs, heads, D, c_lo, std::min<int64_t>(16, hi - c_lo), true, kv, rows) * 2;
     for (int64_t h = 0; h < heads; ++h) {
-      const uint16_t* kh = direct ? reinterpret_cast<const uint16_t*>(srcs[h].K(c_lo)) : kv + h * D;
-      const int64_t ldk = direct ? srcs[0].kts * 2 : heads * D * 2;
       _tile_zero(0);
       for (int64_t ks = 0; ks < ks_n; ++ks) {
-        _tile_loadd(1, kh + ks * 32, ldk);
+        _tile_loadd(1, rows[h] + ks * 32, ldk);
         _tile_loadd(2, qt + (h * ks_n + ks) * 512, 64);
         _tile_dpbf16ps(0, 1, 2);
       }
@@ -170,17 +185,14 @@ inline void AmxSharedKeys(const Src* srcs, int64_t heads, int64_t G, int64_t lo,
 
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t c_lo = lo + c * 16, nk = std::min<int64_t>(16, hi - c_lo);
-    const bool direct = Direct(srcs[0], c_lo);
-    if (!direct) StageChunk(kv, heads, Dv, c_lo, nk, [&](int64_t h, int64_t pos) { return srcs[h].V(pos); });
-    for (int64_t h = 0; h < heads; ++h) {
-      const uint16_t* vh = direct ? reinterpret_cast<const uint16_t*>(srcs[h].V(c_lo)) : kv + h * Dv;
-      ValueChunk(vh, direct ? srcs[0].vts : heads * Dv, nk, s + (h * chunks + c) * 256, G, Dv, o + h * G * Dv,
-                 c == 0);
-    }
+    const int64_t ldv = ChunkRows(srcs, heads, Dv, c_lo, nk, false, kv, rows);
+    for (int64_t h = 0; h < heads; ++h)
+      ValueChunk(rows[h], ldv, nk, s + (h * chunks + c) * 256, G, Dv, o + h * G * Dv, c == 0);
   }
 }
 #else
 constexpr bool kHaveAmxAttention = false;
+constexpr int64_t kMaxAmxHeads = 64;
 OMNI_INLINE bool AmxAttentionFits(int64_t, int64_t, int64_t) { return false; }
 template <typename Src>
 inline void AmxSharedKeys(const Src*, int64_t, int64_t, int64_t, int64_t, const uint16_t*, int64_t, int64_t, int64_t,

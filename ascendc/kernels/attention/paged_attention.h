@@ -409,8 +409,6 @@ void LoadQ(float* dst, const T* src, int64_t n, float scale) {
   for (int64_t i = 0; i < n; ++i) dst[i] = ToFloat(src[i]) * scale;
 }
 
-constexpr int64_t kMaxAmxHeads = 64;
-
 // Whether items of `rows` query rows at one position go to the AMX path (amx_attention.h): bf16 on the amx
 // library, no soft cap, no mask.
 inline bool AmxRowsFit(const OmniPagedAttnArgs& a, int64_t rows) {
