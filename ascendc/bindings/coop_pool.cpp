@@ -9,11 +9,14 @@
 // the cores).
 #include "bindings/coop_pool.h"
 
+#include <pthread.h>
+
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <mutex>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -24,7 +27,18 @@ namespace {
 
 class CoopPool {
  public:
-  ~CoopPool() { Resize(1); }
+  // A forked child has this object but not the helper threads: forget them (never join or destroy them there).
+  // The locks and the condition variable may be mid-use by a parent's thread that the child does not have:
+  // start them afresh too (the old state is dropped, not destroyed).
+  void ForgetHelpersAfterFork() {
+    new std::vector<std::thread>(std::move(helpers_));  // leaked on purpose: a thread object of no thread
+    helpers_.clear();
+    new (&mu_) std::mutex;
+    new (&launch_mu_) std::mutex;
+    new (&cv_) std::condition_variable;
+    sleepers_.store(0, std::memory_order_relaxed);
+    solo_until_ = {};
+  }
 
   void Resize(int threads) {
     StopHelpers();
@@ -154,9 +168,15 @@ class CoopPool {
 
 thread_local bool CoopPool::in_block_ = false;
 
+// Never destroyed: at exit the helpers may still be parked in a wait, and joining them from a static destructor
+// (or destroying joinable threads) aborts the process; the OS reclaims them with it.
 CoopPool& Pool() {
-  static CoopPool pool;
-  return pool;
+  static CoopPool* pool = [] {
+    auto* p = new CoopPool;
+    pthread_atfork(nullptr, nullptr, [] { Pool().ForgetHelpersAfterFork(); });
+    return p;
+  }();
+  return *pool;
 }
 
 }  // namespace

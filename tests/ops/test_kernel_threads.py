@@ -98,3 +98,30 @@ def test_bad_threads(pool, bad, exc) -> None:
 def test_cpp_entry_rejects_bad_threads(pool, bad) -> None:
     with pytest.raises(ValueError, match="threads"):
         _ext.cpp().set_kernel_threads(bad)
+
+
+FORK_SCRIPT = """
+import os, torch, omniops
+omniops.set_kernel_threads(2)
+x, w = torch.randn(64, 256), torch.ones(256)
+want = omniops.rms_norm(x, w)
+pid = os.fork()
+if pid == 0:  # the helpers are the parent's: the child runs inline, then may start its own pool
+    ok = torch.equal(omniops.rms_norm(x, w), want)
+    omniops.set_kernel_threads(2)
+    ok = ok and torch.equal(omniops.rms_norm(x, w), want) and omniops.get_kernel_threads() == 2
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+print("child exit", os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_forked_child_and_exit() -> None:
+    """A fork while helpers wait (multiprocessing's default on Linux) leaves the child a working pool, and a
+    process exits cleanly with its helpers parked (no join from a static destructor)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "child exit 0" in r.stdout, (r.stdout, r.stderr[-2000:])
