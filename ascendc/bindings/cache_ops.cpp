@@ -36,12 +36,8 @@ void ReshapeAndCache(const at::Tensor& key, const at::Tensor& value, at::Tensor 
   CheckSlots(slot_mapping, T, Mul(k_cache.size(0), bs, "k_cache"));
   if (T == 0 || H == 0 || k_cache.numel() == 0) return;
   OmniReshapeAndCacheArgs a{};
-  a.key = key.data_ptr();
-  a.value = value.data_ptr();
-  a.key_token_stride = key.stride(0);
-  a.key_head_stride = key.stride(1);
-  a.value_token_stride = value.stride(0);
-  a.value_head_stride = value.stride(1);
+  SetTokenRows(key, a.key, a.key_token_stride, a.key_head_stride);
+  SetTokenRows(value, a.value, a.value_token_stride, a.value_head_stride);
   SetCache(a, k_cache, v_cache, true);
   a.slot_mapping = slot_mapping.data_ptr<int64_t>();
   a.tokens = T;
