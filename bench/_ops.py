@@ -12,6 +12,11 @@ import omniops
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def dtypes(opts: BenchOptions) -> list[tuple[str, torch.dtype]]:
+    """The requested dtypes as (name, torch dtype)."""
+    return [(name, DTYPES[name]) for name in opts.dtypes]
+
+
 def tokens_preset(opts: BenchOptions) -> list[int]:
     return [1, 16, 512, 4096] if opts.shapes == "quick" else [1, 4, 16, 64, 256, 512, 1024, 2048, 4096]
 

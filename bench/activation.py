@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from omniops.bench._ops import DTYPES, our_backends, tokens_preset, with_backend
+from omniops.bench._ops import dtypes, our_backends, tokens_preset, with_backend
 from omniops.bench.common import BenchOptions
 from omniops.bench.peers import vllm_op
 from omniops.bench.report import Case, compiled, run_routine
@@ -20,8 +20,7 @@ def cases(opts: BenchOptions) -> list[Case]:
     out: list[Case] = []
     v = vllm_op("silu_and_mul")
     ref_c = compiled(ref)
-    for dname in opts.dtypes:
-        dt = DTYPES[dname]
+    for dname, dt in dtypes(opts):
         for t in tokens_preset(opts):
             x, o = torch.randn(t, 2 * D, dtype=dt), torch.empty(t, D, dtype=dt)
             c = Case("silu_and_mul", f"[{t}, 2x{D}]", dname, 3 * o.numel() * o.element_size())

@@ -11,7 +11,7 @@ import os
 
 import torch
 import torch.nn.functional as F
-from omniops.bench._ops import DTYPES, with_backend
+from omniops.bench._ops import dtypes, with_backend
 from omniops.bench.common import BenchOptions
 from omniops.bench.peers import vllm_op
 from omniops.bench.report import Case, compiled, run_routine
@@ -107,8 +107,7 @@ def cases(opts: BenchOptions, device: str = "cpu") -> list[Case]:
     v_mla = vllm_op("mla_decode_kvcache") if device == "cpu" else None
     mla_c, gqa_c = compiled(gather_bmm_mla), compiled(gather_sdpa_decode)
     ours = _backends_here(opts, device)
-    for dname in opts.dtypes:
-        dt = DTYPES[dname]
+    for dname, dt in dtypes(opts):
         for B, H, L in mla_presets:
             kv, table, lens = _paged(B, L, 16, (576,), dt, device)
             q = torch.randn(B, H, 576, device=device).to(dt)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from omniops.bench._ops import DTYPES, our_backends, tokens_preset, with_backend
+from omniops.bench._ops import dtypes, our_backends, tokens_preset, with_backend
 from omniops.bench.common import BenchOptions
 from omniops.bench.peers import vllm_op
 from omniops.bench.report import Case, compiled, run_routine
@@ -21,8 +21,7 @@ def cases(opts: BenchOptions) -> list[Case]:
     out: list[Case] = []
     v = vllm_op("rotary_embedding")
     ref_c = compiled(ref)
-    for dname in opts.dtypes:
-        dt = DTYPES[dname]
+    for dname, dt in dtypes(opts):
         for label, hq, hk, hs, rd, neox in CONFIGS:
             inv = 1.0 / (10000 ** (torch.arange(0, rd, 2).float() / rd))
             f = torch.arange(8192)[:, None].float() * inv

@@ -74,12 +74,8 @@ void CheckHeadDims(int64_t d, int64_t dv, int64_t limit) {
 // Argument setup shared by the entry points (after their checks).
 // q / out rows: the (token, head) strides of dims 0 and 1.
 void SetRows(OmniPagedAttnArgs& a, const at::Tensor& q, const at::Tensor& out) {
-  a.q = q.data_ptr();
-  a.q_token_stride = q.stride(0);
-  a.q_head_stride = q.stride(1);
-  a.out = out.data_ptr();
-  a.out_token_stride = out.stride(0);
-  a.out_head_stride = out.stride(1);
+  SetTokenRows(q, a.q, a.q_token_stride, a.q_head_stride);
+  SetTokenRows(out, a.out, a.out_token_stride, a.out_head_stride);
 }
 
 void SetTable(OmniPagedAttnArgs& a, const at::Tensor& table, const at::Tensor& lens, int64_t block_size) {
@@ -207,12 +203,8 @@ void GqaPrefill(at::Tensor out, const at::Tensor& q, const at::Tensor& k, const 
   }
   if (T == 0 || Hq == 0) return;
   SetRows(a, q, out);
-  a.k = k.data_ptr();
-  a.v = v.data_ptr();
-  a.kn_token_stride = k.stride(0);
-  a.kn_head_stride = k.stride(1);
-  a.vn_token_stride = v.stride(0);
-  a.vn_head_stride = v.stride(1);
+  SetTokenRows(k, a.k, a.kn_token_stride, a.kn_head_stride);
+  SetTokenRows(v, a.v, a.vn_token_stride, a.vn_head_stride);
   a.cu_seqlens = cu_seqlens.data_ptr<int32_t>();
   SetShape(a, B, Hq, Hkv, D, Dv, scale, dt);
   a.num_splits = 1;

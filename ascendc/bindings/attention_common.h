@@ -13,6 +13,14 @@ inline void CheckIndex(const at::Tensor& t, const char* name, at::ScalarType st,
   CheckReadable(t, name, dim);
 }
 
+// A [tokens, heads, dims] operand: its data and its token and head strides.
+template <typename Ptr>
+inline void SetTokenRows(const at::Tensor& t, Ptr& data, int64_t& token_stride, int64_t& head_stride) {
+  data = t.data_ptr();
+  token_stride = t.stride(0);
+  head_stride = t.stride(1);
+}
+
 // Paged k / v caches [blocks, slots, heads, dims] (heads = false: [blocks, slots, dims], one shared head).
 // Args: OmniPagedAttnArgs (read) or OmniReshapeAndCacheArgs (written), which name these fields alike.
 template <typename Args>

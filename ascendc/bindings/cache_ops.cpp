@@ -16,6 +16,15 @@ void CheckSlots(const at::Tensor& slots, int64_t tokens, int64_t num_slots) {
                  ") (-1 = skip; num_blocks * block_size slots)");
 }
 
+// The fields both cache writes name alike: the token -> slot map, the token count, the block size, the dtype.
+template <typename Args>
+void SetSlots(Args& a, const at::Tensor& slots, int64_t tokens, int64_t block_size, int32_t dtype) {
+  a.slot_mapping = slots.data_ptr<int64_t>();
+  a.tokens = tokens;
+  a.block_size = block_size;
+  a.dtype = dtype;
+}
+
 void ReshapeAndCache(const at::Tensor& key, const at::Tensor& value, at::Tensor k_cache, at::Tensor v_cache,
                      const at::Tensor& slot_mapping) {
   CheckReadable(key, "key", 3);
@@ -36,20 +45,13 @@ void ReshapeAndCache(const at::Tensor& key, const at::Tensor& value, at::Tensor 
   CheckSlots(slot_mapping, T, Mul(k_cache.size(0), bs, "k_cache"));
   if (T == 0 || H == 0 || k_cache.numel() == 0) return;
   OmniReshapeAndCacheArgs a{};
-  a.key = key.data_ptr();
-  a.value = value.data_ptr();
-  a.key_token_stride = key.stride(0);
-  a.key_head_stride = key.stride(1);
-  a.value_token_stride = value.stride(0);
-  a.value_head_stride = value.stride(1);
+  SetTokenRows(key, a.key, a.key_token_stride, a.key_head_stride);
+  SetTokenRows(value, a.value, a.value_token_stride, a.value_head_stride);
   SetCache(a, k_cache, v_cache, true);
-  a.slot_mapping = slot_mapping.data_ptr<int64_t>();
-  a.tokens = T;
+  SetSlots(a, slot_mapping, T, bs, dt);
   a.kv_heads = H;
   a.head_dim = D;
   a.v_dim = Dv;
-  a.block_size = bs;
-  a.dtype = dt;
   OmniRuntime rt = Runtime();
   K()->reshape_and_cache(&a, &rt);
 }
@@ -76,12 +78,9 @@ void MlaCache(const at::Tensor& kv_c, const at::Tensor& k_pe, at::Tensor kv_cach
   a.kv_cache = kv_cache.data_ptr();
   a.block_stride = kv_cache.stride(0);
   a.token_stride = kv_cache.stride(1);
-  a.slot_mapping = slot_mapping.data_ptr<int64_t>();
-  a.tokens = T;
+  SetSlots(a, slot_mapping, T, bs, dt);
   a.kv_lora_rank = R;
   a.rope_dim = P;
-  a.block_size = bs;
-  a.dtype = dt;
   OmniRuntime rt = Runtime();
   K()->mla_cache(&a, &rt);
 }

@@ -102,18 +102,9 @@ py::dict CpuFeaturesDict() {
   d["vendor"] = f.vendor;
   d["model"] = f.model;
   py::dict feats;
-  feats["avx2"] = f.avx2;
-  feats["fma"] = f.fma;
-  feats["f16c"] = f.f16c;
-  feats["avx512f"] = f.avx512f;
-  feats["avx512bw"] = f.avx512bw;
-  feats["avx512vl"] = f.avx512vl;
-  feats["avx512dq"] = f.avx512dq;
-  feats["avx512_vnni"] = f.avx512_vnni;
-  feats["avx512_bf16"] = f.avx512_bf16;
-  feats["amx_tile"] = f.amx_tile;
-  feats["amx_int8"] = f.amx_int8;
-  feats["amx_bf16"] = f.amx_bf16;
+#define OMNI_FLAG(name) feats[#name] = f.name;
+  OMNI_CPU_FEATURE_FLAGS(OMNI_FLAG)
+#undef OMNI_FLAG
   d["features"] = feats;
   // Asked only where the CPU has tiles (asking elsewhere would be a pointless syscall).
   d["amx_permission"] = f.amx_tile && TilePermission();

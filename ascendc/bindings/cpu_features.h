@@ -7,11 +7,16 @@
 
 namespace omni {
 
+// The feature flags, in the order cpu_info()["features"] lists them: X(name) for each (the struct's fields and
+// the dict's keys come from this one list).
+#define OMNI_CPU_FEATURE_FLAGS(X)                                                                  \
+  X(avx2) X(fma) X(f16c) X(avx512f) X(avx512bw) X(avx512vl) X(avx512dq) X(avx512_vnni) X(avx512_bf16) \
+  X(amx_tile) X(amx_int8) X(amx_bf16)
+
 struct CpuFeatures {
-  bool avx2 = false, fma = false, f16c = false;
-  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
-  bool avx512_vnni = false, avx512_bf16 = false;
-  bool amx_tile = false, amx_int8 = false, amx_bf16 = false;
+#define OMNI_FLAG(name) bool name = false;
+  OMNI_CPU_FEATURE_FLAGS(OMNI_FLAG)
+#undef OMNI_FLAG
   std::string vendor, model;
 };
 

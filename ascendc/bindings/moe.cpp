@@ -17,11 +17,25 @@ void CheckTiles(const at::Tensor& t, const char* name, int64_t B, int64_t N, int
   CheckContig(t, name, {B, DivUp(N, 16), DivUp(K, 32), 512});
 }
 
-// The active library takes tiled weights (only the amx one does).
-void CheckTilesSupported(const char* op) {
+// Tiled weights `arg` for `op` on the activations x (named x_name): the active library takes them (only the amx
+// one does), and x is bfloat16 like them.
+void CheckTilesUsable(const char* op, const char* arg, const at::Tensor& x, const char* x_name) {
   if ((K()->weight_layouts & (1u << OMNI_W_TILES_BF16)) == 0)
     ValueError(std::string(op) + ": tiled (AMX) weights need the amx kernel library, the active one is '" +
                ActiveIsaName() + "'");
+  if (x.scalar_type() != at::kBFloat16)
+    TypeError(std::string(arg) + ": tiled weights are bfloat16; " + x_name + " is " + DtypeName(x.scalar_type()));
+}
+
+// The token rows of dispatch and the fused block (fields named alike): hidden [T, H] and its row stride, top_k.
+template <typename Args>
+void SetTokens(Args& a, const at::Tensor& hidden, int64_t top_k, int32_t dtype) {
+  a.hidden = hidden.data_ptr();
+  a.hidden_stride = hidden.stride(0);
+  a.tokens = hidden.size(0);
+  a.hidden_size = hidden.size(1);
+  a.top_k = top_k;
+  a.dtype = dtype;
 }
 
 void MoeRoute(at::Tensor topk_weights, at::Tensor topk_ids, const at::Tensor& logits, int64_t top_k,
@@ -114,21 +128,16 @@ void MoeDispatch(at::Tensor x_sorted, at::Tensor sorted_token_ids, at::Tensor ex
                {{&hidden, "hidden"}, {&topk_ids, "topk_ids"}});
   CheckRange(topk_ids, "topk_ids", 0, num_experts);
   OmniMoeDispatchArgs a{};
-  a.hidden = hidden.data_ptr();
+  SetTokens(a, hidden, k, dt);
   a.topk_ids = topk_ids.data_ptr<int32_t>();
   a.x_sorted = x_sorted.data_ptr();
   a.sorted_token_ids = sorted_token_ids.data_ptr<int32_t>();
   a.expert_offsets = expert_offsets.data_ptr<int64_t>();
   a.expert_counts = expert_counts.data_ptr<int32_t>();
   a.inverse_index = inverse_index.data_ptr<int32_t>();
-  a.hidden_stride = hidden.stride(0);
-  a.tokens = T;
-  a.top_k = k;
-  a.hidden_size = H;
   a.num_experts = num_experts;
   a.block_size = block_size;
   a.rows = M;
-  a.dtype = dt;
   OmniRuntime rt = Runtime();
   K()->moe_dispatch(&a, &rt);
 }
@@ -162,14 +171,11 @@ void GroupedGemm(at::Tensor out, const at::Tensor& x, const at::Tensor& w, const
   }
   OmniGroupedGemmArgs a{x.data_ptr(), w.data_ptr(), o, out.data_ptr(), x.stride(0), out.stride(0), M, Kd, N, E, dt};
   if (w_tiles.has_value()) {
-    CheckTilesSupported("grouped_gemm");
-    if (dt != OMNI_BF16) TypeError("w_tiles: tiled weights are bfloat16; x_sorted is " + DtypeName(x.scalar_type()));
+    CheckTilesUsable("grouped_gemm", "w_tiles", x, "x_sorted");
     CheckTiles(*w_tiles, "w_tiles", E, N, Kd);
     a.w = w_tiles->data_ptr();
     a.w_layout = OMNI_W_TILES_BF16;
-    const int64_t bytes = K()->grouped_gemm_workspace(&a);
-    a.workspace = Workspace(bytes);
-    a.workspace_bytes = bytes;
+    SetWorkspace(a, K()->grouped_gemm_workspace(&a));
   }
   OmniRuntime rt = Runtime();
   K()->grouped_gemm(&a, &rt);
@@ -246,36 +252,28 @@ void FusedMoe(at::Tensor out, const at::Tensor& hidden, const at::Tensor& w13, c
   CheckRange(topk_ids, "topk_ids", 0, Eg);
   if (T == 0) return;
   OmniFusedMoeArgs a{};
-  a.hidden = hidden.data_ptr();
+  SetTokens(a, hidden, k, dt);
   a.w13 = w13.data_ptr();
   a.w2 = w2.data_ptr();
   a.topk_weights = topk_weights.data_ptr<float>();
   a.topk_ids = topk_ids.data_ptr<int32_t>();
   a.expert_map = map;
   a.out = out.data_ptr();
-  a.hidden_stride = hidden.stride(0);
   a.out_stride = out.stride(0);
-  a.tokens = T;
-  a.hidden_size = H;
   a.inter_size = I;
   a.num_experts = E;
   a.num_global_experts = Eg;
-  a.top_k = k;
-  a.dtype = dt;
   a.w_dtype = dt;
   a.activation = OMNI_MOE_SILU;
   if (w13_tiles.has_value()) {
-    CheckTilesSupported("fused_moe");
-    if (dt != OMNI_BF16) TypeError("w13_tiles: tiled weights are bfloat16; hidden is " + DtypeName(hidden.scalar_type()));
+    CheckTilesUsable("fused_moe", "w13_tiles", hidden, "hidden");
     CheckTiles(*w13_tiles, "w13_tiles", 2 * E, I, H);
     CheckTiles(*w2_tiles, "w2_tiles", E, H, I);
     a.w13 = w13_tiles->data_ptr();
     a.w2 = w2_tiles->data_ptr();
     a.w_layout = OMNI_W_TILES_BF16;
   }
-  const int64_t bytes = K()->fused_moe_workspace(&a);
-  a.workspace = Workspace(bytes);
-  a.workspace_bytes = bytes;
+  SetWorkspace(a, K()->fused_moe_workspace(&a));
   OmniRuntime rt = Runtime();
   K()->fused_moe(&a, &rt);
 }

@@ -82,8 +82,7 @@ void UseTiles(OmniW8A8Args& a, const std::optional<at::Tensor>& w_tiles) {
   CheckContig(t, "w_tiles", {DivUp(a.N, 16), DivUp(a.K, 64), 1024});
   a.w = static_cast<const int8_t*>(t.data_ptr());
   a.w_layout = OMNI_W_TILES_I8;
-  a.workspace_bytes = Table()->w8a8_workspace(&a);
-  a.workspace = Workspace(a.workspace_bytes);
+  SetWorkspace(a, Table()->w8a8_workspace(&a));
 }
 
 // out[M, N] (float or int32) = x_q[M, K] int8 @ w_q[N, K].T int8, scaled by x_scale[M] * w_scale[N].

@@ -12,5 +12,11 @@ OmniRuntime Runtime();
 // on every call: at prefill sizes (100+ MiB for fused_moe) that costs more than the kernel. Valid until the
 // next Workspace call on this thread.
 void* Workspace(int64_t bytes);
+// A kernel's scratch: a.workspace / a.workspace_bytes = `bytes` of this thread's workspace.
+template <typename Args>
+void SetWorkspace(Args& a, int64_t bytes) {
+  a.workspace = Workspace(bytes);
+  a.workspace_bytes = bytes;
+}
 
 }  // namespace omni

@@ -293,23 +293,6 @@ OMNI_INLINE void DataCopy(const LocalTensor<T>& dst, const LocalTensor<T>& src, 
 // memory directly and its caches do the staging, so there these helpers hand out views of global memory and
 // copy nothing (the copies would only cost bandwidth on a memory-bound op). Define OMNI_UB_STAGING to run the
 // NPU's sequence on the host instead (real copies through the queues), e.g. to check a kernel's UB budget.
-template <typename T, TPosition P, int32_t D>
-OMNI_INLINE LocalTensor<T> CopyIn(TQue<P, D>& que, const GlobalTensor<T>& src, uint32_t count) {
-#ifdef OMNI_UB_STAGING
-  LocalTensor<T> t = que.template AllocTensor<T>();
-  DataCopy(t, src, count);
-  que.EnQue(t);
-  return que.template DeQue<T>();
-#else
-  (void)que;
-  return LocalTensor<T>(src.GetPhyAddr(), count);
-#endif
-}
-// Done with a tile from CopyIn.
-template <typename T, TPosition P, int32_t D>
-OMNI_INLINE void Release(TQue<P, D>& que, const LocalTensor<T>& t) {
-  que.FreeTensor(t);
-}
 // A tile to compute a result into, destined for `dst`.
 template <typename T, TPosition P, int32_t D>
 OMNI_INLINE LocalTensor<T> AllocOut(TQue<P, D>& que, const GlobalTensor<T>& dst, uint32_t count) {
@@ -321,6 +304,22 @@ OMNI_INLINE LocalTensor<T> AllocOut(TQue<P, D>& que, const GlobalTensor<T>& dst,
   (void)que;
   return LocalTensor<T>(dst.GetPhyAddr(), count);
 #endif
+}
+// A tile holding `count` elements of src: AllocOut's tile for src, filled through the queue when staging.
+template <typename T, TPosition P, int32_t D>
+OMNI_INLINE LocalTensor<T> CopyIn(TQue<P, D>& que, const GlobalTensor<T>& src, uint32_t count) {
+  LocalTensor<T> t = AllocOut(que, src, count);
+#ifdef OMNI_UB_STAGING
+  DataCopy(t, src, count);
+  que.EnQue(t);
+  t = que.template DeQue<T>();
+#endif
+  return t;
+}
+// Done with a tile from CopyIn.
+template <typename T, TPosition P, int32_t D>
+OMNI_INLINE void Release(TQue<P, D>& que, const LocalTensor<T>& t) {
+  que.FreeTensor(t);
 }
 // Write a tile from AllocOut to `dst` (a no-op on the host, where it was computed in place).
 template <typename T, TPosition P, int32_t D>
@@ -443,27 +442,30 @@ OMNI_INLINE void Cast(const LocalTensor<D>& dst, const LocalTensor<S>& src, Roun
 }
 
 #if defined(__F16C__)
-// GCC does not vectorise _Float16 conversions without AVX512-FP16; F16C does 8 at a time.
+// GCC does not vectorise _Float16 conversions without AVX512-FP16; F16C does 8 at a time: cast8(d, s) converts
+// elements [0, 8), a scalar loop the rest.
+template <typename D, typename S, typename Cast8>
+OMNI_INLINE void CastBy8(const LocalTensor<D>& dst, const LocalTensor<S>& src, int32_t count, Cast8 cast8) {
+  D* OMNI_RESTRICT d = dst.GetPhyAddr();
+  const S* s = src.GetPhyAddr();
+  int32_t i = 0;
+  for (; i + 8 <= count; i += 8) cast8(d + i, s + i);
+  for (; i < count; ++i) d[i] = static_cast<D>(s[i]);
+}
 template <>
 OMNI_INLINE void Cast<float, half>(const LocalTensor<float>& dst, const LocalTensor<half>& src, RoundMode,
                                    int32_t count) {
-  float* OMNI_RESTRICT d = dst.GetPhyAddr();
-  const half* s = src.GetPhyAddr();
-  int32_t i = 0;
-  for (; i + 8 <= count; i += 8)
-    _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
-  for (; i < count; ++i) d[i] = static_cast<float>(s[i]);
+  CastBy8(dst, src, count, [](float* d, const half* s) {
+    _mm256_storeu_ps(d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s))));
+  });
 }
 template <>
 OMNI_INLINE void Cast<half, float>(const LocalTensor<half>& dst, const LocalTensor<float>& src, RoundMode,
                                    int32_t count) {
-  half* OMNI_RESTRICT d = dst.GetPhyAddr();
-  const float* s = src.GetPhyAddr();
-  int32_t i = 0;
-  for (; i + 8 <= count; i += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  for (; i < count; ++i) d[i] = static_cast<half>(s[i]);
+  CastBy8(dst, src, count, [](half* d, const float* s) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  });
 }
 #endif
 

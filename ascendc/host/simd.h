@@ -134,12 +134,6 @@ OMNI_INLINE V16 Round(V16 x, const bfloat16_t*) { return Bf16ToF32(Bf16Bits(x));
 // The widest vector of this library: VW / kW, with LoadW / Set1W (Load / Set1 stay the 8-lane ones).
 using VW = V16;
 constexpr int kW = 16;
-#elif defined(OMNI_SIMD_AVX2)
-using VW = V8;
-constexpr int kW = 8;
-template <typename T>
-OMNI_INLINE V8 LoadW(const T* p) { return Load(p); }
-OMNI_INLINE V8 Set1W(float x) { return Set1(x); }
 #endif
 
 #ifndef OMNI_SIMD_AVX2  // portable fallback: the same operations on 8 floats
@@ -191,6 +185,9 @@ OMNI_INLINE V8 Round(V8 x, const T*) {
   for (int i = 0; i < 8; ++i) x.v[i] = ToFloat(FromFloat<T>(x.v[i]));
   return x;
 }
+#endif
+
+#ifndef OMNI_SIMD_AVX512  // the widest vector is the 8-lane one (AVX2 or the fallback)
 using VW = V8;
 constexpr int kW = 8;
 template <typename T>

@@ -19,6 +19,8 @@ re-check the values anyway (they are reachable directly), Triton kernels do not.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor
 
 from omniops._family import OpFamily
@@ -40,6 +42,19 @@ from omniops.ops._attention_checks import (
 )
 from omniops.ops._layout import inner_contiguous
 from omniops.reference import attention as ref
+
+
+def _run(family: OpFamily, args: tuple, validate: bool, check_values: Callable[[], None]) -> Tensor:
+    """Run the backend ``family`` selects for ``args = (out, q, ...)`` (none for an empty ``out``) and return out;
+    ``check_values()`` first when ``validate``, unless that backend is the C++ entry point (it checks the values
+    itself)."""
+    out, q = args[0], args[1]
+    impl = family.select(q.device, q.dtype, *args) if out.numel() else None
+    if validate and impl is not family.cpu_impl():
+        check_values()
+    if impl is not None:
+        impl(*args)
+    return out
 
 
 # ---- gqa_decode ---------------------------------------------------------------------------------------------
@@ -82,12 +97,8 @@ def _gqa_decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Ten
                    scale: float, soft_cap: float | None, window: int | None, validate: bool) -> Tensor:
     out = _fake_gqa_decode(q, k_cache, v_cache, block_table, seq_lens, scale, soft_cap, window, validate)
     args = (out, inner_contiguous(q), k_cache, v_cache, block_table, seq_lens, scale, soft_cap, window)
-    impl = GQA_DECODE.select(q.device, q.dtype, *args) if out.numel() else None
-    if validate and impl is not GQA_DECODE.cpu_impl():  # the C++ entry point checks the values itself
-        check_table_values(block_table, seq_lens, "seq_lens", k_cache.shape[0], k_cache.shape[1])
-    if impl is not None:
-        impl(*args)
-    return out
+    return _run(GQA_DECODE, args, validate,
+                lambda: check_table_values(block_table, seq_lens, "seq_lens", k_cache.shape[0], k_cache.shape[1]))
 
 
 def gqa_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
@@ -151,12 +162,8 @@ def _mla_decode_op(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: T
                    validate: bool) -> Tensor:
     out = _fake_mla_decode(q, kv_cache, block_table, seq_lens, scale, v_dim, validate)
     args = (out, inner_contiguous(q), kv_cache, block_table, seq_lens, scale, v_dim)
-    impl = MLA_DECODE.select(q.device, q.dtype, *args) if out.numel() else None
-    if validate and impl is not MLA_DECODE.cpu_impl():  # the C++ entry point checks the values itself
-        check_table_values(block_table, seq_lens, "seq_lens", kv_cache.shape[0], kv_cache.shape[1])
-    if impl is not None:
-        impl(*args)
-    return out
+    return _run(MLA_DECODE, args, validate,
+                lambda: check_table_values(block_table, seq_lens, "seq_lens", kv_cache.shape[0], kv_cache.shape[1]))
 
 
 def mla_decode(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor, scale: float | None = None, *,
@@ -238,14 +245,13 @@ def _gqa_prefill_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, causal:
                             validate)
     args = (out, inner_contiguous(q), inner_contiguous(k), inner_contiguous(v), cu_seqlens, causal, scale, k_cache,
             v_cache, block_table, context_lens)
-    impl = GQA_PREFILL.select(q.device, q.dtype, *args) if out.numel() else None
-    if validate and impl is not GQA_PREFILL.cpu_impl():  # the C++ entry point checks the values itself
+
+    def check_values() -> None:
         check_cu_values(cu_seqlens, q.shape[0])
         if k_cache is not None:
             check_table_values(block_table, context_lens, "context_lens", k_cache.shape[0], k_cache.shape[1])
-    if impl is not None:
-        impl(*args)
-    return out
+
+    return _run(GQA_PREFILL, args, validate, check_values)
 
 
 def gqa_prefill(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *, causal: bool = True,

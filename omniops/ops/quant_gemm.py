@@ -15,6 +15,7 @@ validated but not applied; no bias) - the debug path the exactness tests use.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -187,13 +188,19 @@ def run_gemm(family: OpFamily, x: Tensor, n: int, out_dtype: torch.dtype, sel_dt
 
 
 # ---- custom ops -------------------------------------------------------------------------------------------
-def _fake_w8a8(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
-               out_dtype: torch.dtype) -> Tensor:
-    _validate_w8a8(x_q, x_scale, w_q, w_scale, bias, out_dtype)
-    return gemm_out(x_q, w_q.shape[0], out_dtype)
+def _scaled_gemm_fake(validate: Callable[..., None]) -> Callable[..., Tensor]:
+    """The fake of a GEMM on quantized operands ``(x_q, x_scale, w_q, w_scale, bias, out_dtype)`` that
+    ``validate`` checks: the empty ``[..., N]`` output."""
+
+    def fake(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
+             out_dtype: torch.dtype) -> Tensor:
+        validate(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+        return gemm_out(x_q, w_q.shape[0], out_dtype)
+
+    return fake
 
 
-@omni_op("w8a8_gemm", fake=_fake_w8a8)
+@omni_op("w8a8_gemm", fake=_scaled_gemm_fake(_validate_w8a8))
 def _w8a8_op(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
              out_dtype: torch.dtype) -> Tensor:
     _validate_w8a8(x_q, x_scale, w_q, w_scale, bias, out_dtype)
@@ -217,13 +224,7 @@ def _w4a16_op(x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor | None,
                 group_size)
 
 
-def _fake_fp8(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
-              out_dtype: torch.dtype) -> Tensor:
-    _validate_fp8(x_q, x_scale, w_q, w_scale, bias, out_dtype)
-    return gemm_out(x_q, w_q.shape[0], out_dtype)
-
-
-@omni_op("fp8_block_gemm", fake=_fake_fp8)
+@omni_op("fp8_block_gemm", fake=_scaled_gemm_fake(_validate_fp8))
 def _fp8_op(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
             out_dtype: torch.dtype) -> Tensor:
     _validate_fp8(x_q, x_scale, w_q, w_scale, bias, out_dtype)

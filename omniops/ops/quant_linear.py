@@ -9,6 +9,8 @@ weight checks and epilogue they share). Kernels: ``ascendc/kernels/quant_gemm/``
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -57,23 +59,23 @@ def _validate_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | Non
     check_bias(bias, n, out_dtype, w_q)
 
 
-def _fake_w8a8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    _validate_linear(x, w_q, w_scale, bias, out_dtype, fp8=False)
-    return gemm_out(x, w_q.shape[0], out_dtype)
+def _linear_fake(fp8: bool) -> Callable[..., Tensor]:
+    """The fake of the fused linear (fp8 or int8 weights): the empty ``[..., N]`` output."""
+
+    def fake(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+        _validate_linear(x, w_q, w_scale, bias, out_dtype, fp8)
+        return gemm_out(x, w_q.shape[0], out_dtype)
+
+    return fake
 
 
-@omni_op("w8a8_linear", fake=_fake_w8a8_linear)
+@omni_op("w8a8_linear", fake=_linear_fake(fp8=False))
 def _w8a8_linear_op(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
     _validate_linear(x, w_q, w_scale, bias, out_dtype, fp8=False)
     return run_gemm(W8A8_LINEAR, x, w_q.shape[0], out_dtype, x.dtype, bias, w_q, w_scale.reshape(-1))
 
 
-def _fake_fp8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    _validate_linear(x, w_q, w_scale, bias, out_dtype, fp8=True)
-    return gemm_out(x, w_q.shape[0], out_dtype)
-
-
-@omni_op("fp8_block_linear", fake=_fake_fp8_linear)
+@omni_op("fp8_block_linear", fake=_linear_fake(fp8=True))
 def _fp8_linear_op(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
     _validate_linear(x, w_q, w_scale, bias, out_dtype, fp8=True)
     return run_gemm(FP8_BLOCK_LINEAR, x, w_q.shape[0], out_dtype, x.dtype, bias, w_q, w_scale)

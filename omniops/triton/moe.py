@@ -180,15 +180,23 @@ def moe_dispatch_forward(x_sorted: torch.Tensor, sorted_token_ids: torch.Tensor,
 
 # ---- grouped GEMM ---------------------------------------------------------------------------------------
 @triton.jit
-def _expert_tile(TILE_E, TILE_S, OFFS, tile, n_nt, BM: tl.constexpr, BN: tl.constexpr):
-    """Work item ``tile`` = (expert M-tile, N-tile) of ``_tile_schedule``: its expert (-1: an unused tile), rows
-    (with the mask of those inside the expert's segment) and columns."""
+def _expert_tile(TILE_E, TILE_S, OFFS, tile, N, BM: tl.constexpr, BN: tl.constexpr):
+    """Work item ``tile`` = (expert M-tile, N-tile of the N output columns) of ``_tile_schedule``: its expert (-1: an
+    unused tile), rows and columns with their masks (the rows inside the expert's segment, the columns < N)."""
+    n_nt = tl.cdiv(N, BN)
     mt = tile // n_nt
     e = tl.load(TILE_E + mt)
     rows = tl.load(TILE_S + mt) + tl.arange(0, BM)
     end = tl.load(OFFS + tl.maximum(e, 0) + 1)
     cols = (tile % n_nt) * BN + tl.arange(0, BN)
-    return e, rows, rows < end, cols
+    return e, rows, rows < end, cols, cols < N
+
+
+@triton.jit
+def _k_range(k0, K, BK: tl.constexpr):
+    """The K indices [k0, k0 + BK) of a K step and the mask of those < K."""
+    kk = k0 + tl.arange(0, BK)
+    return kk, kk < K
 
 
 @triton.jit
@@ -198,17 +206,13 @@ def _grouped_gemm_kernel(X, Wt, OUT, OUT_ROW, TILE_E, TILE_S, OFFS, x_stride, ou
     """out[r] = x[r] @ w[e].T for the rows r of each expert e; SCATTER: row r is written to out[OUT_ROW[r]]."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    n_nt = tl.cdiv(N, BN)
-    rk = tl.arange(0, BK)
-    for tile in range(pid, n_mtiles * n_nt, nprog):
-        e, rows, rmask, cols = _expert_tile(TILE_E, TILE_S, OFFS, tile, n_nt, BM, BN)
+    for tile in range(pid, n_mtiles * tl.cdiv(N, BN), nprog):
+        e, rows, rmask, cols, cmask = _expert_tile(TILE_E, TILE_S, OFFS, tile, N, BM, BN)
         if e >= 0:
-            cmask = cols < N
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             w_base = Wt + e.to(tl.int64) * N * K
             for k0 in range(0, K, BK):
-                kk = k0 + rk
-                kmask = kk < K
+                kk, kmask = _k_range(k0, K, BK)
                 a = tl.load(X + rows[:, None] * x_stride + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
                 b = tl.load(w_base + cols[None, :] * K + kk[:, None], mask=cmask[None, :] & kmask[:, None], other=0.0)
                 acc = tl.dot(a, b, acc, input_precision=PREC)
@@ -278,19 +282,15 @@ def _moe_gate_up_kernel(X, W13, ACT, ROW_TOK, TILE_E, TILE_S, OFFS, x_stride, H,
     """act[r] = T(silu(gate) * up) of the token of sorted row r (gathered by ROW_TOK) against its expert's W13."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    n_nt = tl.cdiv(INTER, BN)
-    rk = tl.arange(0, BK)
-    for tile in range(pid, n_mtiles * n_nt, nprog):
-        e, rows, rmask, cols = _expert_tile(TILE_E, TILE_S, OFFS, tile, n_nt, BM, BN)
+    for tile in range(pid, n_mtiles * tl.cdiv(INTER, BN), nprog):
+        e, rows, rmask, cols, cmask = _expert_tile(TILE_E, TILE_S, OFFS, tile, INTER, BM, BN)
         if e >= 0:
             tok = tl.load(ROW_TOK + rows, mask=rmask, other=0).to(tl.int64)
-            cmask = cols < INTER
             acc_g = tl.zeros((BM, BN), dtype=tl.float32)
             acc_u = tl.zeros((BM, BN), dtype=tl.float32)
             w_base = W13 + e.to(tl.int64) * 2 * INTER * H
             for k0 in range(0, H, BK):
-                kk = k0 + rk
-                kmask = kk < H
+                kk, kmask = _k_range(k0, H, BK)
                 a = tl.load(X + tok[:, None] * x_stride + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
                 bmask = cmask[None, :] & kmask[:, None]
                 bg = tl.load(w_base + cols[None, :] * H + kk[:, None], mask=bmask, other=0.0)

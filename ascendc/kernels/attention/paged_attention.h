@@ -92,30 +92,51 @@ OMNI_INLINE void Transpose8(const float* src, int64_t lds, float* dst, int64_t l
   }
 }
 
+// The register tile of ScoreTile / PVTile: MR rows of one chunk row (kNV vectors).
+template <int MR>
+using RegTile = vfloat[MR][kNV];
+
+// b = the kNV vectors of the chunk row at p.
+OMNI_INLINE void LoadChunkRow(vfloat (&b)[kNV], const float* p) {
+#pragma GCC unroll 4
+  for (int v = 0; v < kNV; ++v) b[v] = VLoad(p + v * kVL);
+}
+
+// acc[r, :] += x[r * ldx] * b for r < MR: one rank-1 update of the tile.
+template <int MR>
+OMNI_INLINE void RankOneUpdate(RegTile<MR>& acc, const vfloat (&b)[kNV], const float* x, int64_t ldx) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    const vfloat xr = Splat(x[r * ldx]);
+#pragma GCC unroll 4
+    for (int v = 0; v < kNV; ++v) acc[r][v] += xr * b[v];
+  }
+}
+
+// dst[r * ldd + 0:16] = acc[r, :] for r < MR.
+template <int MR>
+OMNI_INLINE void StoreTile(float* dst, int64_t ldd, const RegTile<MR>& acc) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < kNV; ++v) VStore(dst + r * ldd + v * kVL, acc[r][v]);
+}
+
 // s[r, 0:16] = sum_d a[r, d] * kt[d, 0:16] for r < MR.
 template <int MR>
 OMNI_INLINE void ScoreTile(const float* OMNI_RESTRICT a, int64_t lda, const float* OMNI_RESTRICT kt, int64_t D,
                            float* OMNI_RESTRICT s) {
-  vfloat acc[MR][kNV];
+  RegTile<MR> acc;
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
     for (int v = 0; v < kNV; ++v) acc[r][v] = vfloat{};
   for (int64_t d = 0; d < D; ++d) {
     vfloat b[kNV];
-#pragma GCC unroll 4
-    for (int v = 0; v < kNV; ++v) b[v] = VLoad(kt + d * kKC + v * kVL);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const vfloat x = Splat(a[r * lda + d]);
-#pragma GCC unroll 4
-      for (int v = 0; v < kNV; ++v) acc[r][v] += x * b[v];
-    }
+    LoadChunkRow(b, kt + d * kKC);
+    RankOneUpdate<MR>(acc, b, a + d, lda);
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < kNV; ++v) VStore(s + r * kKC + v * kVL, acc[r][v]);
+  StoreTile<MR>(s, kKC, acc);
 }
 
 // o[r, :] = o[r, :] * alpha[r] + sum_t p[r, t] * vt[t, :] for r < MR, t < 16.
@@ -124,7 +145,7 @@ OMNI_INLINE void PVTile(float* OMNI_RESTRICT o, int64_t ldo, const float* OMNI_R
                         const float* OMNI_RESTRICT p, const float* OMNI_RESTRICT vt, int64_t ldv, int64_t Dv) {
   int64_t d0 = 0;
   for (; d0 + kKC <= Dv; d0 += kKC) {
-    vfloat acc[MR][kNV];
+    RegTile<MR> acc;
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const vfloat al = Splat(alpha[r]);
@@ -134,19 +155,10 @@ OMNI_INLINE void PVTile(float* OMNI_RESTRICT o, int64_t ldo, const float* OMNI_R
 #pragma GCC unroll 4
     for (int t = 0; t < kKC; ++t) {
       vfloat b[kNV];
-#pragma GCC unroll 4
-      for (int v = 0; v < kNV; ++v) b[v] = VLoad(vt + t * ldv + d0 + v * kVL);
-#pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) {
-        const vfloat x = Splat(p[r * kKC + t]);
-#pragma GCC unroll 4
-        for (int v = 0; v < kNV; ++v) acc[r][v] += x * b[v];
-      }
+      LoadChunkRow(b, vt + t * ldv + d0);
+      RankOneUpdate<MR>(acc, b, p + t, kKC);
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-      for (int v = 0; v < kNV; ++v) VStore(o + r * ldo + d0 + v * kVL, acc[r][v]);
+    StoreTile<MR>(o + d0, ldo, acc);
   }
   for (; d0 < Dv; ++d0) {
     for (int r = 0; r < MR; ++r) {

@@ -76,6 +76,17 @@ OMNI_INLINE int64_t BlockedAt(int64_t row, int64_t k, int64_t kb_n) {
   return ((row / kTM) * kb_n + k / kTK) * kTileElems + (row % kTM) * kTK + k % kTK;
 }
 
+// Tile C += A . B: int8 (tdpbssd) when i8, else bf16 (tdpbf16ps). A macro because the tile operands are register
+// numbers pasted into the instruction: they must be literal constants.
+#define OMNI_TILE_DOT(i8, c, a, b) \
+  do {                             \
+    if constexpr (i8) {            \
+      _tile_dpbssd(c, a, b);       \
+    } else {                       \
+      _tile_dpbf16ps(c, a, b);     \
+    }                              \
+  } while (0)
+
 // C[32][32] fp32 (row stride 32) (+)= A row block 0 (and 1 when kRows2) times B column blocks b0 (C columns
 // 0-15) and b1 (16-31) over K tiles [kb0, kb1). A: blocked, `a_blk` elements from one 16-row block to the next;
 // b0/b1: contiguous packed tiles. `first`: start from zero instead of loading C.
@@ -137,22 +148,12 @@ OMNI_INLINE void TileDot(const uint16_t* a, int64_t a_blk, const uint16_t* b0, c
     _tile_loadd(6, b0 + kb * kTileElems, 64);
     _tile_loadd(7, b1 + kb * kTileElems, 64);
     _tile_loadd(4, a + kb * kTileElems, 64);
-    if constexpr (kI8) {
-      _tile_dpbssd(0, 4, 6);
-      _tile_dpbssd(1, 4, 7);
-    } else {
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-    }
+    OMNI_TILE_DOT(kI8, 0, 4, 6);
+    OMNI_TILE_DOT(kI8, 1, 4, 7);
     if (kRows2) {
       _tile_loadd(5, a1 + kb * kTileElems, 64);
-      if constexpr (kI8) {
-        _tile_dpbssd(2, 5, 6);
-        _tile_dpbssd(3, 5, 7);
-      } else {
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
+      OMNI_TILE_DOT(kI8, 2, 5, 6);
+      OMNI_TILE_DOT(kI8, 3, 5, 7);
     }
   }
   _tile_stored(0, c, 128);

@@ -267,6 +267,13 @@ inline void RunItems(int64_t items, int64_t bytes_per_item, const OmniRuntime* r
   LaunchBlocks(BlocksFor(items, bytes_per_item, rt), rt, body);
 }
 
+// Per-expert item prefix sums: expert e (rows [offsets[e], offsets[e + 1])) has ceil(rows / rows_per_item) row
+// blocks times `tiles` column tiles of items; prefix [E + 1]. Experts with no rows have no items.
+OMNI_INLINE void ItemPrefix(const int64_t* offsets, int64_t E, int64_t rows_per_item, int64_t tiles, int64_t* prefix) {
+  prefix[0] = 0;
+  for (int64_t e = 0; e < E; ++e) prefix[e + 1] = prefix[e] + CeilDiv(offsets[e + 1] - offsets[e], rows_per_item) * tiles;
+}
+
 // Item -> (expert, tile, block) from per-expert item prefix sums; experts with no rows have no items.
 struct ItemMap {
   const int64_t* item_prefix;  // [E + 1]
@@ -280,6 +287,37 @@ struct ItemMap {
     return lo;
   }
 };
+
+// A work item of the row-major expert GEMMs (ItemPrefix with kMB rows per item; an expert's items are its row
+// blocks within each column tile): expert e, column tile `tile`, rows [r0, r0 + mb) of the sorted rows.
+struct RowItem {
+  int64_t e, tile, r0, mb;
+};
+OMNI_INLINE RowItem SplitRowItem(const ItemMap& map, const int64_t* offsets, int64_t it) {
+  const int64_t e = map.Expert(it);
+  const int64_t local = it - map.item_prefix[e];
+  const int64_t blocks = CeilDiv(offsets[e + 1] - offsets[e], kMB);
+  const int64_t r0 = offsets[e] + (local % blocks) * kMB;
+  const int64_t left = offsets[e + 1] - r0;
+  return {e, local / blocks, r0, left < kMB ? left : kMB};
+}
+
+// Weight row n of the row-major [N, K] matrix w; null past N (a zero column of the tile).
+template <typename T>
+OMNI_INLINE const T* MatrixRow(const T* w, int64_t n, int64_t N, int64_t K) {
+  return n < N ? w + n * K : nullptr;
+}
+
+// The item's C tile [it.mb, kNT] (row stride kNT, in `tile`'s UB): A rows a_row(r) for the item's rows r against
+// the weight rows w_row(n), n < kNT.
+template <typename T, typename ARowFn, typename WRowFn>
+OMNI_INLINE const float* ItemProduct(ExpertTile<T, T>& tile, const RowItem& it, ARowFn a_row, WRowFn w_row, int64_t K) {
+  const T* a_rows[kMB];
+  const T* w_rows[kNT];
+  for (int64_t m = 0; m < it.mb; ++m) a_rows[m] = a_row(it.r0 + m);
+  for (int64_t n = 0; n < kNT; ++n) w_rows[n] = w_row(n);
+  return tile.Compute(a_rows, it.mb, w_rows, K);
+}
 
 }  // namespace moe
 }  // namespace OMNI_ISA_NS

@@ -12,7 +12,7 @@
 #pragma once
 #include <algorithm>
 
-#include "host/simd.h"
+#include "kernels/moe/combine.h"
 #include "kernels/moe/expert_gemm.h"
 #include "omni/ops/moe.h"
 
@@ -51,6 +51,27 @@ struct FusedMoeLayout {
   }
 };
 
+// The workspace parts as typed pointers; A: the element type of the staged activations (act, xs).
+template <typename A>
+struct FusedMoeParts {
+  int64_t *offsets, *items1, *items2, *padded;
+  int32_t *pair_row, *row_token;
+  A *act, *xs;
+  float* ybuf;
+  FusedMoeParts(const FusedMoeLayout& L, void* workspace) {
+    unsigned char* ws = static_cast<unsigned char*>(workspace);
+    offsets = reinterpret_cast<int64_t*>(ws + L.offsets);
+    items1 = reinterpret_cast<int64_t*>(ws + L.items1);
+    items2 = reinterpret_cast<int64_t*>(ws + L.items2);
+    padded = reinterpret_cast<int64_t*>(ws + L.padded);
+    pair_row = reinterpret_cast<int32_t*>(ws + L.pair_row);
+    row_token = reinterpret_cast<int32_t*>(ws + L.row_token);
+    act = reinterpret_cast<A*>(ws + L.act);
+    xs = reinterpret_cast<A*>(ws + L.xs);
+    ybuf = reinterpret_cast<float*>(ws + L.ybuf);
+  }
+};
+
 // Step 1 of the block: counting sort of the (token, slot) pairs by local expert (stable in pair order). Fills
 // offsets [E + 1], pair_row [P] (-1: expert not on this rank) and row_token [P]; cursor [E] is scratch.
 inline void RouteSort(const OmniFusedMoeArgs& a, int64_t* offsets, int32_t* pair_row, int32_t* row_token,
@@ -77,127 +98,76 @@ inline void RouteSort(const OmniFusedMoeArgs& a, int64_t* offsets, int32_t* pair
   }
 }
 
-// Step 4: out[t] = T(sum_j w_j * y[row(t, j)]) from the fp32 expert outputs ybuf [P, H].
+// Step 4: out[t] = T(sum_j w_j * y[row(t, j)]) from the fp32 expert outputs ybuf [P, H] (combine.h), rounded with
+// vector stores.
 template <typename T>
 void CombinePairs(const OmniFusedMoeArgs& a, const int32_t* pair_row, const float* ybuf, const OmniRuntime* rt) {
-  const int64_t T_ = a.tokens, K = a.top_k, H = a.hidden_size;
-  T* out = static_cast<T*>(a.out);
-  auto body = [&]() {
-    int64_t t0, t1;
-    BlockRange(T_, GetBlockIdx(), GetBlockNum(), &t0, &t1);
-    TPipe pipe;
-    TBuf<TPosition::VECCALC> accb;
-    const int64_t hc = std::min<int64_t>(H, 8192);
-    pipe.InitBuffer(accb, hc * sizeof(float));
-    float* acc = accb.Get<float>().GetPhyAddr();
-    for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t h0 = 0; h0 < H; h0 += hc) {
-        const int64_t n = std::min<int64_t>(hc, H - h0);
-        for (int64_t i = 0; i < n; ++i) acc[i] = 0.0f;
-        for (int64_t j = 0; j < K; ++j) {
-          const int32_t r = pair_row[t * K + j];
-          if (r < 0) continue;
-          const float w = a.topk_weights[t * K + j];
-          const float* y = ybuf + static_cast<int64_t>(r) * H + h0;
-          for (int64_t i = 0; i < n; ++i) acc[i] += w * y[i];
-        }
-        T* o = out + t * a.out_stride + h0;
-        int64_t i = 0;
-        for (; i + simd::kW <= n; i += simd::kW) simd::Store(o + i, simd::LoadW(acc + i));  // one rounding, vectorised
-        for (; i < n; ++i) o[i] = FromFloat<T>(acc[i]);
-      }
-    }
-  };
-  LaunchBlocks(BlocksFor(T_, H * (K + 1) * 4, rt), rt, body);
+  const int64_t H = a.hidden_size;
+  CombineTokens<T, true>(a, pair_row, [&](int32_t r) { return ybuf + static_cast<int64_t>(r) * H; },
+                         H * (a.top_k + 1) * 4, rt);
 }
 
 inline int64_t DTypeSize(int32_t dt) { return dt == OMNI_F32 ? 4 : 2; }
 
 template <typename T>
 void FusedMoeRun(const OmniFusedMoeArgs& a, const OmniRuntime* rt) {
-  const FusedMoeLayout L(a, sizeof(T));
-  unsigned char* ws = static_cast<unsigned char*>(a.workspace);
-  int64_t* offsets = reinterpret_cast<int64_t*>(ws + L.offsets);
-  int64_t* items1 = reinterpret_cast<int64_t*>(ws + L.items1);
-  int64_t* items2 = reinterpret_cast<int64_t*>(ws + L.items2);
-  int32_t* pair_row = reinterpret_cast<int32_t*>(ws + L.pair_row);
-  int32_t* row_token = reinterpret_cast<int32_t*>(ws + L.row_token);
-  T* act = reinterpret_cast<T*>(ws + L.act);
-  float* ybuf = reinterpret_cast<float*>(ws + L.ybuf);
+  const FusedMoeParts<T> p(FusedMoeLayout(a, sizeof(T)), a.workspace);
   const int64_t E = a.num_experts, H = a.hidden_size, I = a.inter_size;
 
   // ---- 1. route: counting sort by local expert (items1 as the fill cursor) ----
-  RouteSort(a, offsets, pair_row, row_token, items1);
-  const int64_t tiles1 = CeilDiv(I, kNT / 2), tiles2 = CeilDiv(H, kNT);
-  items1[0] = items2[0] = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t blocks = CeilDiv(offsets[e + 1] - offsets[e], kMB);
-    items1[e + 1] = items1[e] + blocks * tiles1;
-    items2[e + 1] = items2[e] + blocks * tiles2;
-  }
+  RouteSort(a, p.offsets, p.pair_row, p.row_token, p.items1);
+  ItemPrefix(p.offsets, E, kMB, CeilDiv(I, kNT / 2), p.items1);
+  ItemPrefix(p.offsets, E, kMB, CeilDiv(H, kNT), p.items2);
   const T* x = static_cast<const T*>(a.hidden);
   const T* w13 = static_cast<const T*>(a.w13);
   const T* w2 = static_cast<const T*>(a.w2);
 
-  // ---- 2. gate/up + silu_and_mul ----
+  // ---- 2. gate/up + silu_and_mul: the item's kNT weight rows are kNT / 2 gate rows, then the same up rows ----
   {
-    const ItemMap map{items1, E};
+    const ItemMap map{p.items1, E};
     auto item = [&](int64_t it) {
-      const int64_t e = map.Expert(it);
-      const int64_t local = it - items1[e];
-      const int64_t blocks = CeilDiv(offsets[e + 1] - offsets[e], kMB);
-      const int64_t i0 = (local / blocks) * (kNT / 2);
-      const int64_t r0 = offsets[e] + (local % blocks) * kMB;
-      const int64_t mb = std::min<int64_t>(kMB, offsets[e + 1] - r0);
-      const T* a_rows[kMB];
-      const T* w_rows[kNT];
-      for (int64_t m = 0; m < mb; ++m) a_rows[m] = x + row_token[r0 + m] * a.hidden_stride;
-      const T* we = w13 + e * 2 * I * H;
-      for (int64_t n = 0; n < kNT / 2; ++n) {
-        const bool ok = i0 + n < I;
-        w_rows[n] = ok ? we + (i0 + n) * H : nullptr;
-        w_rows[kNT / 2 + n] = ok ? we + (I + i0 + n) * H : nullptr;
-      }
-      ExpertTile<T, T> t;
-      const float* C = t.Compute(a_rows, mb, w_rows, H);
+      const RowItem r = SplitRowItem(map, p.offsets, it);
+      const int64_t i0 = r.tile * (kNT / 2);
+      const T* gate = w13 + r.e * 2 * I * H;
+      const T* up = gate + I * H;
+      auto x_row = [&](int64_t row) { return x + p.row_token[row] * a.hidden_stride; };
+      auto w_row = [&](int64_t n) {
+        return n < kNT / 2 ? MatrixRow(gate, i0 + n, I, H) : MatrixRow(up, i0 + n - kNT / 2, I, H);
+      };
+      ExpertTile<T, T> tile;
+      const float* C = ItemProduct(tile, r, x_row, w_row, H);
       const int64_t ni = std::min<int64_t>(kNT / 2, I - i0);
-      for (int64_t m = 0; m < mb; ++m) {
+      for (int64_t m = 0; m < r.mb; ++m) {
         const float* c = C + m * kNT;
-        T* dst = act + (r0 + m) * I + i0;
+        T* dst = p.act + (r.r0 + m) * I + i0;
         for (int64_t i = 0; i < ni; ++i) {
           const float g = c[i];
           dst[i] = FromFloat<T>(g / (1.0f + VecExpF(-g)) * c[kNT / 2 + i]);
         }
       }
     };
-    RunItems(items1[E], kNT * H * static_cast<int64_t>(sizeof(T)), rt, item);
+    RunItems(p.items1[E], kNT * H * static_cast<int64_t>(sizeof(T)), rt, item);
   }
 
   // ---- 3. down projection into the fp32 y buffer ----
   {
-    const ItemMap map{items2, E};
+    const ItemMap map{p.items2, E};
     auto item = [&](int64_t it) {
-      const int64_t e = map.Expert(it);
-      const int64_t local = it - items2[e];
-      const int64_t blocks = CeilDiv(offsets[e + 1] - offsets[e], kMB);
-      const int64_t h0 = (local / blocks) * kNT;
-      const int64_t r0 = offsets[e] + (local % blocks) * kMB;
-      const int64_t mb = std::min<int64_t>(kMB, offsets[e + 1] - r0);
-      const T* a_rows[kMB];
-      const T* w_rows[kNT];
-      for (int64_t m = 0; m < mb; ++m) a_rows[m] = act + (r0 + m) * I;
-      const T* we = w2 + e * H * I;
-      for (int64_t n = 0; n < kNT; ++n) w_rows[n] = h0 + n < H ? we + (h0 + n) * I : nullptr;
-      ExpertTile<T, T> t;
-      const float* C = t.Compute(a_rows, mb, w_rows, I);
+      const RowItem r = SplitRowItem(map, p.offsets, it);
+      const int64_t h0 = r.tile * kNT;
+      const T* we = w2 + r.e * H * I;
+      auto act_row = [&](int64_t row) { return p.act + row * I; };
+      auto w_row = [&](int64_t n) { return MatrixRow(we, h0 + n, H, I); };
+      ExpertTile<T, T> tile;
+      const float* C = ItemProduct(tile, r, act_row, w_row, I);
       const int64_t nh = std::min<int64_t>(kNT, H - h0);
-      for (int64_t m = 0; m < mb; ++m) std::memcpy(ybuf + (r0 + m) * H + h0, C + m * kNT, nh * sizeof(float));
+      for (int64_t m = 0; m < r.mb; ++m) std::memcpy(p.ybuf + (r.r0 + m) * H + h0, C + m * kNT, nh * sizeof(float));
     };
-    RunItems(items2[E], kNT * I * static_cast<int64_t>(sizeof(T)), rt, item);
+    RunItems(p.items2[E], kNT * I * static_cast<int64_t>(sizeof(T)), rt, item);
   }
 
   // ---- 4. weighted combine per token ----
-  CombinePairs<T>(a, pair_row, ybuf, rt);
+  CombinePairs<T>(a, p.pair_row, p.ybuf, rt);
 }
 
 inline int64_t fused_moe_workspace(const OmniFusedMoeArgs* a) {

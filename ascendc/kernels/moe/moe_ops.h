@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "kernels/moe/combine.h"
 #include "kernels/moe/expert_gemm.h"
 #include "omni/ops/moe.h"
 
@@ -158,32 +159,24 @@ void GroupedGemmRun(const OmniGroupedGemmArgs& a, const OmniRuntime* rt) {
   };
   zero_rows(0, off[0]);
   zero_rows(off[E], a.rows);
-  const int64_t tiles = CeilDiv(N, kNT);
   // Item prefix sums live on the heap: E is bounded only by the bindings' checks.
   int64_t* prefix = static_cast<int64_t*>(std::malloc(static_cast<size_t>(E + 1) * sizeof(int64_t)));
   if (prefix == nullptr) return;
-  prefix[0] = 0;
-  for (int64_t e = 0; e < E; ++e) prefix[e + 1] = prefix[e] + CeilDiv(off[e + 1] - off[e], kMB) * tiles;
+  ItemPrefix(off, E, kMB, CeilDiv(N, kNT), prefix);
   const T* x = static_cast<const T*>(a.x);
   const T* w = static_cast<const T*>(a.w);
   const ItemMap map{prefix, E};
   auto item = [&](int64_t it) {
-    const int64_t e = map.Expert(it);
-    const int64_t local = it - prefix[e];
-    const int64_t blocks = CeilDiv(off[e + 1] - off[e], kMB);
-    const int64_t n0 = (local / blocks) * kNT;
-    const int64_t r0 = off[e] + (local % blocks) * kMB;
-    const int64_t mb = std::min<int64_t>(kMB, off[e + 1] - r0);
-    const T* a_rows[kMB];
-    const T* w_rows[kNT];
-    for (int64_t m = 0; m < mb; ++m) a_rows[m] = x + (r0 + m) * a.x_stride;
-    const T* we = w + e * N * K;
-    for (int64_t n = 0; n < kNT; ++n) w_rows[n] = n0 + n < N ? we + (n0 + n) * K : nullptr;
+    const RowItem r = SplitRowItem(map, off, it);
+    const int64_t n0 = r.tile * kNT;
+    const T* we = w + r.e * N * K;
+    auto x_row = [&](int64_t row) { return x + row * a.x_stride; };
+    auto w_row = [&](int64_t n) { return MatrixRow(we, n0 + n, N, K); };
     ExpertTile<T, T> tile;
-    const float* C = tile.Compute(a_rows, mb, w_rows, K);
+    const float* C = ItemProduct(tile, r, x_row, w_row, K);
     const int64_t nn = std::min<int64_t>(kNT, N - n0);
-    for (int64_t m = 0; m < mb; ++m) {
-      T* o = out + (r0 + m) * a.out_stride + n0;
+    for (int64_t m = 0; m < r.mb; ++m) {
+      T* o = out + (r.r0 + m) * a.out_stride + n0;
       for (int64_t n = 0; n < nn; ++n) o[n] = FromFloat<T>(C[m * kNT + n]);
     }
   };
@@ -196,37 +189,12 @@ inline void grouped_gemm(const OmniGroupedGemmArgs* a, const OmniRuntime* rt) {
   OMNI_DISPATCH_FLOAT(a->dtype, T, GroupedGemmRun<T>(*a, rt));
 }
 
-// ---- combine: out[t] = T(sum_j w[t, j] * expert_out[inv[t, j]]), fp32 accumulation ------------------------
+// ---- combine: out[t] = T(sum_j w[t, j] * expert_out[inv[t, j]]), fp32 accumulation (combine.h) ----------------
 template <typename T>
 void CombineRun(const OmniMoeCombineArgs& a, const OmniRuntime* rt) {
-  const int64_t H = a.hidden_size, K = a.top_k;
   const T* y = static_cast<const T*>(a.expert_out);
-  T* out = static_cast<T*>(a.out);
-  auto body = [&]() {
-    int64_t t0, t1;
-    BlockRange(a.tokens, GetBlockIdx(), GetBlockNum(), &t0, &t1);
-    TPipe pipe;
-    TBuf<TPosition::VECCALC> accb;
-    const int64_t hc = std::min<int64_t>(H, 8192);
-    pipe.InitBuffer(accb, hc * sizeof(float));
-    float* acc = accb.Get<float>().GetPhyAddr();
-    for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t h0 = 0; h0 < H; h0 += hc) {
-        const int64_t n = std::min<int64_t>(hc, H - h0);
-        for (int64_t i = 0; i < n; ++i) acc[i] = 0.0f;
-        for (int64_t j = 0; j < K; ++j) {
-          const int32_t r = a.inverse_index[t * K + j];
-          if (r < 0) continue;
-          const float w = a.topk_weights[t * K + j];
-          const T* src = y + static_cast<int64_t>(r) * a.expert_out_stride + h0;
-          for (int64_t i = 0; i < n; ++i) acc[i] += w * ToFloat(src[i]);
-        }
-        T* o = out + t * a.out_stride + h0;
-        for (int64_t i = 0; i < n; ++i) o[i] = FromFloat<T>(acc[i]);
-      }
-    }
-  };
-  LaunchBlocks(BlocksFor(a.tokens, H * (K + 1) * static_cast<int64_t>(sizeof(T)), rt), rt, body);
+  CombineTokens<T, false>(a, a.inverse_index, [&](int32_t r) { return y + static_cast<int64_t>(r) * a.expert_out_stride; },
+                          a.hidden_size * (a.top_k + 1) * static_cast<int64_t>(sizeof(T)), rt);
 }
 
 inline void moe_combine(const OmniMoeCombineArgs* a, const OmniRuntime* rt) {

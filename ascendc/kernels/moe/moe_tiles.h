@@ -25,89 +25,87 @@ namespace moe {
 #if defined(OMNI_HAVE_AMX_TILES)
 constexpr int64_t kChunk = 32 * amx::kMaxRowBlocks;  // rows per item: one weight pass per 256 rows of an expert
 
-// Item `local` of expert e (rows [row0, row0 + rows), padded rows from prow0) with `cols` column-block pairs.
+// Work item `it` (ItemPrefix with kChunk rows per item and `cols` column-block pairs): expert e, its rows [r0, r0 +
+// mrows) (staged from padded row prow0 on) and column-block pair `col`. All column pairs of a chunk are adjacent
+// items: they share A in cache.
 struct ChunkItem {
-  int64_t r0, prow0, mrows, col;
+  int64_t e, r0, prow0, mrows, col;
 };
-OMNI_INLINE ChunkItem SplitItem(int64_t local, int64_t row0, int64_t prow0, int64_t rows, int64_t cols) {
-  const int64_t chunk = local / cols;  // all column pairs of a chunk are adjacent: they share A in cache
-  const int64_t off = chunk * kChunk;
-  return {row0 + off, prow0 + off, std::min<int64_t>(kChunk, rows - off), local % cols};
+OMNI_INLINE ChunkItem SplitItem(const ItemMap& map, const int64_t* offsets, const int64_t* padded, int64_t it,
+                                int64_t cols) {
+  const int64_t e = map.Expert(it);
+  const int64_t local = it - map.item_prefix[e];
+  const int64_t off = (local / cols) * kChunk;
+  return {e, offsets[e] + off, padded[e] + off, std::min<int64_t>(kChunk, offsets[e + 1] - offsets[e] - off),
+          local % cols};
+}
+
+// C[c.mrows][32] = the item's rows of the blocked A (kb_n K tiles) times the column blocks 2 c.col (C columns 0-15)
+// and 2 c.col + 1 (16-31; block 2 c.col again past the last of nb) of the tiled matrix w [nb][kb_n tiles].
+OMNI_INLINE void PairProduct(const uint16_t* a, const uint16_t* w, int64_t nb, int64_t kb_n, const ChunkItem& c,
+                             float* C) {
+  const uint16_t* b0 = w + (2 * c.col) * kb_n * amx::kTileElems;
+  const uint16_t* b1 = 2 * c.col + 1 < nb ? b0 + kb_n * amx::kTileElems : b0;
+  amx::TileRows(a + (c.prow0 / amx::kTM) * kb_n * amx::kTileElems, kb_n, c.mrows, b0, b1, C);
 }
 
 inline void FusedMoeTilesRun(const OmniFusedMoeArgs& a, const OmniRuntime* rt) {
   const FusedMoeLayout L(a, 2);
-  unsigned char* ws = static_cast<unsigned char*>(a.workspace);
-  int64_t* offsets = reinterpret_cast<int64_t*>(ws + L.offsets);
-  int64_t* padded = reinterpret_cast<int64_t*>(ws + L.padded);
-  int64_t* items1 = reinterpret_cast<int64_t*>(ws + L.items1);
-  int64_t* items2 = reinterpret_cast<int64_t*>(ws + L.items2);
-  int32_t* pair_row = reinterpret_cast<int32_t*>(ws + L.pair_row);
-  int32_t* row_token = reinterpret_cast<int32_t*>(ws + L.row_token);
-  uint16_t* act = reinterpret_cast<uint16_t*>(ws + L.act);
-  uint16_t* xs = reinterpret_cast<uint16_t*>(ws + L.xs);
-  float* ybuf = reinterpret_cast<float*>(ws + L.ybuf);
+  const FusedMoeParts<uint16_t> p(L, a.workspace);
   const int64_t E = a.num_experts, H = a.hidden_size, I = a.inter_size;
   const int64_t nbi = CeilDiv(I, amx::kTN), nbh = CeilDiv(H, amx::kTN);
   const int64_t kbh = L.xs_ld / amx::kTK, kbi = L.act_ld / amx::kTK;
   const int64_t pairs_h = CeilDiv(nbh, 2);
 
-  RouteSort(a, offsets, pair_row, row_token, items1);
-  const int64_t prows = amx::PadOffsets(offsets, E, padded);
-  items1[0] = items2[0] = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t chunks = CeilDiv(offsets[e + 1] - offsets[e], kChunk);
-    items1[e + 1] = items1[e] + chunks * nbi;
-    items2[e + 1] = items2[e] + chunks * pairs_h;
-  }
+  RouteSort(a, p.offsets, p.pair_row, p.row_token, p.items1);
+  const int64_t prows = amx::PadOffsets(p.offsets, E, p.padded);
+  ItemPrefix(p.offsets, E, kChunk, nbi, p.items1);
+  ItemPrefix(p.offsets, E, kChunk, pairs_h, p.items2);
   const uint16_t* x = static_cast<const uint16_t*>(a.hidden);
-  amx::StageBlocked(xs, offsets, padded, E, H, [&](int64_t r) { return x + row_token[r] * a.hidden_stride; }, rt);
+  amx::StageBlocked(p.xs, p.offsets, p.padded, E, H, [&](int64_t r) { return x + p.row_token[r] * a.hidden_stride; },
+                    rt);
   // The activations' K padding must be 0 (the last K tile of every block). Padding rows may hold anything:
   // a tile row of C depends only on its own A row, and those C rows are dropped.
   if (L.act_ld != I) {
     for (int64_t b = 0; b < prows / amx::kTM; ++b)
-      std::memset(act + (b * kbi + kbi - 1) * amx::kTileElems, 0, amx::kTileElems * 2);
+      std::memset(p.act + (b * kbi + kbi - 1) * amx::kTileElems, 0, amx::kTileElems * 2);
   }
   const uint16_t* w13 = static_cast<const uint16_t*>(a.w13);
   const uint16_t* w2 = static_cast<const uint16_t*>(a.w2);
 
   // ---- gate/up: B tiles = gate block nb and up block nb of expert e; epilogue silu(g) * u -> bf16 act ----
   {
-    const ItemMap map{items1, E};
+    const ItemMap map{p.items1, E};
     const int64_t mat = nbi * kbh * amx::kTileElems;  // one [I, H] matrix
     auto item = [&](int64_t it) {
-      const int64_t e = map.Expert(it);
-      const ChunkItem c = SplitItem(it - items1[e], offsets[e], padded[e], offsets[e + 1] - offsets[e], nbi);
-      const uint16_t* g = w13 + (2 * e) * mat + c.col * kbh * amx::kTileElems;
+      const ChunkItem c = SplitItem(map, p.offsets, p.padded, it, nbi);
+      const uint16_t* g = w13 + (2 * c.e) * mat + c.col * kbh * amx::kTileElems;
       const uint16_t* u = g + mat;
       alignas(64) float C[kChunk * 32];
       const int64_t i0 = c.col * amx::kTN, ni = std::min<int64_t>(amx::kTN, I - i0);
-      amx::TileRows(xs + (c.prow0 / amx::kTM) * kbh * amx::kTileElems, kbh, c.mrows, g, u, C);
+      amx::TileRows(p.xs + (c.prow0 / amx::kTM) * kbh * amx::kTileElems, kbh, c.mrows, g, u, C);
       for (int64_t m = 0; m < c.mrows; ++m)
-        amx::SiluMulBf16(C + m * 32, C + m * 32 + 16, ni, act + amx::BlockedAt(c.prow0 + m, i0, kbi));
+        amx::SiluMulBf16(C + m * 32, C + m * 32 + 16, ni, p.act + amx::BlockedAt(c.prow0 + m, i0, kbi));
     };
-    amx::RunTileItems(items1[E], 2 * kbh * 1024, rt, item);
+    amx::RunTileItems(p.items1[E], 2 * kbh * 1024, rt, item);
   }
 
   // ---- down: B tiles = output column blocks 2p, 2p + 1 of W2[e]; fp32 into ybuf (unpadded rows) ----
   {
-    const ItemMap map{items2, E};
+    const ItemMap map{p.items2, E};
     const int64_t mat = nbh * kbi * amx::kTileElems;
     auto item = [&](int64_t it) {
-      const int64_t e = map.Expert(it);
-      const ChunkItem c = SplitItem(it - items2[e], offsets[e], padded[e], offsets[e + 1] - offsets[e], pairs_h);
-      const uint16_t* b0 = w2 + e * mat + (2 * c.col) * kbi * amx::kTileElems;
-      const uint16_t* b1 = 2 * c.col + 1 < nbh ? b0 + kbi * amx::kTileElems : b0;
+      const ChunkItem c = SplitItem(map, p.offsets, p.padded, it, pairs_h);
       alignas(64) float C[kChunk * 32];
+      PairProduct(p.act, w2 + c.e * mat, nbh, kbi, c, C);
       const int64_t h0 = 2 * c.col * amx::kTN, nh = std::min<int64_t>(2 * amx::kTN, H - h0);
-      amx::TileRows(act + (c.prow0 / amx::kTM) * kbi * amx::kTileElems, kbi, c.mrows, b0, b1, C);
       for (int64_t m = 0; m < c.mrows; ++m)
-        std::memcpy(ybuf + (c.r0 + m) * H + h0, C + m * 32, static_cast<size_t>(nh) * sizeof(float));
+        std::memcpy(p.ybuf + (c.r0 + m) * H + h0, C + m * 32, static_cast<size_t>(nh) * sizeof(float));
     };
-    amx::RunTileItems(items2[E], 2 * kbi * 1024, rt, item);
+    amx::RunTileItems(p.items2[E], 2 * kbi * 1024, rt, item);
   }
 
-  CombinePairs<bfloat16_t>(a, pair_row, ybuf, rt);
+  CombinePairs<bfloat16_t>(a, p.pair_row, p.ybuf, rt);
 }
 
 // grouped_gemm on tiled weights: out[r] = bf16(x[r] . W[e]^T), rows of no expert zero.
@@ -131,19 +129,15 @@ inline void GroupedGemmTilesRun(const OmniGroupedGemmArgs& a, const OmniRuntime*
   amx::PadOffsets(off, E, padded);  // padded[e] counts from off[0]: rows before it belong to no expert
   const uint16_t* x = static_cast<const uint16_t*>(a.x);
   amx::StageBlocked(xs, off, padded, E, K, [&](int64_t r) { return x + r * a.x_stride; }, rt);
-  prefix[0] = 0;
-  for (int64_t e = 0; e < E; ++e) prefix[e + 1] = prefix[e] + CeilDiv(off[e + 1] - off[e], kChunk) * pairs;
+  ItemPrefix(off, E, kChunk, pairs, prefix);
   const uint16_t* w = static_cast<const uint16_t*>(a.w);
   const int64_t mat = nb * kb_n * amx::kTileElems;
   const ItemMap map{prefix, E};
   auto item = [&](int64_t it) {
-    const int64_t e = map.Expert(it);
-    const ChunkItem c = SplitItem(it - prefix[e], off[e], padded[e], off[e + 1] - off[e], pairs);
-    const uint16_t* b0 = w + e * mat + (2 * c.col) * kb_n * amx::kTileElems;
-    const uint16_t* b1 = 2 * c.col + 1 < nb ? b0 + kb_n * amx::kTileElems : b0;
+    const ChunkItem c = SplitItem(map, off, padded, it, pairs);
     alignas(64) float C[kChunk * 32];
+    PairProduct(xs, w + c.e * mat, nb, kb_n, c, C);
     const int64_t n0 = 2 * c.col * amx::kTN, nn = std::min<int64_t>(2 * amx::kTN, N - n0);
-    amx::TileRows(xs + (c.prow0 / amx::kTM) * kb_n * amx::kTileElems, kb_n, c.mrows, b0, b1, C);
     for (int64_t m = 0; m < c.mrows; ++m) {
       bfloat16_t* o = reinterpret_cast<bfloat16_t*>(out + (c.r0 + m) * a.out_stride + n0);
       if (nn == 32) {  // vcvtneps2bf16: the scalar rounding loop cost more than the tile products

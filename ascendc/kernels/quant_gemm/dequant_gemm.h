@@ -44,12 +44,17 @@ OMNI_INLINE void PrefetchNext(const uint8_t* run, int64_t bytes, int64_t left) {
   for (int64_t off = bytes; off < end; off += 64) __builtin_prefetch(run + off, 0, 0);
 }
 
-// Format: how to widen a row of x into fp32 and dequantize a weight tile into the UB.
-struct Int4Format {
-  const OmniW4A16Args& a;
+// Format: how to widen a row of x into fp32 and dequantize a weight tile into the UB. Every format holds its op's
+// arguments `a` and gives the GEMM sizes from them.
+template <typename Args>
+struct FormatOf {
+  const Args& a;
   int64_t K() const { return a.K; }
   int64_t M() const { return a.M; }
   int64_t N() const { return a.N; }
+};
+
+struct Int4Format : FormatOf<OmniW4A16Args> {
   // x row -> fp32 in the permuted K order of cube::Int4x32 (per 32: even k, then odd k). K % 32 == 0.
   template <typename T>
   void WidenRow(int64_t m, float* dst) const {
@@ -78,11 +83,7 @@ struct Int4Format {
   }
 };
 
-struct Fp8Format {
-  const OmniFp8BlockArgs& a;
-  int64_t K() const { return a.K; }
-  int64_t M() const { return a.M; }
-  int64_t N() const { return a.N; }
+struct Fp8Format : FormatOf<OmniFp8BlockArgs> {
   template <typename T>
   void WidenRow(int64_t m, float* dst) const {
     const float* lut = Fp8Lut();
@@ -210,13 +211,13 @@ void DequantGemmLaunch(const Fmt& f, float* work, void* out, int64_t out_stride,
 
 inline void w4a16_gemm(const OmniW4A16Args* a, const OmniRuntime* rt) {
   if (a->M <= 0 || a->N <= 0) return;
-  const dq::Int4Format f{*a};
+  const dq::Int4Format f{{*a}};
   OMNI_DISPATCH_FLOAT(a->dtype, T, DequantGemmLaunch<T, T>(f, a->work, a->out, a->out_stride, a->bias, rt));
 }
 
 inline void fp8_block_gemm(const OmniFp8BlockArgs* a, const OmniRuntime* rt) {
   if (a->M <= 0 || a->N <= 0) return;
-  const dq::Fp8Format f{*a};
+  const dq::Fp8Format f{{*a}};
   OMNI_DISPATCH_FLOAT(a->out_dtype, T, DequantGemmLaunch<uint8_t, T>(f, a->work, a->out, a->out_stride, a->bias, rt));
 }
 

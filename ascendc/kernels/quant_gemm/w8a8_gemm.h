@@ -34,6 +34,26 @@ struct W8A8Tiling {
   }
 };
 
+// The epilogue of output row m, columns [n0, n0 + n), from their int32 sums c: the raw sums (OMNI_QGEMM_OUT_I32) or
+// c * x_scale[m] * w_scale[n] [+ bias[n]] rounded once to T. Also the tile kernel's (w8a8_tiles.h).
+template <typename T>
+OMNI_INLINE void W8A8StoreRow(const OmniW8A8Args& a, const int32_t* c, int64_t m, int64_t n0, int64_t n) {
+  if (a.out_dtype == OMNI_QGEMM_OUT_I32) {
+    int32_t* o = static_cast<int32_t*>(a.out) + m * a.out_stride + n0;
+    for (int64_t j = 0; j < n; ++j) o[j] = c[j];
+    return;
+  }
+  T* o = static_cast<T*>(a.out) + m * a.out_stride + n0;
+  const float xs = a.x_scale[m];
+  const float* ws = a.w_scale + n0;
+  const T* bias = a.bias ? static_cast<const T*>(a.bias) + n0 : nullptr;
+  for (int64_t j = 0; j < n; ++j) {
+    float y = static_cast<float>(c[j]) * xs * ws[j];
+    if (bias) y += ToFloat(bias[j]);
+    o[j] = FromFloat<T>(y);
+  }
+}
+
 template <typename T>
 class KernelW8A8 {
  public:
@@ -103,24 +123,7 @@ class KernelW8A8 {
       }
     }
     // CopyOut with the epilogue.
-    for (int64_t i = 0; i < mb; ++i) {
-      const int32_t* c = acc + i * W8A8Tiling::kNB;
-      const int64_t m = m0 + i;
-      if (a_.out_dtype == OMNI_QGEMM_OUT_I32) {
-        int32_t* o = static_cast<int32_t*>(a_.out) + m * a_.out_stride + n0;
-        for (int64_t j = 0; j < nb; ++j) o[j] = c[j];
-        continue;
-      }
-      T* o = static_cast<T*>(a_.out) + m * a_.out_stride + n0;
-      const float xs = a_.x_scale[m];
-      const float* ws = a_.w_scale + n0;
-      const T* bias = a_.bias ? static_cast<const T*>(a_.bias) + n0 : nullptr;
-      for (int64_t j = 0; j < nb; ++j) {
-        float y = static_cast<float>(c[j]) * xs * ws[j];
-        if (bias) y += ToFloat(bias[j]);
-        o[j] = FromFloat<T>(y);
-      }
-    }
+    for (int64_t i = 0; i < mb; ++i) W8A8StoreRow<T>(a_, acc + i * W8A8Tiling::kNB, m0 + i, n0, nb);
   }
 
   const OmniW8A8Args& a_;

@@ -13,6 +13,7 @@
 #include "host/kernel_operator.h"
 #include "host/simd.h"
 #include "kernels/moe/amx_tiles.h"
+#include "kernels/quant_gemm/w8a8_gemm.h"
 #include "omni/ops/quant_gemm.h"
 
 namespace omni_kernels {
@@ -72,29 +73,20 @@ void Run(const OmniW8A8Args& a, const OmniRuntime* rt) {
     for (int64_t i = 0; i < mrows; ++i) {
       const int32_t* c = C + i * 32;
       const int64_t m = m0 + i;
-      if (a.out_dtype == OMNI_QGEMM_OUT_I32) {
-        int32_t* o = static_cast<int32_t*>(a.out) + m * a.out_stride + n0;
-        for (int64_t j = 0; j < nn; ++j) o[j] = c[j];
+      if (nn < 32 || a.out_dtype == OMNI_QGEMM_OUT_I32) {
+        W8A8StoreRow<T>(a, c, m, n0, nn);
         continue;
       }
+      // Full column pairs in registers: (c * xs) * ws [+ bias], rounded once, as W8A8StoreRow does.
       T* o = static_cast<T*>(a.out) + m * a.out_stride + n0;
-      const float xsc = a.x_scale[m];
+      const __m512 vx = _mm512_set1_ps(a.x_scale[m]);
       const float* ws = a.w_scale + n0;
       const T* bias = a.bias ? static_cast<const T*>(a.bias) + n0 : nullptr;
-      int64_t j0 = 0;
-      if (nn == 32) {  // full column pairs in registers: (c * xs) * ws [+ bias], rounded once, as below
-        const __m512 vx = _mm512_set1_ps(xsc);
-        for (; j0 < 32; j0 += 16) {
-          simd::V16 y{_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c + j0)), vx),
-                                    _mm512_loadu_ps(ws + j0))};
-          if (bias) y = simd::Add(y, simd::LoadW(bias + j0));
-          simd::Store(o + j0, y);
-        }
-      }
-      for (int64_t j = j0; j < nn; ++j) {
-        float y = static_cast<float>(c[j]) * xsc * ws[j];
-        if (bias) y += ToFloat(bias[j]);
-        o[j] = FromFloat<T>(y);
+      for (int64_t j = 0; j < 32; j += 16) {
+        simd::V16 y{_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c + j)), vx),
+                                  _mm512_loadu_ps(ws + j))};
+        if (bias) y = simd::Add(y, simd::LoadW(bias + j));
+        simd::Store(o + j, y);
       }
     }
   };

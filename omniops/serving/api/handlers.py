@@ -13,7 +13,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from pydantic import BaseModel
 from starlette.requests import Request
@@ -227,18 +227,13 @@ class OpenAIServing:
                 raise APIError(400, f"{name}: not supported", param=name)
         ids = self.completion_prompt(req)
         params = self.sampling_params(req, len(ids), req.max_tokens, req.logprobs)
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        stream = await self.start(rid, ids, params, arrival, req.kv_transfer_params)
-        if req.stream:
-            return _SSEResponse(self._stream(stream, req, arrival, chat=False))
-        out = await self._collect(stream, raw, arrival)
-        c = out.outputs[0]
-        lp = self.legacy_logprobs(c, 0, len(c.token_ids), 0) if req.logprobs is not None else None
-        choice = P.CompletionChoice(text=c.text, logprobs=lp, finish_reason=c.finish_reason,
-                                    stop_reason=c.stop_reason)
-        body = P.CompletionResponse(id=rid, model=self.model_name, choices=[choice], usage=self._usage(out),
-                                    kv_transfer_params=out.metrics.get("kv_transfer_params"))
-        return _json(body)
+
+        def choice(c: CompletionOutput) -> P.CompletionChoice:
+            lp = self.legacy_logprobs(c, 0, len(c.token_ids), 0) if req.logprobs is not None else None
+            return P.CompletionChoice(text=c.text, logprobs=lp, finish_reason=c.finish_reason,
+                                      stop_reason=c.stop_reason)
+
+        return await self._answer(req, raw, ids, params, arrival, choice, chat=False)
 
     async def chat(self, req: P.ChatCompletionRequest, raw: Request) -> Response:
         arrival = time.monotonic()
@@ -250,17 +245,28 @@ class OpenAIServing:
         ids = self.chat_prompt(req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self.sampling_params(req, len(ids), max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
+
+        def choice(c: CompletionOutput) -> P.ChatChoice:
+            lp = self.chat_logprobs(c, 0, len(c.token_ids), req.top_logprobs or 0) if req.logprobs else None
+            return P.ChatChoice(message=P.ChatResponseMessage(content=c.text), logprobs=lp,
+                                finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+
+        return await self._answer(req, raw, ids, params, arrival, choice, chat=True)
+
+    async def _answer(self, req: P.CompletionRequest | P.ChatCompletionRequest, raw: Request, ids: list[int],
+                      params: SamplingParams, arrival: float,
+                      choice: Callable[[CompletionOutput], P.CompletionChoice | P.ChatChoice], *,
+                      chat: bool) -> Response:
+        """Start the request; stream it (SSE) when ``req.stream``, else answer one response whose only choice is
+        ``choice(output)`` of the finished request."""
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         stream = await self.start(rid, ids, params, arrival, req.kv_transfer_params)
         if req.stream:
-            return _SSEResponse(self._stream(stream, req, arrival, chat=True))
+            return _SSEResponse(self._stream(stream, req, arrival, chat=chat))
         out = await self._collect(stream, raw, arrival)
-        c = out.outputs[0]
-        lp = self.chat_logprobs(c, 0, len(c.token_ids), req.top_logprobs or 0) if req.logprobs else None
-        choice = P.ChatChoice(message=P.ChatResponseMessage(content=c.text), logprobs=lp,
-                              finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-        body = P.ChatCompletionResponse(id=rid, model=self.model_name, choices=[choice], usage=self._usage(out),
-                                        kv_transfer_params=out.metrics.get("kv_transfer_params"))
+        response = P.ChatCompletionResponse if chat else P.CompletionResponse
+        body = response(id=rid, model=self.model_name, choices=[choice(out.outputs[0])], usage=self._usage(out),
+                        kv_transfer_params=out.metrics.get("kv_transfer_params"))
         return _json(body)
 
     # ---- generation ----------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from torch import Tensor
 
 import omniops
 from omniops.quant import QuantLinear
+from omniops.serving.models.base import quantized_experts
 
 
 def _tensor_fields(qw) -> list[str]:
@@ -55,14 +56,8 @@ class QuantSlots:
 
     def __call__(self, x: Tensor, local_ids: Tensor) -> Tensor:
         """Rows ``x [n, H]`` through the local slot ``local_ids [n]`` each -> ``[n, H]`` (unweighted)."""
-        d = omniops.moe_dispatch(x, local_ids.view(-1, 1), len(self.linears))
-        y = torch.zeros_like(d.x_sorted)
-        offs = d.expert_offsets.tolist()
-        for j, (w13, w2) in enumerate(self.linears):
-            lo, hi = offs[j], offs[j + 1]
-            if hi > lo:
-                y[lo:hi] = w2(omniops.silu_and_mul(w13(d.x_sorted[lo:hi])))
-        return omniops.moe_combine(y, torch.ones(x.shape[0], 1, dtype=torch.float32), d.inverse_index)
+        return quantized_experts(x, local_ids.view(-1, 1), torch.ones(x.shape[0], 1, dtype=torch.float32),
+                                 self.linears)
 
 
 def shared_rows(pairs: list, x: Tensor) -> Tensor:

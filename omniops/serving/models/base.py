@@ -224,14 +224,21 @@ class FusedMoE:
         w = w.float()  # fused_moe's fastest entry: fp32 weights, int32 ids
         if self.quant is None:
             return omniops.fused_moe(x, self.w13, self.w2, w, ids)
-        d = omniops.moe_dispatch(x, ids, len(self.quant))
-        y = torch.zeros_like(d.x_sorted)
-        offs = d.expert_offsets.tolist()
-        for e, (w13, w2) in enumerate(self.quant):
-            lo, hi = offs[e], offs[e + 1]
-            if hi > lo:
-                y[lo:hi] = w2(omniops.silu_and_mul(w13(d.x_sorted[lo:hi])))
-        return omniops.moe_combine(y, w, d.inverse_index)
+        return quantized_experts(x, ids, w, self.quant)
+
+
+def quantized_experts(x: Tensor, ids: Tensor, weights: Tensor, experts: list) -> Tensor:
+    """The MoE block on quantized experts ``experts[e] = (w13, w2)`` (``QuantLinear``): the rows ``x [T, H]``
+    dispatched by ``ids [T, k]``, each expert's rows through ``w2(silu_and_mul(w13(rows)))``, combined with the
+    fp32 ``weights [T, k]``. A helper (not an op); also the expert-parallel slots' path (``serving/ep``)."""
+    d = omniops.moe_dispatch(x, ids, len(experts))
+    y = torch.zeros_like(d.x_sorted)
+    offs = d.expert_offsets.tolist()
+    for e, (w13, w2) in enumerate(experts):
+        lo, hi = offs[e], offs[e + 1]
+        if hi > lo:
+            y[lo:hi] = w2(omniops.silu_and_mul(w13(d.x_sorted[lo:hi])))
+    return omniops.moe_combine(y, weights, d.inverse_index)
 
 
 class DecoderModel:
