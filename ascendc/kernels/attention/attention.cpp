@@ -1,7 +1,7 @@
 // Exports the attention kernels of this ISA library.
 #include "kernels/attention/attention_plan.h"
 #include "kernels/attention/cache_ops.h"
-#include "kernels/attention/paged_attention.h"
+#include "kernels/attention/paged_launch.h"
 
 extern "C" const OmniAttentionKernels* omni_attention_kernels(void) {
   namespace k = omni_kernels;

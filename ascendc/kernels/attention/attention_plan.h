@@ -4,7 +4,7 @@
 #pragma once
 #include <algorithm>
 
-#include "kernels/attention/paged_attention.h"
+#include "kernels/attention/paged_launch.h"
 
 namespace omni_kernels {
 inline namespace OMNI_ISA_NS {
