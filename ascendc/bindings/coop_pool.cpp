@@ -33,6 +33,7 @@ class CoopPool {
   void ForgetHelpersAfterFork() {
     new std::vector<std::thread>(std::move(helpers_));  // leaked on purpose: a thread object of no thread
     helpers_.clear();
+    threads_.store(1, std::memory_order_release);
     new (&mu_) std::mutex;
     new (&launch_mu_) std::mutex;
     new (&cv_) std::condition_variable;
@@ -41,14 +42,18 @@ class CoopPool {
   }
 
   void Resize(int threads) {
+    std::lock_guard<std::mutex> job(launch_mu_);  // not while another thread's launch uses the helpers
     StopHelpers();
     for (int i = 1; i < threads; ++i) helpers_.emplace_back([this] { HelperLoop(); });
+    threads_.store(threads, std::memory_order_release);
   }
-  int Threads() const { return static_cast<int>(helpers_.size()) + 1; }
+  // Read on every kernel call (Runtime()): an atomic, not the helper vector that Resize changes.
+  int Threads() const { return threads_.load(std::memory_order_acquire); }
 
   void Launch(int64_t num, void* ctx, OmniBlockFn fn) {
     std::unique_lock<std::mutex> job(launch_mu_, std::defer_lock);
-    if (helpers_.empty() || num <= 1 || in_block_ || !job.try_lock() || Clock::now() < solo_until_) {
+    // helpers_ is read only under the job lock (Resize takes it too)
+    if (num <= 1 || in_block_ || !job.try_lock() || helpers_.empty() || Clock::now() < solo_until_) {
       for (int64_t i = 0; i < num; ++i) fn(ctx, i);
       return;
     }
@@ -153,6 +158,7 @@ class CoopPool {
 
   std::vector<std::thread> helpers_;
   Clock::time_point solo_until_{}, last_stall_{};
+  std::atomic<int> threads_{1};
   std::atomic<uint64_t> ticket_{0};
   std::atomic<int64_t> done_{0};
   std::atomic<int> sleepers_{0};

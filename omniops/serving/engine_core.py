@@ -66,8 +66,8 @@ def set_engine_threads(threads: int) -> None:
     """The engine core's compute threads. More than one: the omni kernels on omniops' cooperative pool and torch's
     ops on one thread, because the core shares the machine with the HTTP process and the clients, and an OpenMP
     team stalls at every barrier while one of its threads is descheduled (measured on 2 cores, a decode step at
-    batch 16 beside a process taking 10% of a core: 2 OpenMP threads 108 ms, 1 thread 39 ms, the pool 43 ms; 19 ms
-    either way on a quiet machine)."""
+    batch 16 beside a process taking 10% of a core: 2 OpenMP threads 108 ms, 1 thread 36 ms, the pool 23 ms; on a
+    quiet machine 19 ms for both 2-thread kinds, 33 ms for 1)."""
     import torch
 
     import omniops
