@@ -288,3 +288,22 @@ def test_client_disconnect_releases_the_request(fakes, tmp_path):
             time.sleep(0.05)
     finally:
         proxy.stop()
+
+
+def test_stream_taken_down_before_its_pump_starts_fails_instead_of_hanging():
+    """Regression (CI, kill -9 of a decode engine mid-load): the health check took the engine down between the
+    creation of a streamed attempt and its pump task's first step; the cancelled task never ran its body, so
+    nothing reached the queue and the request waited for ever instead of being retried."""
+    from omniops.serving.proxy.backends import Backend
+    from omniops.serving.proxy.forward import BackendFailed, Stream
+
+    async def run() -> None:
+        b = Backend(_dead_url(), "decode")
+        async with httpx.AsyncClient() as client:
+            s = Stream(client, b, "/v1/completions", {}, {}, httpx.Timeout(5.0))
+            b.mark_down("test: before the pump ran")  # no await in between: the pump has not started
+            with pytest.raises(BackendFailed, match="taken out of rotation"):
+                await asyncio.wait_for(s.open(), 5)
+            assert not b.attempts
+
+    asyncio.run(run())

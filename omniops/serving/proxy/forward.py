@@ -120,6 +120,7 @@ class Stream:
         self.done_seen = False
         self._buf = b""
         self.task = asyncio.ensure_future(self._pump(client, f"{b.url}{path}", payload, headers, timeout))
+        self.task.add_done_callback(self._pump_ended)
         b.attempts.add(self.task)
 
     async def _pump(self, client, url, payload, headers, timeout) -> None:
@@ -132,15 +133,21 @@ class Stream:
                 async for chunk in r.aiter_raw():
                     self.q.put_nowait(("data", chunk))
             self.q.put_nowait(("end",))
-        except asyncio.CancelledError:
-            self.q.put_nowait(("error", BackendFailed(self.b, "taken out of rotation")))
-            raise
         except httpx.HTTPError as e:
             if isinstance(e, httpx.TransportError) and not isinstance(e, httpx.ReadTimeout):
                 self.b.mark_down(f"{type(e).__name__}: {e}")
             self.q.put_nowait(("error", BackendFailed(self.b, f"{type(e).__name__}: {e}")))
-        finally:
-            self.b.attempts.discard(asyncio.current_task())
+
+    def _pump_ended(self, task: asyncio.Task) -> None:
+        # A done callback, not an except clause in _pump: a task cancelled before its first step (the backend
+        # taken down right after this attempt was created) never runs its body, and the reader would wait on
+        # the queue for ever. Items after the first error / end are never read.
+        self.b.attempts.discard(task)
+        if task.cancelled():
+            self.q.put_nowait(("error", BackendFailed(self.b, "taken out of rotation")))
+        elif task.exception() is not None:
+            self.q.put_nowait(("error", BackendFailed(self.b, f"{type(task.exception()).__name__}: "
+                                                               f"{task.exception()}")))
 
     async def open(self) -> None:
         """Wait for the status line. Raises BackendFailed / ClientError."""
