@@ -30,6 +30,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import aiohttp
 from omniops.bench.common import BenchOptions
 from omniops.bench.loadgen import completion_payload, stream_completion, summarize
 from omniops.bench.servers import HOST, ROOT, free_port
@@ -164,14 +165,16 @@ def _counters(urls: list[str]) -> dict[str, float]:
 
 
 async def _drive(port: int, work: list[tuple[float, str, int]]):
-    t0 = time.perf_counter()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:  # open loop: no cap
+        t0 = time.perf_counter()
 
-    async def one(at: float, prompt: str, max_tokens: int):
-        await asyncio.sleep(max(0.0, at - (time.perf_counter() - t0)))
-        return await stream_completion(HOST, port, completion_payload("bench", prompt, max_tokens))
+        async def one(at: float, prompt: str, max_tokens: int):
+            await asyncio.sleep(max(0.0, at - (time.perf_counter() - t0)))
+            return await stream_completion(HOST, port, completion_payload("bench", prompt, max_tokens),
+                                           session=session)
 
-    results = await asyncio.gather(*(one(*w) for w in work))
-    return list(results), time.perf_counter() - t0
+        results = await asyncio.gather(*(one(*w) for w in work))
+        return list(results), time.perf_counter() - t0
 
 
 def measure(router: str, policy: str, workload: str, port: int, work, engine_urls: list[str]) -> dict:

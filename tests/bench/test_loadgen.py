@@ -86,3 +86,49 @@ def test_prompts_are_deterministic_and_distinct():
     assert a == b and len(set(a)) == 8
     assert all(len(p.split()) == 101 for p in a)  # "i:" + 100 words
     assert make_prompts(8, seed=4) != a
+
+
+def test_run_load_against_a_streaming_server():
+    """run_load end to end over loopback: an aiohttp SSE server streams max_tokens chunks, then usage and
+    [DONE]; a prompt it rejects comes back as that request's error, and at most `concurrency` run at once."""
+    import asyncio
+
+    from aiohttp import web
+    from omniops.bench.loadgen import run_load
+
+    live = {"now": 0, "peak": 0}
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if body["prompt"] == "bad":
+            return web.json_response({"error": {"message": "rejected"}}, status=400)
+        live["now"] += 1
+        live["peak"] = max(live["peak"], live["now"])
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for _ in range(body["max_tokens"]):
+            await resp.write(f"data: {_chunk('t')}\n\n".encode())
+            await asyncio.sleep(0.002)
+        usage = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": body["max_tokens"]}}
+        await resp.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+        live["now"] -= 1
+        return resp
+
+    async def run():
+        app = web.Application()
+        app.router.add_post("/v1/completions", completions)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            return await asyncio.wait_for(run_load("127.0.0.1", port, "m", ["a", "b", "bad", "c"], 5, 2), 30)
+        finally:
+            await runner.cleanup()
+
+    results, duration = asyncio.run(run())
+    ok = [r for i, r in enumerate(results) if i != 2]
+    assert all(r.ok and r.output_tokens == 5 and len(r.events) == 5 and r.prompt_tokens == 3 for r in ok)
+    assert results[2].error.startswith("HTTP 400") and "rejected" in results[2].error
+    assert live["peak"] <= 2 and duration > 0
