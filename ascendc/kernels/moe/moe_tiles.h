@@ -99,8 +99,7 @@ inline void FusedMoeTilesRun(const OmniFusedMoeArgs& a, const OmniRuntime* rt) {
       alignas(64) float C[kChunk * 32];
       PairProduct(p.act, w2 + c.e * mat, nbh, kbi, c, C);
       const int64_t h0 = 2 * c.col * amx::kTN, nh = std::min<int64_t>(2 * amx::kTN, H - h0);
-      for (int64_t m = 0; m < c.mrows; ++m)
-        std::memcpy(p.ybuf + (c.r0 + m) * H + h0, C + m * 32, static_cast<size_t>(nh) * sizeof(float));
+      amx::StoreRows(p.ybuf + c.r0 * H + h0, H, C, c.mrows, nh);
     };
     amx::RunTileItems(p.items2[E], 2 * kbi * 1024, rt, item);
   }
