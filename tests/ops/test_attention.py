@@ -102,6 +102,27 @@ def test_gqa_prefill_matches_reference(case: Case, dtype, new, ctx, paged, causa
     assert_close(got, expected, scale=_tol_scale(dtype))
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("g", [1, 4, 16, 32])
+def test_gqa_prefill_long_bf16(causal, g) -> None:
+    """Longer varlen steps in bf16 (the cpu backend's AMX prefill on the amx library: query tiles over several
+    online-softmax blocks of keys, chunks with cached context, one-token rows beside them) against the fp32
+    reference."""
+    torch.manual_seed(g)
+    new, ctx, hkv, d, dv = [300, 1, 77, 0], [450, 290, 0, 33], 2, 128, 128
+    dt = torch.bfloat16
+    cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
+    q, k = torch.randn(sum(new), hkv * g, d).to(dt), torch.randn(sum(new), hkv, d).to(dt)
+    v = torch.randn(sum(new), hkv, dv).to(dt)
+    (kc, vc), table, cl = make_paged(ctx, 16, ((hkv, d), (hkv, dv)), dt)
+    f = [x.float() for x in (q, k, v, kc, vc)]
+    expected = ref.gqa_prefill(*f[:3], cu, causal, d**-0.5, f[3], f[4], table, cl)
+    got = omniops.gqa_prefill(q, k, v, cu, causal=causal, k_cache=kc, v_cache=vc, block_table=table,
+                              context_lens=cl)
+    assert not got.isnan().any()
+    assert_close(got, expected.to(dt), scale=_tol_scale(dt))
+
+
 @pytest.mark.parametrize("case", BACKEND_CASES)
 def test_edge_cases(case: Case) -> None:
     """Empty batch, length-0 and length-1 sequences, a block size not dividing the length."""

@@ -1,13 +1,15 @@
 // The launches of the paged-attention kernel (paged_attention.h): decode items (sequence, kv head, key split)
-// and their split combine, varlen prefill items (sequence, kv head, head chunk, query tile), and the route of
-// decode-shaped items to the AMX path (amx_attention.h) on the amx library.
+// and their split combine, varlen prefill items (sequence, kv head, head chunk, query tile), and on the amx
+// library the routes to the AMX paths: decode-shaped items (amx_attention.h) and bf16 prefill (amx_prefill.h).
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "kernels/attention/amx_attention.h"
+#include "kernels/attention/amx_prefill.h"
 #include "kernels/attention/paged_attention.h"
 
 namespace omni_kernels {
@@ -189,9 +191,102 @@ void WriteRows(const OmniPagedAttnArgs& a, int64_t t0, int64_t h0, int64_t ntok,
   }
 }
 
+// bf16 varlen steps on the amx library: every sequence of more than one token in AMX query tiles over its
+// packed keys (amx_prefill.h), the one-token ones as AMX decode items; no soft cap, no mask.
+template <typename T>
+bool UseAmxPrefill(const OmniPagedAttnArgs& a) {
+  return std::is_same_v<T, bfloat16_t> && kHaveAmxPrefill && a.dtype == OMNI_BF16 && a.soft_cap <= 0.0f &&
+         (a.mask == nullptr || a.mask_kind == OMNI_MASK_NONE) && a.kv_heads <= kMaxAmxHeads &&
+         AmxPrefillFits(a.q_heads / a.kv_heads, a.head_dim, a.v_dim) &&
+         AmxAttentionFits(std::min<int64_t>(a.q_heads / a.kv_heads, 16), a.head_dim, a.v_dim);
+}
+
+template <typename T>
+void AmxPrefill(const OmniPagedAttnArgs& a, const OmniRuntime* rt) {
+  const int64_t G = a.q_heads / a.kv_heads, D = a.head_dim, Dv = a.v_dim, H = a.kv_heads;
+  const int64_t mq = std::max<int64_t>(1, kPfRows / G);  // positions per query tile
+  auto len_of = [&](int64_t b) { return a.cu_seqlens[b + 1] - a.cu_seqlens[b]; };
+  auto ctx_of = [&](int64_t b) { return (a.k_cache != nullptr && a.ctx_lens != nullptr) ? a.ctx_lens[b] : 0; };
+  const bool one_row_fits = G <= 16;  // AmxSharedKeys takes <= 16 rows per kv head
+
+  // 1. pack the keys of every (sequence of > 1 token, kv head) once: every query tile of it reads them
+  thread_local std::vector<int64_t> pack_off;
+  thread_local std::vector<uint16_t> pack;
+  pack_off.assign(static_cast<size_t>(a.batch + 1), 0);
+  std::vector<int64_t> units;  // b * H + kvh
+  for (int64_t b = 0; b < a.batch; ++b) {
+    const bool tiled = len_of(b) > 1 || !one_row_fits;
+    pack_off[b + 1] = pack_off[b] + (tiled ? PackedKeyElems(ctx_of(b) + len_of(b), D, Dv) * H : 0);
+    if (tiled && len_of(b) > 0)
+      for (int64_t h = 0; h < H; ++h) units.push_back(b * H + h);
+  }
+  pack.resize(static_cast<size_t>(pack_off[a.batch]));
+  // thread_locals are not captured: the launched lambdas must see the calling thread's buffers by pointer
+  uint16_t* packed = pack.data();
+  const int64_t* off = pack_off.data();
+  auto pack_body = [&]() {
+    int64_t begin, end;
+    BlockRange(static_cast<int64_t>(units.size()), GetBlockIdx(), GetBlockNum(), &begin, &end);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t b = units[u] / H, kvh = units[u] % H, keys = ctx_of(b) + len_of(b);
+      PackKeys(MakeSource<T>(a, b, kvh), keys, D, Dv, packed + off[b] + kvh * PackedKeyElems(keys, D, Dv));
+    }
+  };
+  if (!units.empty()) LaunchBlocks(BlocksFor(static_cast<int64_t>(units.size()), 4096, rt), rt, pack_body);
+
+  // 2. items, costliest first: (b, kvh, first position j0) query tiles, (b, kv head group, -1) one-token rows
+  struct Item {
+    int64_t b, kvh, j0, cost;
+  };
+  std::vector<Item> items;
+  int64_t decode_rows = 0;
+  for (int64_t b = 0; b < a.batch; ++b) decode_rows += len_of(b) == 1 && one_row_fits;
+  const int64_t hpi = HeadsPerItem(decode_rows, H, rt->num_cores);
+  for (int64_t b = 0; b < a.batch; ++b) {
+    const int64_t len = len_of(b), ctx = ctx_of(b);
+    if (len == 1 && one_row_fits) {
+      for (int64_t h = 0; h < H; h += hpi) items.push_back({b, h, -1, (ctx + 1) * hpi * G});
+      continue;
+    }
+    for (int64_t j0 = 0; j0 < len; j0 += mq) {
+      const int64_t ntok = std::min(mq, len - j0), keys = a.causal ? ctx + j0 + ntok : ctx + len;
+      for (int64_t h = 0; h < H; ++h) items.push_back({b, h, j0, keys * ntok * G});
+    }
+  }
+  std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
+  std::atomic<int64_t> next{0};
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  auto body = [&]() {
+    thread_local std::vector<float> state;
+    const int64_t rows = std::max(AlignUp(mq * G, 16), hpi * G);
+    state.resize(static_cast<size_t>(rows * (Dv + 2)));
+    float* o = state.data();
+    float* m = o + rows * Dv;
+    float* l = m + rows;
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n_items;
+         i = next.fetch_add(1, std::memory_order_relaxed)) {
+      const Item& it = items[i];
+      const int64_t t0 = a.cu_seqlens[it.b], ctx = ctx_of(it.b), len = len_of(it.b);
+      const T* q0 = static_cast<const T*>(a.q) + t0 * a.q_token_stride + it.kvh * G * a.q_head_stride;
+      if (it.j0 < 0) {
+        AmxItem(a, it.b, it.kvh, hpi, 0, ctx + 1, q0, o, m, l);
+        WriteRows<T>(a, t0, it.kvh * G, 1, hpi * G, o, l);
+        continue;
+      }
+      const int64_t ntok = std::min(mq, len - it.j0), keys = ctx + len;
+      AmxPrefillTile(reinterpret_cast<const uint16_t*>(q0 + it.j0 * a.q_token_stride), a.q_token_stride,
+                     a.q_head_stride, ntok, G, ctx + it.j0, a.causal != 0, keys,
+                     packed + off[it.b] + it.kvh * PackedKeyElems(keys, D, Dv), D, Dv, a.scale, o, l);
+      WriteRows<T>(a, t0 + it.j0, it.kvh * G, ntok, G, o, l);
+    }
+  };
+  LaunchBlocks(std::min<int64_t>(n_items, rt->num_cores), rt, body);
+}
+
 template <typename T>
 void Prefill(const OmniPagedAttnArgs* ap, const OmniRuntime* rt) {
   const OmniPagedAttnArgs& a = *ap;
+  if (UseAmxPrefill<T>(a)) return AmxPrefill<T>(a, rt);
   const int64_t G = a.q_heads / a.kv_heads, D = a.head_dim, Dv = a.v_dim;
   const int64_t max_rows = PrefillStateRows(D, Dv);
   const int64_t hc = std::min(G, max_rows);           // heads per item
