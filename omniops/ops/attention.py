@@ -24,7 +24,7 @@ from collections.abc import Callable
 from torch import Tensor
 
 from omniops._family import OpFamily
-from omniops._registry import call, omni_op
+from omniops._registry import call, fast_cpu, omni_op
 from omniops._validation import FLOAT_DTYPES, check_bool, check_float, check_int, check_tensor
 from omniops.ops._attention_checks import (
     CPU_MAX_DECODE_DIM,
@@ -274,5 +274,16 @@ def gqa_prefill(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *, causal: 
 
         out = omniops.gqa_prefill(q, k, v, torch.tensor([0, 5, 12], dtype=torch.int32))
     """
+    C = fast_cpu(q, k, v, cu_seqlens, k_cache, v_cache, block_table, context_lens)
+    if (C is not None and type(causal) is bool and type(validate) is bool and isinstance(q, Tensor)
+            and isinstance(v, Tensor) and q.dim() == 3 and v.dim() == 3 and q.shape[0] > 0):
+        # The common eager call (the engine's every step): straight to C++, which checks the shapes and values.
+        try:
+            out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+            GQA_PREFILL.cpu_impl()(out, q, k, v, cu_seqlens, causal, resolve_scale(scale, q), k_cache, v_cache,
+                                   block_table, context_lens)
+            return out
+        except (ValueError, TypeError, RuntimeError):
+            pass  # the checked path below raises the error of this input (or runs a backend that takes it)
     return call(_gqa_prefill_op, q, k, v, cu_seqlens, check_bool("causal", causal), resolve_scale(scale, q),
                 k_cache, v_cache, block_table, context_lens, check_bool("validate", validate))

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from omniops._family import OpFamily
-from omniops._registry import call, omni_op
+from omniops._registry import call, fast_cpu, omni_op
 from omniops._validation import FLOAT_DTYPES, check_bool, check_no_overlap, check_tensor
 from omniops.ops._attention_checks import (
     check_dims,
@@ -87,6 +87,16 @@ def reshape_and_cache(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tens
 
         omniops.reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
     """
+    C = fast_cpu(key, value, k_cache, v_cache, slot_mapping)
+    if (C is not None and type(validate) is bool and isinstance(key, Tensor) and isinstance(k_cache, Tensor)
+            and isinstance(slot_mapping, Tensor) and slot_mapping.dtype == torch.int64 and key.dim() == 3
+            and key.shape[0] > 0 and k_cache.numel() > 0):
+        # The common eager call: straight to C++, which checks shapes, slot values and overlap itself.
+        try:
+            RESHAPE_AND_CACHE.cpu_impl()(key, value, k_cache, v_cache, slot_mapping)
+            return
+        except (ValueError, TypeError, RuntimeError):
+            pass  # the checked path below raises the error of this input
     call(_rac_op, key, value, k_cache, v_cache, slot_mapping, check_bool("validate", validate))
 
 

@@ -265,6 +265,17 @@ def grouped_gemm(x_sorted: Tensor, w: Tensor, expert_offsets: Tensor) -> Tensor:
     """``out[r] = x_sorted[r] @ w[e].T`` for the rows ``[offsets[e], offsets[e+1])`` of each expert e; rows of
     no expert are 0. ``x_sorted [M, K]``, ``w [E, N, K]``, ``expert_offsets [E+1]`` (int32/int64). fp32
     accumulation, one rounding."""
+    C = fast_cpu(x_sorted, w, expert_offsets)
+    if (C is not None and isinstance(x_sorted, Tensor) and isinstance(w, Tensor) and isinstance(expert_offsets, Tensor)
+            and expert_offsets.dtype == torch.int64 and x_sorted.dim() == 2 and w.dim() == 3
+            and x_sorted.shape[0] > 0 and w.shape[1] > 0):
+        # The common eager call (every serving linear, every step): straight to C++, which checks everything.
+        try:
+            out = x_sorted.new_empty(x_sorted.shape[0], w.shape[1])
+            C.grouped_gemm(out, x_sorted, w, expert_offsets, linear_tiles(w))
+            return out
+        except (ValueError, TypeError, RuntimeError):
+            pass  # the checked path below raises the error of this input (or copies a layout C++ refuses)
     return call(_grouped_gemm_op, x_sorted, w, expert_offsets)
 
 

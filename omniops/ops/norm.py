@@ -179,6 +179,15 @@ def rms_norm(
                 return o, s
         except (ValueError, TypeError, RuntimeError):
             pass  # the checked path below raises the error of this input (RuntimeError: an impossible output size)
+    elif (C is not None and isinstance(x, Tensor) and x.dim() > 2 and residual is None and out is None
+          and x.is_contiguous()):
+        # Qwen3's per-head q / k norms ([tokens, heads, head_dim]): the same kernel over the rows
+        try:
+            o = torch.empty_like(x)
+            C.rms_norm(o.view(-1, x.shape[-1]), x.view(-1, x.shape[-1]), weight, eps, None, None)
+            return o
+        except (ValueError, TypeError, RuntimeError):
+            pass
     if residual is None:
         if out is None:
             return call(_rms_norm_op, x, weight, eps)
