@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from omniops._family import OpFamily
-from omniops._registry import call, omni_op
+from omniops._registry import call, fast_cpu, omni_op
 from omniops._validation import FLOAT_DTYPES, check_bool, check_int, check_no_overlap, check_same, check_tensor, is_fake
 from omniops.reference import rotary as ref
 
@@ -174,6 +174,23 @@ def rotary_embedding(positions: Tensor, q: Tensor, k: Tensor | None, cos_sin_cac
 
     ``rotary_dim`` defaults to ``cos_sin_cache.shape[1]``. Math in fp32, one rounding per element.
     """
+    C = fast_cpu(positions, q, k, cos_sin_cache)
+    if (C is not None and isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(positions, Tensor)
+            and isinstance(cos_sin_cache, Tensor) and positions.dtype == torch.int64 and positions.dim() == 1
+            and q.dim() == 2 and k.dim() == 2 and type(head_size) is int and head_size > 0 and type(is_neox) is bool
+            and q.shape[0] > 0 and q.shape[1] % head_size == 0 and k.shape[1] % head_size == 0):
+        # The common eager call (a decoder's every layer, [tokens, heads * head_size] rows): straight to C++,
+        # which checks the shapes, the positions and the overlap rules itself.
+        try:
+            T = q.shape[0]
+            rd = cos_sin_cache.shape[-1] if rotary_dim is None else rotary_dim
+            qo, ko = torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
+                k, memory_format=torch.contiguous_format)
+            ROTARY.cpu_impl()(positions, q.view(T, -1, head_size), k.view(T, -1, head_size), cos_sin_cache, rd,
+                              is_neox, qo.view(T, -1, head_size), ko.view(T, -1, head_size))
+            return qo, ko
+        except (ValueError, TypeError, RuntimeError):
+            pass  # the checked path below raises the error of this input (or copies a layout C++ refuses)
     rd = check_tensor("cos_sin_cache", cos_sin_cache).shape[-1] if rotary_dim is None else rotary_dim
     qo, ko = call(_rotary_op, positions, q, k, cos_sin_cache, head_size, rd, is_neox)
     return qo, (ko if k is not None else None)
