@@ -144,6 +144,24 @@ def moe_route(
       biased scores; without a bias its best, as DeepSeek-V2), ``renormalize=norm_topk_prob``,
       ``routed_scaling=routed_scaling_factor``. Weights come from the unbiased scores.
     """
+    C = fast_cpu(router_logits, correction_bias)
+    if (C is not None and isinstance(router_logits, Tensor) and router_logits.dim() == 2 and router_logits.shape[0] > 0
+            and type(top_k) is int and type(scoring) is str and type(renormalize) is bool
+            and (num_groups is None) == (topk_groups is None)
+            and all(g is None or type(g) is int for g in (num_groups, topk_groups))
+            and (correction_bias is None or (isinstance(correction_bias, Tensor)
+                                             and correction_bias.dtype == torch.float32))
+            and type(routed_scaling) is float and abs(routed_scaling) < 3.0e38):  # finite in fp32, not NaN
+        # The common eager call (every MoE layer, every step): straight to C++, which checks the rest itself.
+        try:
+            T = router_logits.shape[0]
+            w = router_logits.new_empty(T, top_k, dtype=torch.float32)
+            ids = router_logits.new_empty(T, top_k, dtype=torch.int32)
+            MOE_ROUTE.cpu_impl()(w, ids, router_logits, top_k, scoring, renormalize, num_groups, topk_groups,
+                                 correction_bias, float(routed_scaling))
+            return w, ids
+        except (ValueError, TypeError, RuntimeError):
+            pass  # the checked path below raises the error of this input
     return call(_moe_route_op, router_logits, top_k, scoring, renormalize, num_groups, topk_groups, correction_bias,
                 check_float("routed_scaling", routed_scaling))
 

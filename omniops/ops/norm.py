@@ -179,12 +179,13 @@ def rms_norm(
                 return o, s
         except (ValueError, TypeError, RuntimeError):
             pass  # the checked path below raises the error of this input (RuntimeError: an impossible output size)
-    elif (C is not None and isinstance(x, Tensor) and x.dim() > 2 and residual is None and out is None
-          and x.is_contiguous()):
-        # Qwen3's per-head q / k norms ([tokens, heads, head_dim]): the same kernel over the rows
+    elif C is not None and isinstance(x, Tensor) and x.dim() > 2 and residual is None and out is None:
+        # Qwen3's per-head q / k norms ([tokens, heads, head_dim], often a view into the fused qkv output): the
+        # same kernel over the rows of a contiguous copy (the checked path copies too, after ~100 us of checks)
         try:
-            o = torch.empty_like(x)
-            C.rms_norm(o.view(-1, x.shape[-1]), x.view(-1, x.shape[-1]), weight, eps, None, None)
+            xc = x.contiguous()
+            o = torch.empty_like(xc)
+            C.rms_norm(o.view(-1, x.shape[-1]), xc.view(-1, x.shape[-1]), weight, eps, None, None)
             return o
         except (ValueError, TypeError, RuntimeError):
             pass
