@@ -73,11 +73,6 @@ inline void PackKeys(const Src& src, int64_t keys, int64_t D, int64_t Dv, uint16
   }
 }
 
-// Lanes i < n of 16 (n clamped to 0..16).
-OMNI_INLINE __mmask16 FirstLanes(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xffff) : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1);
-}
-
 // One query tile: rows r = j * G + g (j < ntok positions from pos0, g < G heads), query row (j, g) at
 // q + j * q_tok + g * q_head (bf16, unscaled), against packed keys [0, keys) (PackKeys). A row at position p
 // sees keys <= p when causal, else all. o: AlignUp(ntok * G, 16) x Dv floats, l: as many rows.
@@ -125,7 +120,7 @@ inline void AmxPrefillTile(const uint16_t* q, int64_t q_tok, int64_t q_head, int
       uint16_t* pr = p + r * kPfKeys;
       __m512 mx = _mm512_set1_ps(kNegInf);
       for (int64_t i = 0; i < kn32; i += 16)
-        mx = _mm512_mask_max_ps(mx, FirstLanes(valid - i), mx, _mm512_mul_ps(_mm512_loadu_ps(sr + i), sc));
+        mx = _mm512_mask_max_ps(mx, amx::FirstLanes(valid - i), mx, _mm512_mul_ps(_mm512_loadu_ps(sr + i), sc));
       const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx));
       if (m_new == kNegInf) {  // no key yet for this row
         std::memset(pr, 0, static_cast<size_t>(kn32) * 2);
@@ -134,7 +129,7 @@ inline void AmxPrefillTile(const uint16_t* q, int64_t q_tok, int64_t q_head, int
       const __m512 mv = _mm512_set1_ps(m_new);
       __m512 sum = _mm512_setzero_ps();
       for (int64_t i = 0; i < kn32; i += 16) {
-        const __m512 e = _mm512_maskz_mov_ps(FirstLanes(valid - i), amx::Exp16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + i), sc, mv)));
+        const __m512 e = _mm512_maskz_mov_ps(amx::FirstLanes(valid - i), amx::Exp16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + i), sc, mv)));
         sum = _mm512_add_ps(sum, e);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + i), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
       }

@@ -195,10 +195,9 @@ void WriteRows(const OmniPagedAttnArgs& a, int64_t t0, int64_t h0, int64_t ntok,
 // packed keys (amx_prefill.h), the one-token ones as AMX decode items; no soft cap, no mask.
 template <typename T>
 bool UseAmxPrefill(const OmniPagedAttnArgs& a) {
-  return std::is_same_v<T, bfloat16_t> && kHaveAmxPrefill && a.dtype == OMNI_BF16 && a.soft_cap <= 0.0f &&
-         (a.mask == nullptr || a.mask_kind == OMNI_MASK_NONE) && a.kv_heads <= kMaxAmxHeads &&
-         AmxPrefillFits(a.q_heads / a.kv_heads, a.head_dim, a.v_dim) &&
-         AmxAttentionFits(std::min<int64_t>(a.q_heads / a.kv_heads, 16), a.head_dim, a.v_dim);
+  // the one-token rows' AMX decode items take at most 16 rows a kv head (larger groups become query tiles)
+  return kHaveAmxPrefill && UseAmxRows<T>(a, std::min<int64_t>(a.q_heads / a.kv_heads, 16)) &&
+         AmxPrefillFits(a.q_heads / a.kv_heads, a.head_dim, a.v_dim);
 }
 
 template <typename T>

@@ -189,6 +189,11 @@ OMNI_INLINE void TileRows(const uint16_t* a, int64_t kb_n, int64_t rows, const u
   }
 }
 
+// Lanes i < n of 16 (n clamped to 0..16).
+OMNI_INLINE __mmask16 FirstLanes(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xffff) : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1);
+}
+
 // exp of 16 floats: VecExpF's range reduction and polynomial on zmm registers (the amx library has AVX-512).
 OMNI_INLINE __m512 Exp16(__m512 x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(88.0f));
@@ -210,7 +215,7 @@ OMNI_INLINE __m512 Exp16(__m512 x) {
 // dst[0:n] = bf16(silu(g[i]) * u[i]), n <= 16: the SwiGLU epilogue of a gate/up tile row, in registers (a
 // scalar loop with the bf16 rounding costs more than the tile products at prefill).
 OMNI_INLINE void SiluMulBf16(const float* g, const float* u, int64_t n, uint16_t* dst) {
-  const __mmask16 m = n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1);
+  const __mmask16 m = FirstLanes(n);
   const __m512 gv = _mm512_maskz_loadu_ps(m, g), uv = _mm512_maskz_loadu_ps(m, u);
   const __m512 den = _mm512_add_ps(_mm512_set1_ps(1.0f), Exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)));
   const __m512 y = _mm512_mul_ps(_mm512_div_ps(gv, den), uv);
@@ -230,9 +235,7 @@ OMNI_INLINE void StoreRows(float* dst, int64_t ld, const float* C, int64_t rows,
     _mm_sfence();  // the combine (another launch, maybe another thread) reads these lines next
     return;
   }
-  const __mmask16 m0 = n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1);
-  const __mmask16 m1 = n >= 32 ? static_cast<__mmask16>(0xffff)
-                               : n > 16 ? static_cast<__mmask16>((1u << (n - 16)) - 1) : static_cast<__mmask16>(0);
+  const __mmask16 m0 = FirstLanes(n), m1 = FirstLanes(n - 16);
   for (int64_t m = 0; m < rows; ++m) {
     _mm512_mask_storeu_ps(dst + m * ld, m0, _mm512_maskz_loadu_ps(m0, C + m * 32));
     _mm512_mask_storeu_ps(dst + m * ld + 16, m1, _mm512_maskz_loadu_ps(m1, C + m * 32 + 16));
