@@ -9,8 +9,9 @@
 // that the epilogue drops (AMX time does not depend on the row count that matters here, and one fixed
 // configuration avoids an ldtilecfg per block).
 //
-// Only the amx library compiles the tile code (-mamx-tile -mamx-bf16); elsewhere kHaveTiles is false and the
-// binding never passes tiled weights (the library's weight_layouts bit tells it).
+// Only the amx library compiles the tile code (-mamx-tile -mamx-bf16). The avx512 library computes the same
+// layout with vdpbf16ps / vpdpbusd (vnni_tiles.h: its own TileRows, everything else here shared); elsewhere
+// kHaveTiles is false and the binding never passes tiled weights (the library's weight_layouts bit tells it).
 #pragma once
 #include <atomic>
 #include <cstdint>
@@ -25,6 +26,15 @@
 #include <immintrin.h>
 #define OMNI_HAVE_AMX_TILES 1
 #endif
+// The tile layouts are computed by this library: with AMX, or with AVX512-BF16 + VNNI (vnni_tiles.h).
+#if defined(OMNI_HAVE_AMX_TILES) || \
+    (defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__))
+#define OMNI_HAVE_TILE_LAYOUT 1
+#endif
+#if defined(OMNI_HAVE_TILE_LAYOUT) && !defined(OMNI_HAVE_AMX_TILES)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include "kernels/moe/vnni_tiles.h"
+#endif
 
 namespace omni_kernels {
 inline namespace OMNI_ISA_NS {
@@ -37,8 +47,14 @@ constexpr int64_t kTileElems = 512;  // bf16 elements per packed B tile (1 KiB)
 constexpr int64_t kTM = 16;          // rows per A / C tile
 constexpr int64_t kMaxRowBlocks = 8;  // 32-row blocks per TileRows call (callers' chunks are <= 256 rows)
 
-#if defined(OMNI_HAVE_AMX_TILES)
+#if defined(OMNI_HAVE_TILE_LAYOUT)
 constexpr bool kHaveTiles = true;
+#else
+constexpr bool kHaveTiles = false;
+#endif
+
+#if defined(OMNI_HAVE_AMX_TILES)
+constexpr bool kI8Unsigned = false;  // tdpbssd takes the activation codes as they are
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1;
@@ -68,13 +84,6 @@ constexpr int64_t kPrefetchTiles = OMNI_AMX_PREFETCH;
 #define OMNI_AMX_PREFETCH_A 0
 #endif
 constexpr bool kPrefetchA = OMNI_AMX_PREFETCH_A;
-
-// A operands are staged "blocked": 16-row blocks, each a run of K tiles [kb][16 rows][32 bf16], so every A tile
-// load reads one contiguous 1 KiB (row stride 64 B). Rows `lda` apart in a plain matrix would put a tile's 16
-// rows 4-8 KiB apart, all in the same L1 set, and thrash it at prefill.
-OMNI_INLINE int64_t BlockedAt(int64_t row, int64_t k, int64_t kb_n) {
-  return ((row / kTM) * kb_n + k / kTK) * kTileElems + (row % kTM) * kTK + k % kTK;
-}
 
 // Tile C += A . B: int8 (tdpbssd) when i8, else bf16 (tdpbf16ps). A macro because the tile operands are register
 // numbers pasted into the instruction: they must be literal constants.
@@ -189,6 +198,16 @@ OMNI_INLINE void TileRows(const uint16_t* a, int64_t kb_n, int64_t rows, const u
   }
 }
 
+#endif  // OMNI_HAVE_AMX_TILES
+
+#if defined(OMNI_HAVE_TILE_LAYOUT)
+// A operands are staged "blocked": 16-row blocks, each a run of K tiles [kb][16 rows][32 bf16], so every A tile
+// load reads one contiguous 1 KiB (row stride 64 B). Rows `lda` apart in a plain matrix would put a tile's 16
+// rows 4-8 KiB apart, all in the same L1 set, and thrash it at prefill.
+OMNI_INLINE int64_t BlockedAt(int64_t row, int64_t k, int64_t kb_n) {
+  return ((row / kTM) * kb_n + k / kTK) * kTileElems + (row % kTM) * kTK + k % kTK;
+}
+
 // Lanes i < n of 16 (n clamped to 0..16).
 OMNI_INLINE __mmask16 FirstLanes(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xffff) : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1);
@@ -276,9 +295,7 @@ inline void StageBlocked(uint16_t* dst, const int64_t* offsets, const int64_t* p
   LaunchBlocks(BlocksFor(blocks, kTM * kb_n * 64, rt), rt, body);
 }
 
-#else
-constexpr bool kHaveTiles = false;
-#endif
+#endif  // OMNI_HAVE_TILE_LAYOUT
 
 // Expert e's rows start at a 16-row block in the staged operands: padded[e] = sum over e' < e of
 // AlignUp(rows(e'), 16). Returns the total padded row count (<= rows + 15 * min(E, rows)).
@@ -292,7 +309,7 @@ OMNI_INLINE int64_t PaddedRowsBound(int64_t rows, int64_t E) { return rows + (kT
 // Dynamic item loop with the tile configuration loaded once per block and released at its end.
 template <typename ItemFn>
 inline void RunTileItems(int64_t items, int64_t bytes_per_item, const OmniRuntime* rt, ItemFn& item_fn) {
-#if defined(OMNI_HAVE_AMX_TILES)
+#if defined(OMNI_HAVE_TILE_LAYOUT)
   if (items <= 0) return;
   std::atomic<int64_t> next{0};
   auto body = [&]() {

@@ -8,7 +8,7 @@ namespace {
 namespace m = omni_kernels::moe;
 
 void FusedMoe(const OmniFusedMoeArgs* a, const OmniRuntime* rt) {
-#if defined(OMNI_HAVE_AMX_TILES)
+#if defined(OMNI_HAVE_TILE_LAYOUT)
   if (a->w_layout == OMNI_W_TILES_BF16) {
     if (a->tokens > 0) m::FusedMoeTilesRun(*a, rt);
     return;
@@ -18,7 +18,7 @@ void FusedMoe(const OmniFusedMoeArgs* a, const OmniRuntime* rt) {
 }
 
 void GroupedGemm(const OmniGroupedGemmArgs* a, const OmniRuntime* rt) {
-#if defined(OMNI_HAVE_AMX_TILES)
+#if defined(OMNI_HAVE_TILE_LAYOUT)
   if (a->w_layout == OMNI_W_TILES_BF16) {
     if (a->rows > 0 && a->n_dim > 0) m::GroupedGemmTilesRun(*a, rt);
     return;
@@ -28,7 +28,7 @@ void GroupedGemm(const OmniGroupedGemmArgs* a, const OmniRuntime* rt) {
 }
 
 int64_t GroupedGemmWorkspace(const OmniGroupedGemmArgs* a) {
-#if defined(OMNI_HAVE_AMX_TILES)
+#if defined(OMNI_HAVE_TILE_LAYOUT)
   if (a->w_layout == OMNI_W_TILES_BF16) return m::GroupedGemmTilesWorkspace(*a);
 #endif
   return 0;

@@ -22,7 +22,7 @@ namespace omni_kernels {
 inline namespace OMNI_ISA_NS {
 namespace moe {
 
-#if defined(OMNI_HAVE_AMX_TILES)
+#if defined(OMNI_HAVE_TILE_LAYOUT)
 constexpr int64_t kChunk = 32 * amx::kMaxRowBlocks;  // rows per item: one weight pass per 256 rows of an expert
 
 // Work item `it` (ItemPrefix with kChunk rows per item and `cols` column-block pairs): expert e, its rows [r0, r0 +

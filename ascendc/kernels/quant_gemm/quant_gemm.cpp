@@ -9,7 +9,7 @@ namespace {
 namespace k = omni_kernels;
 
 void W8A8(const OmniW8A8Args* a, const OmniRuntime* rt) {
-#if defined(OMNI_HAVE_AMX_TILES)
+#if defined(OMNI_HAVE_TILE_LAYOUT)
   if (a->w_layout == OMNI_W_TILES_I8) return k::w8a8_tiles::w8a8_gemm_tiles(a, rt);
 #endif
   k::w8a8_gemm(a, rt);
@@ -19,8 +19,12 @@ int64_t W8A8Workspace(const OmniW8A8Args* a) {
   return a->w_layout == OMNI_W_TILES_I8 ? k::w8a8_tiles::Workspace(*a) : 0;
 }
 
+#if defined(OMNI_HAVE_TILE_LAYOUT)
 #if defined(OMNI_HAVE_AMX_TILES)
 constexpr const char* kI8Path = "amx-int8 (tiled weights), " OMNI_QGEMM_I8_PATH " (row-major)";
+#else
+constexpr const char* kI8Path = "avx512-vnni vpdpbusd (tiled weights), " OMNI_QGEMM_I8_PATH " (row-major)";
+#endif
 constexpr uint32_t kLayouts = 1u | (1u << OMNI_W_TILES_I8);
 #else
 constexpr const char* kI8Path = OMNI_QGEMM_I8_PATH;

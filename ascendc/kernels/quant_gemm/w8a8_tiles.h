@@ -1,4 +1,4 @@
-// W8A8 GEMM on AMX-INT8 tiles (tdpbssd), weights prepacked (OMNI_W_TILES_I8, omni/ops/quant_gemm.h):
+// W8A8 GEMM on AMX-INT8 tiles (tdpbssd; vpdpbusd in the avx512 library, see vnni_tiles.h), weights prepacked (OMNI_W_TILES_I8, omni/ops/quant_gemm.h):
 // out[m, n] = float(sum_k x[m, k] * w[n, k]) * x_scale[m] * w_scale[n] + bias[n] (or the raw int32 sum), the
 // row-major kernel's arithmetic: the int32 sum is exact, so the result is bit-identical to it.
 //
@@ -26,12 +26,14 @@ constexpr int64_t kChunkRows = 32 * amx::kMaxRowBlocks;
 
 inline int64_t Workspace(const OmniW8A8Args& a) { return AlignUp(a.M, 16) * AlignUp(a.K, kTK8); }
 
-#if defined(OMNI_HAVE_AMX_TILES)
-// x [M, K] int8 (row stride x_stride) -> blocked [ceil(M/16)][kb_n][16][64], zero-padded.
+#if defined(OMNI_HAVE_TILE_LAYOUT)
+// x [M, K] int8 (row stride x_stride) -> blocked [ceil(M/16)][kb_n][16][64], zero-padded; as x + 128 (unsigned)
+// for the VNNI products (amx::kI8Unsigned; the padding's weights are 0, so its value does not matter).
 inline void StageI8(int8_t* dst, const OmniW8A8Args& a, const OmniRuntime* rt) {
   const int64_t kb_n = CeilDiv(a.K, kTK8), blocks = CeilDiv(a.M, 16);
   const int64_t tail = a.K - (kb_n - 1) * kTK8;
   const __mmask64 tail_mask = tail >= 64 ? ~__mmask64{0} : ((__mmask64{1} << tail) - 1);
+  const __m512i flip = _mm512_set1_epi8(amx::kI8Unsigned ? static_cast<char>(0x80) : 0);
   auto body = [&]() {
     int64_t b0, b1;
     BlockRange(blocks, GetBlockIdx(), GetBlockNum(), &b0, &b1);
@@ -45,8 +47,10 @@ inline void StageI8(int8_t* dst, const OmniW8A8Args& a, const OmniRuntime* rt) {
           continue;
         }
         const int8_t* s = a.x + m * a.x_stride;
-        for (int64_t kb = 0; kb + 1 < kb_n; ++kb) _mm512_store_si512(d + kb * 1024, _mm512_loadu_si512(s + kb * 64));
-        _mm512_store_si512(d + (kb_n - 1) * 1024, _mm512_maskz_loadu_epi8(tail_mask, s + (kb_n - 1) * 64));
+        for (int64_t kb = 0; kb + 1 < kb_n; ++kb)
+          _mm512_store_si512(d + kb * 1024, _mm512_xor_si512(_mm512_loadu_si512(s + kb * 64), flip));
+        _mm512_store_si512(d + (kb_n - 1) * 1024,
+                           _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail_mask, s + (kb_n - 1) * 64), flip));
       }
     }
   };
