@@ -17,11 +17,11 @@ void CheckTiles(const at::Tensor& t, const char* name, int64_t B, int64_t N, int
   CheckContig(t, name, {B, DivUp(N, 16), DivUp(K, 32), 512});
 }
 
-// Tiled weights `arg` for `op` on the activations x (named x_name): the active library takes them (only the amx
-// one does), and x is bfloat16 like them.
+// Tiled weights `arg` for `op` on the activations x (named x_name): the active library takes them (amx with
+// AMX tiles, avx512 with vdpbf16ps), and x is bfloat16 like them.
 void CheckTilesUsable(const char* op, const char* arg, const at::Tensor& x, const char* x_name) {
   if ((K()->weight_layouts & (1u << OMNI_W_TILES_BF16)) == 0)
-    ValueError(std::string(op) + ": tiled (AMX) weights need the amx kernel library, the active one is '" +
+    ValueError(std::string(op) + ": tiled weights need the amx or avx512 kernel library, the active one is '" +
                ActiveIsaName() + "'");
   if (x.scalar_type() != at::kBFloat16)
     TypeError(std::string(arg) + ": tiled weights are bfloat16; " + x_name + " is " + DtypeName(x.scalar_type()));

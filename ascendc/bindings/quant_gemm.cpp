@@ -72,12 +72,12 @@ void FillGemmArgs(Args& a, const Q* x, int64_t x_stride, const float* x_scale, c
 }
 
 // w_tiles: w_q [N, K] prepacked for AMX-INT8 (OMNI_W_TILES_I8), [ceil(N/16), ceil(K/64), 1024] int8. Points the
-// GEMM at them and gives it its workspace; only the amx library takes them.
+// GEMM at them and gives it its workspace; the amx and avx512 libraries take them.
 void UseTiles(OmniW8A8Args& a, const std::optional<at::Tensor>& w_tiles) {
   if (!w_tiles.has_value()) return;
   const at::Tensor& t = *w_tiles;
   if ((Table()->weight_layouts & (1u << OMNI_W_TILES_I8)) == 0)
-    ValueError("w_tiles: tiled (AMX-INT8) weights need the amx kernel library, the active one is '" + ActiveIsaName() + "'");
+    ValueError("w_tiles: tiled int8 weights need the amx or avx512 kernel library, the active one is '" + ActiveIsaName() + "'");
   CheckDtype(t, at::kChar, "w_tiles");
   CheckContig(t, "w_tiles", {DivUp(a.N, 16), DivUp(a.K, 64), 1024});
   a.w = static_cast<const int8_t*>(t.data_ptr());

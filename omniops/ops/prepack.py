@@ -1,20 +1,21 @@
 """Weights prepacked once into the AMX tile layout, cached on the weight.
 
-The ``amx`` kernel library multiplies bf16 weights with AMX tiles (tdpbf16ps). A B tile is 16 K-pairs x 16
-columns, so the kernels want each weight matrix ``[N, K]`` rearranged into contiguous 1 KiB tiles
+The ``amx`` kernel library multiplies bf16 weights with AMX tiles (tdpbf16ps); the ``avx512`` one (AVX512-BF16
++ VNNI, e.g. AMD Zen 4/5) runs vdpbf16ps / vpdpbusd outer products on the same layout. A B tile is 16 K-pairs x
+16 columns, so the kernels want each weight matrix ``[N, K]`` rearranged into contiguous 1 KiB tiles
 (``OMNI_W_TILES_BF16`` in ascendc/include/omni/ops/moe.h): ``[ceil(N/16), ceil(K/32), 16, 16, 2]`` with
 element ``[nb][kb][k2][n][p] = W[16 nb + n][32 kb + 2 k2 + p]``, zero-padded. Packing costs one pass over the
 weights, so it is done once per weight and cached:
 
 * ``prepack_moe_weights(w13, w2)`` / ``prepack_linear_weight(w)`` pack now (the model loader calls these so the
   first request does not pay for it) and return the packed tensors;
-* ``fused_moe`` / ``grouped_gemm`` look the cache up on every bf16 call on the ``amx`` library and pack on a
+* ``fused_moe`` / ``grouped_gemm`` look the cache up on every bf16 call on those libraries and pack on a
   miss, so callers that never prepack still get the tile kernels.
 
 The cache holds a weak reference to the weight: an entry dies with its weight, and an in-place update of the
 weight (its version counter moves) makes the entry stale, so it is repacked. The packed copy doubles the
 weights' memory while the row-major tensor is alive (the kernels take the row-major tensor for its shape only).
-``OMNI_TILES=0`` turns the tile path off (the ``amx`` library then runs the AVX-512 kernels).
+``OMNI_TILES=0`` turns the tile path off (the libraries then run their row-major kernels).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def i8_tiles(w_q: Tensor) -> Tensor | None:
 
 
 def tiles_active() -> bool:
-    """True when the active kernel library takes tiled weights (the amx library) and OMNI_TILES allows it."""
+    """True when the active kernel library takes tiled weights (amx, avx512) and OMNI_TILES allows it."""
     C = _ext.cpp()
     return C is not None and env("OMNI_TILES") != "0" and bool(C.tile_layouts() & _TILES_BF16)
 
@@ -137,7 +138,7 @@ def prepack_linear_weight(w: Tensor) -> Tensor:
 
 
 def moe_tiles(w13: Tensor, w2: Tensor) -> tuple[Tensor, Tensor] | None:
-    """The tiles fused_moe should use for these weights, or None (not bf16, or not the amx library)."""
+    """The tiles fused_moe should use for these weights, or None (not bf16, or the active library takes none)."""
     if w13.dtype != torch.bfloat16 or not tiles_active():
         return None
     return prepack_moe_weights(w13, w2)

@@ -1,5 +1,6 @@
-"""AMX tiles: the prepacked weight layout, the prepack cache, the tile kernels vs the row-major ones, and the
-selection of the amx kernel library (cpuid + the OS's tile permission, OMNI_ISA)."""
+"""Tiled weights: the prepacked weight layout, the prepack cache, the tile kernels (AMX in the amx library,
+vdpbf16ps / vpdpbusd in the avx512 one) vs the row-major ones, and the selection of the amx kernel library
+(cpuid + the OS's tile permission, OMNI_ISA)."""
 
 from __future__ import annotations
 
@@ -70,12 +71,26 @@ def test_prepack_rejects_fp32() -> None:
         omniops.prepack_moe_weights(torch.randn(2, 8, 4), torch.randn(2, 4, 4))
 
 
-@needs_amx
+def _tile_isas() -> list[str]:
+    """The libraries that compute the tile layouts and can run here (amx: AMX tiles; avx512: vdpbf16ps /
+    vpdpbusd on the same layout)."""
+    if _ext.cpp() is None:
+        return []
+    return [isa for isa in ("amx", "avx512") if isa in omniops.cpu_info()["available_isas"]]
+
+
+_NO_TILES = ("no kernel library with tiled weights runs on this CPU (needs AVX512-BF16 + VNNI, or AMX): "
+             f"{omniops.cpu_info()['model'] if _ext.cpp() is not None else 'omniops._C not built'}")
+tile_isa = pytest.mark.parametrize("isa", _tile_isas() or [pytest.param("none", marks=pytest.mark.skip(_NO_TILES))])
+
+
+@tile_isa
 @pytest.mark.parametrize(("T", "H", "inter", "E", "k", "pattern"), [
     (1, 256, 192, 8, 2, "random"), (16, 100, 37, 5, 3, "random"), (300, 64, 48, 4, 2, "random"),
     (600, 96, 40, 3, 1, "one_expert"),  # 600 rows of one expert: three row chunks
+    (13, 2048, 64, 2, 1, "one_expert"),  # K of 64 tiles: several K passes with 13 rows (two row groups)
 ])
-def test_tiles_match_rows_kernels_and_reference(T, H, inter, E, k, pattern) -> None:
+def test_tiles_match_rows_kernels_and_reference(isa, T, H, inter, E, k, pattern) -> None:
     x = torch.randn(T, H).bfloat16()
     w13 = (torch.randn(E, 2 * inter, H) / H**0.5).bfloat16()
     w2 = (torch.randn(E, H, inter) / inter**0.5).bfloat16()
@@ -83,38 +98,62 @@ def test_tiles_match_rows_kernels_and_reference(T, H, inter, E, k, pattern) -> N
         torch.rand(T, E).argsort(dim=1)[:, :k].to(torch.int32)
     weights = torch.softmax(torch.randn(T, k), dim=-1)
     expected = ref.fused_moe(x, w13, w2, weights, ids)
-    with _cpu.force_isa("amx"):
+    with _cpu.force_isa(isa):
         t13, t2 = omniops.prepack_moe_weights(w13, w2)
         out = torch.empty_like(x)
         _ext.cpp().fused_moe(out, x, w13, w2, weights, ids, "silu", None, t13, t2)
         assert torch.equal(omniops.fused_moe(x, w13, w2, weights, ids), out)  # the cached tiles are used
-    with _cpu.force_isa("avx512"):
-        rows = omniops.fused_moe(x, w13, w2, weights, ids)
+        rows = torch.empty_like(x)
+        _ext.cpp().fused_moe(rows, x, w13, w2, weights, ids, "silu", None, None, None)
     assert_close(out, expected)
     assert_close(out, rows)
 
 
-@needs_amx
-def test_grouped_gemm_tiles_rows_outside_experts_are_zero() -> None:
+@tile_isa
+def test_grouped_gemm_tiles_rows_outside_experts_are_zero(isa) -> None:
     x = torch.randn(50, 70).bfloat16()
     w = torch.randn(3, 40, 70).bfloat16()
     offs = torch.tensor([4, 10, 10, 45])
     expected = ref.grouped_gemm(x, w, offs)
-    with _cpu.force_isa("amx"):
+    with _cpu.force_isa(isa):
         got = omniops.grouped_gemm(x, w, offs)
     assert_close(got, expected)
     assert got[:4].abs().sum() == 0 and got[45:].abs().sum() == 0
 
 
-@needs_amx
-def test_tiles_need_the_amx_library() -> None:
+@tile_isa
+@pytest.mark.parametrize(("M", "N", "K"), [(1, 40, 70), (17, 96, 200), (300, 33, 1000), (9, 16, 64 * 40)])
+def test_w8a8_tiles_are_exact(isa, M, N, K) -> None:
+    # extreme codes included: -128 activations and weights (x + 128 = 0 on the VNNI path), +127
+    x = torch.randint(-128, 128, (M, K), dtype=torch.int8)
+    x[0, : min(K, 8)] = -128
+    w = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+    w[0, : min(K, 8)] = -128
+    w[-1, :8] = 127
+    xs, ws = torch.rand(M) + 0.5, torch.rand(N) * 0.01
+    with _cpu.force_isa(isa):
+        tiles = prepack.i8_tiles(w)
+        assert tiles is not None
+        got = torch.empty(M, N, dtype=torch.int32)
+        _ext.cpp().w8a8_gemm(got, x, torch.ones(M), w, torch.ones(N), None, tiles)
+        y = torch.empty(M, N, dtype=torch.bfloat16)
+        _ext.cpp().w8a8_gemm(y, x, xs, w, ws, None, tiles)
+        y_rows = torch.empty(M, N, dtype=torch.bfloat16)
+        _ext.cpp().w8a8_gemm(y_rows, x, xs, w, ws, None, None)
+    assert torch.equal(got, x.int() @ w.int().T)
+    assert torch.equal(y, y_rows)  # exact int32 sums, the same epilogue
+
+
+@pytest.mark.skipif(_ext.cpp() is None or "avx2" not in _cpu.available_isas(), reason="needs the avx2 library")
+def test_tiles_need_a_tile_library() -> None:
     x, w13, w2 = torch.randn(2, 64).bfloat16(), torch.randn(2, 32, 64).bfloat16(), torch.randn(2, 64, 16).bfloat16()
     t13, t2 = prepack.prepack_moe_weights(w13, w2)
     ids, weights = torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1)
-    with _cpu.force_isa("avx512"), pytest.raises(ValueError, match="amx kernel library"):
+    with _cpu.force_isa("avx2"), pytest.raises(ValueError, match="amx or avx512 kernel library"):
         _ext.cpp().fused_moe(torch.empty_like(x), x, w13, w2, weights, ids, "silu", None, t13, t2)
-    with _cpu.force_isa("amx"), pytest.raises(ValueError, match="w2_tiles"):
-        _ext.cpp().fused_moe(torch.empty_like(x), x, w13, w2, weights, ids, "silu", None, t13, t13)
+    for isa in _tile_isas():
+        with _cpu.force_isa(isa), pytest.raises(ValueError, match="w2_tiles"):
+            _ext.cpp().fused_moe(torch.empty_like(x), x, w13, w2, weights, ids, "silu", None, t13, t13)
 
 
 @needs_cpp

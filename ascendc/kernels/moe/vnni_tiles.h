@@ -24,7 +24,15 @@ namespace amx {
 using namespace AscendC;
 
 constexpr bool kI8Unsigned = true;  // StageI8 stores x ^ 0x80 (= x + 128 as unsigned) for vpdpbusd
-constexpr int kVnniRows = 8;        // token rows per register block: 16 accumulators + 2 B rows + 1 broadcast
+#ifndef OMNI_VNNI_ROWS
+#define OMNI_VNNI_ROWS 8
+#endif
+constexpr int kVnniRows = OMNI_VNNI_ROWS;  // token rows per register block: 2 accumulators each + 2 B rows + 1 broadcast
+
+#ifndef OMNI_VNNI_PREFETCH
+#define OMNI_VNNI_PREFETCH 2
+#endif
+constexpr int64_t kVnniPrefetch = OMNI_VNNI_PREFETCH;  // K tiles ahead that the first row group prefetches B
 
 inline void LoadConfig() {}
 inline void Release() {}
@@ -35,14 +43,18 @@ constexpr int64_t kKPass = 16;
 
 // C[r * 32 + 0:16] (+)= sum over K tiles [kb0, kb1) of A row r against B column block b0 (16:32 against b1),
 // r < MR. a_row[r]: the row's bytes in K tile 0 (tile kb at + kb * 1024). first: store, else add to C.
+// int8: comp [32] holds 128 x the columns' weight sums over these K tiles; the first row group of a pass
+// (make_comp) computes it, the others reuse it. pf_next > 0: prefetch B pf_next tiles ahead (the next pass)
+// into L2, up to tile kb_end, so the next pass's first group does not wait on memory.
 template <int MR, bool kI8>
 OMNI_INLINE void VnniRows(const char* const* a_row, const char* b0, const char* b1, int64_t kb0, int64_t kb1,
-                          float* c, bool first, bool prefetch_b) {
+                          float* c, bool first, bool prefetch_b, int32_t* comp, bool make_comp, int64_t pf_next,
+                          int64_t kb_end) {
   __m512 f0[MR], f1[MR];
   __m512i i0[MR], i1[MR];
   __m512i s0 = _mm512_setzero_si512(), s1 = s0;  // int8: the columns' weight sums (for the +128 of A)
   const __m512i ones = _mm512_set1_epi8(1);
-#pragma GCC unroll 8
+#pragma GCC unroll 12
   for (int r = 0; r < MR; ++r) {
     f0[r] = f1[r] = _mm512_setzero_ps();
     i0[r] = i1[r] = _mm512_setzero_si512();
@@ -50,20 +62,26 @@ OMNI_INLINE void VnniRows(const char* const* a_row, const char* b0, const char* 
   for (int64_t kb = kb0; kb < kb1; ++kb) {
     const char* p0 = b0 + kb * 1024;
     const char* p1 = b1 + kb * 1024;
-    if (prefetch_b && kb + 4 < kb1) {
+    if (prefetch_b && kb + kVnniPrefetch < kb1) {
       for (int l = 0; l < 1024; l += 64) {
-        _mm_prefetch(p0 + 4 * 1024 + l, _MM_HINT_T0);
-        _mm_prefetch(p1 + 4 * 1024 + l, _MM_HINT_T0);
+        _mm_prefetch(p0 + kVnniPrefetch * 1024 + l, _MM_HINT_T0);
+        _mm_prefetch(p1 + kVnniPrefetch * 1024 + l, _MM_HINT_T0);
+      }
+    }
+    if (pf_next > 0 && kb + pf_next < kb_end) {
+      for (int l = 0; l < 1024; l += 64) {
+        _mm_prefetch(p0 + pf_next * 1024 + l, _MM_HINT_T1);
+        _mm_prefetch(p1 + pf_next * 1024 + l, _MM_HINT_T1);
       }
     }
 #pragma GCC unroll 4
     for (int g = 0; g < 16; ++g) {
       const __m512i w0 = _mm512_loadu_si512(p0 + g * 64), w1 = _mm512_loadu_si512(p1 + g * 64);
-      if constexpr (kI8) {
+      if (kI8 && make_comp) {
         s0 = _mm512_dpbusd_epi32(s0, ones, w0);
         s1 = _mm512_dpbusd_epi32(s1, ones, w1);
       }
-#pragma GCC unroll 8
+#pragma GCC unroll 12
       for (int r = 0; r < MR; ++r) {
         int32_t bits;
         __builtin_memcpy(&bits, a_row[r] + kb * 1024 + g * 4, 4);
@@ -79,10 +97,17 @@ OMNI_INLINE void VnniRows(const char* const* a_row, const char* b0, const char* 
     }
   }
   if constexpr (kI8) {
-    s0 = _mm512_slli_epi32(s0, 7);
-    s1 = _mm512_slli_epi32(s1, 7);
+    if (make_comp) {
+      s0 = _mm512_slli_epi32(s0, 7);
+      s1 = _mm512_slli_epi32(s1, 7);
+      _mm512_storeu_si512(comp, s0);
+      _mm512_storeu_si512(comp + 16, s1);
+    } else {
+      s0 = _mm512_loadu_si512(comp);
+      s1 = _mm512_loadu_si512(comp + 16);
+    }
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 12
   for (int r = 0; r < MR; ++r) {
     float* cr = c + r * 32;
     if constexpr (kI8) {
@@ -107,17 +132,16 @@ OMNI_INLINE void VnniRows(const char* const* a_row, const char* b0, const char* 
 
 template <bool kI8>
 OMNI_INLINE void VnniGroup(int64_t n, const char* const* a_row, const char* b0, const char* b1, int64_t kb0,
-                           int64_t kb1, float* c, bool first, bool prefetch_b) {
+                           int64_t kb1, float* c, bool first, bool lead, int32_t* comp, int64_t pf_next,
+                           int64_t kb_end) {
+#define OMNI_VNNI_CASE(m) \
+  case m: return VnniRows<m, kI8>(a_row, b0, b1, kb0, kb1, c, first, lead, comp, lead, pf_next, kb_end);
   switch (n) {
-    case 1: return VnniRows<1, kI8>(a_row, b0, b1, kb0, kb1, c, first, prefetch_b);
-    case 2: return VnniRows<2, kI8>(a_row, b0, b1, kb0, kb1, c, first, prefetch_b);
-    case 3: return VnniRows<3, kI8>(a_row, b0, b1, kb0, kb1, c, first, prefetch_b);
-    case 4: return VnniRows<4, kI8>(a_row, b0, b1, kb0, kb1, c, first, prefetch_b);
-    case 5: return VnniRows<5, kI8>(a_row, b0, b1, kb0, kb1, c, first, prefetch_b);
-    case 6: return VnniRows<6, kI8>(a_row, b0, b1, kb0, kb1, c, first, prefetch_b);
-    case 7: return VnniRows<7, kI8>(a_row, b0, b1, kb0, kb1, c, first, prefetch_b);
-    default: return VnniRows<kVnniRows, kI8>(a_row, b0, b1, kb0, kb1, c, first, prefetch_b);
+    OMNI_VNNI_CASE(1) OMNI_VNNI_CASE(2) OMNI_VNNI_CASE(3) OMNI_VNNI_CASE(4) OMNI_VNNI_CASE(5) OMNI_VNNI_CASE(6)
+    OMNI_VNNI_CASE(7) OMNI_VNNI_CASE(8) OMNI_VNNI_CASE(9) OMNI_VNNI_CASE(10) OMNI_VNNI_CASE(11)
+    default: return VnniRows<kVnniRows, kI8>(a_row, b0, b1, kb0, kb1, c, first, lead, comp, lead, pf_next, kb_end);
   }
+#undef OMNI_VNNI_CASE
 }
 
 // Same contract as the AMX TileRows (amx_tiles.h): C[r][0:32] for the `rows` (1..256) rows of blocked A (starting
@@ -131,6 +155,7 @@ OMNI_INLINE void TileRows(const uint16_t* a, int64_t kb_n, int64_t rows, const u
   const int64_t pass = rows <= kVnniRows ? kb_n : kKPass;
   const char* w0 = reinterpret_cast<const char*>(b0);
   const char* w1 = reinterpret_cast<const char*>(b1);
+  alignas(64) int32_t comp[32];
   for (int64_t k0 = 0; k0 < kb_n; k0 += pass) {
     const int64_t k1 = k0 + pass < kb_n ? k0 + pass : kb_n;
     for (int64_t r0 = 0; r0 < rows; r0 += kVnniRows) {
@@ -140,7 +165,8 @@ OMNI_INLINE void TileRows(const uint16_t* a, int64_t kb_n, int64_t rows, const u
         const int64_t r = r0 + i;
         a_row[i] = abytes + (r / 16) * blk_bytes + (r % 16) * 64;
       }
-      VnniGroup<kI8>(n, a_row, w0, w1, k0, k1, c + r0 * 32, k0 == 0, r0 == 0);
+      VnniGroup<kI8>(n, a_row, w0, w1, k0, k1, c + r0 * 32, k0 == 0, r0 == 0, comp, r0 == kVnniRows ? pass : 0,
+                     kb_n);
     }
   }
 }
