@@ -23,7 +23,9 @@ from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedM
 from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 
 import omniops
+from omniops.ops.prepack import tiles_active
 from omniops.vllm import report
+from omniops.vllm.threads import start_kernel_threads
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _OFF = "switched off by OMNI_VLLM_OPS"
@@ -113,11 +115,13 @@ class OmniUnquantizedFusedMoEMethod(UnquantizedFusedMoEMethod):
         if not self._omni_experts:
             super().process_weights_after_loading(layer)  # vLLM repacks and builds its kernel
         else:
-            # keep the row-major weights; on AMX omni packs its tiles once, now rather than in the first step
+            # keep the row-major weights; where the library takes tiles omni packs them once, now rather than
+            # in the first step
             FusedMoEMethodBase.process_weights_after_loading(self, layer)
             w13, w2 = layer.w13_weight.data, layer.w2_weight.data
-            if w13.dtype == torch.bfloat16 and omniops.cpu_info().get("isa") == "amx":
+            if w13.dtype == torch.bfloat16 and tiles_active():
                 omniops.prepack_moe_weights(w13, w2)
+            start_kernel_threads()  # in the worker, after vLLM bound its threads
         if self.route:
             report.layer_built("moe_route", self._route_why)
         if self.experts:

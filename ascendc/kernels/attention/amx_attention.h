@@ -1,4 +1,5 @@
-// Decode-shaped attention on AMX (amx library, bf16): the G query heads of each of `heads` kv heads at one
+// Decode-shaped attention on AMX (amx library, bf16; the avx512 library computes the score tiles with vdpbf16ps
+// instead, amx::TileProduct16): the G query heads of each of `heads` kv heads at one
 // position (GQA decode, and the 1-token chunks of a varlen step) over one key range.
 //
 // The general kernel (paged_attention.h) converts each 16-key chunk to fp32, transposes K and runs an online
@@ -23,7 +24,7 @@ namespace omni_kernels {
 inline namespace OMNI_ISA_NS {
 namespace attn {
 
-#if defined(OMNI_HAVE_AMX_TILES)
+#if defined(OMNI_HAVE_TILE_LAYOUT)  // AMX tiles, or vdpbf16ps on the same operands (the avx512 library)
 constexpr bool kHaveAmxAttention = true;
 constexpr int64_t kMaxAmxHeads = 64;  // kv heads one item may take
 
@@ -151,6 +152,7 @@ inline void AmxSharedKeys(const Src* srcs, int64_t heads, int64_t G, int64_t lo,
     const int64_t c_lo = lo + c * 16;
     const int64_t ldk = ChunkRows(srcs, heads, D, c_lo, std::min<int64_t>(16, hi - c_lo), true, kv, rows) * 2;
     for (int64_t h = 0; h < heads; ++h) {
+#if defined(OMNI_HAVE_AMX_TILES)
       _tile_zero(0);
       for (int64_t ks = 0; ks < ks_n; ++ks) {
         _tile_loadd(1, rows[h] + ks * 32, ldk);
@@ -158,6 +160,10 @@ inline void AmxSharedKeys(const Src* srcs, int64_t heads, int64_t G, int64_t lo,
         _tile_dpbf16ps(0, 1, 2);
       }
       _tile_stored(0, s + (h * chunks + c) * 256, 64);
+#else
+      amx::TileProduct16(reinterpret_cast<const char*>(rows[h]), ldk, reinterpret_cast<const char*>(qt + h * ks_n * 512),
+                         ks_n, s + (h * chunks + c) * 256);
+#endif
     }
   }
   amx::Release();

@@ -171,6 +171,29 @@ OMNI_INLINE void TileRows(const uint16_t* a, int64_t kb_n, int64_t rows, const u
   }
 }
 
+// C[16][16] fp32 (row stride 16) = sum over kb_n K tiles of A (16 bf16 rows `lda` bytes apart, K tile kb at
+// + 64 kb bytes) times the packed B tiles b (tile kb at + 1024 kb bytes): what AMX's tile loads of a row-strided
+// A and tdpbf16ps compute (decode attention's scores: 16 cached keys times Q^T, amx_attention.h).
+OMNI_INLINE void TileProduct16(const char* a, int64_t lda, const char* b, int64_t kb_n, float* c) {
+  __m512 acc[16];
+#pragma GCC unroll 16
+  for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t kb = 0; kb < kb_n; ++kb) {
+#pragma GCC unroll 2
+    for (int g = 0; g < 16; ++g) {
+      const __m512bh w = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + kb * 1024 + g * 64));
+#pragma GCC unroll 16
+      for (int r = 0; r < 16; ++r) {
+        int32_t bits;
+        __builtin_memcpy(&bits, a + r * lda + kb * 64 + g * 4, 4);
+        acc[r] = _mm512_dpbf16_ps(acc[r], reinterpret_cast<__m512bh>(_mm512_set1_epi32(bits)), w);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < 16; ++r) _mm512_storeu_ps(c + r * 16, acc[r]);
+}
+
 }  // namespace amx
 }  // namespace OMNI_ISA_NS
 }  // namespace omni_kernels
