@@ -106,10 +106,10 @@ def _cached(w: Tensor, tag: str, pack) -> Tensor:
             return packed
     with torch.no_grad():
         packed = pack(w.detach())
-    # Reference the tensor that owns the memory: callers often pass a fresh view (``W[None]``, ``W.t().t()``)
-    # per call, which would die (and drop the entry) right after the call.
-    owner = w._base if w._base is not None else w
-    _cache[key] = (weakref.ref(owner, lambda _r, k=key: _cache.pop(k, None)), _version(w), packed)
+    # Reference the memory's storage, not the tensor: callers often pass a fresh view per call (``W[None]``,
+    # and compiled graphs' views of a parameter, which have no ``_base``), which would die (and drop the entry)
+    # right after the call; every view shares the weight's storage object, which dies with the weight.
+    _cache[key] = (weakref.ref(w.untyped_storage(), lambda _r, k=key: _cache.pop(k, None)), _version(w), packed)
     if w._base is None:
         setattr(w, attr, (_version(w), w.data_ptr(), packed))
     return packed

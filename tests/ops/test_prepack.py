@@ -66,6 +66,23 @@ def test_prepack_cache_hits_views_and_repacks_after_writes() -> None:
     assert len(prepack._cache) == n - 1  # the entry dies with its weight
 
 
+def test_prepack_cache_hits_fresh_tensors_without_a_base(monkeypatch) -> None:
+    # compiled graphs pass parameters as fresh tensors with no ``_base`` (like ``detach()``) on every call; the
+    # entry must live as long as the weight's storage, or every call repacks the weight (a whole pass over it)
+    prepack.clear_cache()
+    packs = []
+    real = prepack.pack_bf16_tiles
+    monkeypatch.setattr(prepack, "pack_bf16_tiles", lambda t: packs.append(1) or real(t))
+    w = torch.randn(48, 64).bfloat16()
+    with torch.inference_mode():
+        first = prepack.prepack_linear_weight(w.detach())
+        for _ in range(3):
+            assert prepack.prepack_linear_weight(w.detach()) is first
+    assert len(packs) == 1
+    del w, first
+    assert not prepack._cache  # and it still dies with the weight
+
+
 def test_prepack_rejects_fp32() -> None:
     with pytest.raises(ValueError, match="bfloat16"):
         omniops.prepack_moe_weights(torch.randn(2, 8, 4), torch.randn(2, 4, 4))
