@@ -26,6 +26,11 @@ def _load(path: Path, **kw):
     model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kw)
     # a key that the checkpoint misses would be randomly initialised and still "load"
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+    # The weights are mmapped from the file at its offsets, which differ between layouts; some CPUs' GEMMs round
+    # differently at different alignments (AMD Zen 5: 5e-7). Fresh (aligned) copies keep the comparisons exact.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
     return model.eval()
 
 
