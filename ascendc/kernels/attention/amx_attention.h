@@ -135,6 +135,9 @@ OMNI_INLINE void ScoresDot(const char* k, int64_t ldk, const uint16_t* q, int64_
   }
 }
 
+// Whether the scores use Q^T (AMX, and the outer product without it) rather than the dot form (G <= 4).
+OMNI_INLINE bool ScoresUseQt(int64_t G) { return G > 4; }
+
 // The scores of one kv head's chunk without AMX: the dot form for G <= 4, else the outer product on Q^T.
 OMNI_INLINE void ChunkScores(const char* k, int64_t ldk, const uint16_t* q, int64_t q_stride, const uint16_t* qt,
                              int64_t G, int64_t D, float* s) {
@@ -146,6 +149,8 @@ OMNI_INLINE void ChunkScores(const char* k, int64_t ldk, const uint16_t* q, int6
     default: return amx::TileProduct16(k, ldk, reinterpret_cast<const char*>(qt), D / 32, s);
   }
 }
+#else
+OMNI_INLINE bool ScoresUseQt(int64_t) { return true; }
 #endif
 
 // Copies rows [c_lo, c_lo + nk) of every head into dst [16][heads * n] (token-major, heads side by side) and
@@ -191,17 +196,22 @@ inline void AmxSharedKeys(const Src* srcs, int64_t heads, int64_t G, int64_t lo,
   const int64_t n = hi - lo, ks_n = D / 32, chunks = (n + 15) / 16;
   thread_local std::vector<uint16_t> qt_buf, kv_buf;
   thread_local std::vector<float> s_buf;
-  qt_buf.assign(static_cast<size_t>(heads * ks_n * 512), 0);
   kv_buf.resize(static_cast<size_t>(16 * heads * std::max(D, Dv)));
   s_buf.resize(static_cast<size_t>(heads * chunks * 256));
   // Q^T in VNNI pairs, 16 columns (rows g >= G stay zero): qt[h][ks][p][g][j] = q[h G + g][32 ks + 2 p + j].
-  uint16_t* qt = qt_buf.data();
-  for (int64_t h = 0; h < heads; ++h)
-    for (int64_t g = 0; g < G; ++g) {
-      const uint16_t* qr = q + (h * G + g) * q_stride;
-      uint16_t* qh = qt + h * ks_n * 512;
-      for (int64_t d = 0; d < D; ++d) qh[(d / 32) * 512 + ((d % 32) / 2) * 32 + g * 2 + (d % 2)] = qr[d];
-    }
+  // Not built where the dot-form scores read q itself.
+  if (ScoresUseQt(G)) {
+    qt_buf.assign(static_cast<size_t>(heads * ks_n * 512), 0);
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t g = 0; g < G; ++g) {
+        const uint16_t* qr = q + (h * G + g) * q_stride;
+        uint16_t* qh = qt_buf.data() + h * ks_n * 512;
+        for (int64_t d = 0; d < D; ++d) qh[(d / 32) * 512 + ((d % 32) / 2) * 32 + g * 2 + (d % 2)] = qr[d];
+      }
+  } else {
+    qt_buf.resize(static_cast<size_t>(heads * ks_n * 512));  // unread: keeps qt + offsets a valid pointer
+  }
+  const uint16_t* qt = qt_buf.data();
   uint16_t* kv = kv_buf.data();
   const uint16_t* rows[kMaxAmxHeads];  // head h's rows of the current chunk
   float* s = s_buf.data();  // s[h][t][16]: head h's scores of key lo + t, one column per query row

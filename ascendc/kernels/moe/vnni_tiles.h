@@ -43,18 +43,17 @@ constexpr int64_t kKPass = 16;
 
 // C[r * 32 + 0:16] (+)= sum over K tiles [kb0, kb1) of A row r against B column block b0 (16:32 against b1),
 // r < MR. a_row[r]: the row's bytes in K tile 0 (tile kb at + kb * 1024). first: store, else add to C.
-// int8: comp [32] holds 128 x the columns' weight sums over these K tiles; the first row group of a pass
-// (make_comp) computes it, the others reuse it. pf_next > 0: prefetch B pf_next tiles ahead (the next pass)
-// into L2, up to tile kb_end, so the next pass's first group does not wait on memory.
+// lead: the pass's first row group, which reads B from memory (and prefetches it) and, for int8, computes comp
+// [32] = 128 x the columns' weight sums over these K tiles; the other groups reuse comp. pf_next > 0: prefetch
+// B pf_next tiles ahead (the next pass) into L2, up to tile kb_end, so the next pass's lead does not wait.
 template <int MR, bool kI8>
 OMNI_INLINE void VnniRows(const char* const* a_row, const char* b0, const char* b1, int64_t kb0, int64_t kb1,
-                          float* c, bool first, bool prefetch_b, int32_t* comp, bool make_comp, int64_t pf_next,
-                          int64_t kb_end) {
+                          float* c, bool first, bool lead, int32_t* comp, int64_t pf_next, int64_t kb_end) {
   __m512 f0[MR], f1[MR];
   __m512i i0[MR], i1[MR];
   __m512i s0 = _mm512_setzero_si512(), s1 = s0;  // int8: the columns' weight sums (for the +128 of A)
   const __m512i ones = _mm512_set1_epi8(1);
-#pragma GCC unroll 12
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
     f0[r] = f1[r] = _mm512_setzero_ps();
     i0[r] = i1[r] = _mm512_setzero_si512();
@@ -62,7 +61,7 @@ OMNI_INLINE void VnniRows(const char* const* a_row, const char* b0, const char* 
   for (int64_t kb = kb0; kb < kb1; ++kb) {
     const char* p0 = b0 + kb * 1024;
     const char* p1 = b1 + kb * 1024;
-    if (prefetch_b && kb + kVnniPrefetch < kb1) {
+    if (lead && kb + kVnniPrefetch < kb1) {
       for (int l = 0; l < 1024; l += 64) {
         _mm_prefetch(p0 + kVnniPrefetch * 1024 + l, _MM_HINT_T0);
         _mm_prefetch(p1 + kVnniPrefetch * 1024 + l, _MM_HINT_T0);
@@ -77,11 +76,11 @@ OMNI_INLINE void VnniRows(const char* const* a_row, const char* b0, const char* 
 #pragma GCC unroll 4
     for (int g = 0; g < 16; ++g) {
       const __m512i w0 = _mm512_loadu_si512(p0 + g * 64), w1 = _mm512_loadu_si512(p1 + g * 64);
-      if (kI8 && make_comp) {
+      if (kI8 && lead) {
         s0 = _mm512_dpbusd_epi32(s0, ones, w0);
         s1 = _mm512_dpbusd_epi32(s1, ones, w1);
       }
-#pragma GCC unroll 12
+#pragma GCC unroll 16
       for (int r = 0; r < MR; ++r) {
         int32_t bits;
         __builtin_memcpy(&bits, a_row[r] + kb * 1024 + g * 4, 4);
@@ -97,7 +96,7 @@ OMNI_INLINE void VnniRows(const char* const* a_row, const char* b0, const char* 
     }
   }
   if constexpr (kI8) {
-    if (make_comp) {
+    if (lead) {
       s0 = _mm512_slli_epi32(s0, 7);
       s1 = _mm512_slli_epi32(s1, 7);
       _mm512_storeu_si512(comp, s0);
@@ -107,7 +106,7 @@ OMNI_INLINE void VnniRows(const char* const* a_row, const char* b0, const char* 
       s1 = _mm512_loadu_si512(comp + 16);
     }
   }
-#pragma GCC unroll 12
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
     float* cr = c + r * 32;
     if constexpr (kI8) {
@@ -130,18 +129,15 @@ OMNI_INLINE void VnniRows(const char* const* a_row, const char* b0, const char* 
   }
 }
 
-template <bool kI8>
+// VnniRows for a group of n rows (1 <= n <= M): one instance per row count up to kVnniRows.
+template <bool kI8, int M = kVnniRows>
 OMNI_INLINE void VnniGroup(int64_t n, const char* const* a_row, const char* b0, const char* b1, int64_t kb0,
                            int64_t kb1, float* c, bool first, bool lead, int32_t* comp, int64_t pf_next,
                            int64_t kb_end) {
-#define OMNI_VNNI_CASE(m) \
-  case m: return VnniRows<m, kI8>(a_row, b0, b1, kb0, kb1, c, first, lead, comp, lead, pf_next, kb_end);
-  switch (n) {
-    OMNI_VNNI_CASE(1) OMNI_VNNI_CASE(2) OMNI_VNNI_CASE(3) OMNI_VNNI_CASE(4) OMNI_VNNI_CASE(5) OMNI_VNNI_CASE(6)
-    OMNI_VNNI_CASE(7) OMNI_VNNI_CASE(8) OMNI_VNNI_CASE(9) OMNI_VNNI_CASE(10) OMNI_VNNI_CASE(11)
-    default: return VnniRows<kVnniRows, kI8>(a_row, b0, b1, kb0, kb1, c, first, lead, comp, lead, pf_next, kb_end);
+  if constexpr (M > 1) {
+    if (n < M) return VnniGroup<kI8, M - 1>(n, a_row, b0, b1, kb0, kb1, c, first, lead, comp, pf_next, kb_end);
   }
-#undef OMNI_VNNI_CASE
+  VnniRows<M, kI8>(a_row, b0, b1, kb0, kb1, c, first, lead, comp, pf_next, kb_end);
 }
 
 // Same contract as the AMX TileRows (amx_tiles.h): C[r][0:32] for the `rows` (1..256) rows of blocked A (starting
