@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import omniops
-from omniops import _ext
+from omniops import _cpu, _ext
 from omniops.reference import attention as ref
 from omniops.testing import assert_close
 from tests.ops._cases import BACKEND_CASES, DTYPES, Case, skip_unsupported
@@ -71,6 +71,40 @@ def test_mla_decode_matches_reference(case: Case, dtype, lens, bs, heads) -> Non
     assert got.shape == (len(lens), heads, 512)
     assert not got.isnan().any()
     assert_close(got, expected, scale=_tol_scale(dtype))
+
+
+def _cpu_isas() -> list[str]:
+    if _ext.cpp() is None:
+        return []
+    return [isa for isa in ("amx", "avx512", "avx2") if isa in omniops.cpu_info()["available_isas"]]
+
+
+@pytest.mark.skipif(not _cpu_isas(), reason="omniops._C is not built: no CPU kernel library to run")
+@pytest.mark.parametrize("isa", _cpu_isas() or ["none"])
+@pytest.mark.parametrize("shape", ["mla16", "mla128", "gqa2x8", "gqa1x24", "gqa2x16win"])
+def test_fp32_decode_heads_in_lanes(isa: str, shape: str) -> None:
+    """fp32 decode on every CPU library here (amx / avx512: the heads-in-lanes kernel of lane_decode.h for >= 8
+    query rows per kv head, avx2: the general kernel): lane groups past 16 rows, partial last chunks, empty
+    sequences, windows and a context long enough for key splits, against the reference with NaN outside."""
+    lens = [0, 1, 15, 17, 300, 2100]
+    win = None
+    if shape.startswith("mla"):
+        heads = int(shape[3:])
+        (kv,), table, sl = make_paged(lens, 16, ((576,),), torch.float32)
+        q = torch.randn(len(lens), heads, 576)
+        expected = ref.mla_decode(q, kv, table, sl, 192**-0.5)
+        with _cpu.force_isa(isa):
+            got = omniops.mla_decode(q, kv, table, sl, 192**-0.5)
+    else:
+        hkv, g = (int(x) for x in shape[3:].removesuffix("win").split("x"))
+        win = 40 if shape.endswith("win") else None
+        (kc, vc), table, sl = make_paged(lens, 16, ((hkv, 64), (hkv, 64)), torch.float32)
+        q = torch.randn(len(lens), hkv * g, 64)
+        expected = ref.gqa_decode(q, kc, vc, table, sl, 0.125, None, win)
+        with _cpu.force_isa(isa):
+            got = omniops.gqa_decode(q, kc, vc, table, sl, scale=0.125, window=win)
+    assert not got.isnan().any()
+    assert_close(got, expected, scale=_tol_scale(torch.float32))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -33,23 +33,23 @@ OMNI_INLINE bool AmxAttentionFits(int64_t G, int64_t D, int64_t Dv) {
   return G >= 1 && G <= 16 && D % 32 == 0 && Dv % 16 == 0;
 }
 
-// o[r, d0 : d0 + 16 NV] (+)= sum_t p[t * 16 + r] * v[t, d0 : ...] for r < NR; v: nt bf16 rows, `ldv` apart.
-template <int NR, int NV>
-OMNI_INLINE void ValueBlock(const uint16_t* v, int64_t ldv, int64_t nt, const float* p, int64_t d0, float* o,
-                            int64_t ldo, bool first) {
+// o[r, d0 : d0 + 16 NV] = init + sum_t p[t * 16 + r] * V[t, d0 : ...] for r < NR, t < nt, where init is 0
+// (first), o[r] * alpha[r] (alpha given: an online-softmax rescale) or o[r]; vrow(t, d) loads V[t, d : d + 16].
+template <int NR, int NV, typename VRow>
+OMNI_INLINE void ValueBlock(const VRow& vrow, int64_t nt, const float* p, int64_t d0, float* o, int64_t ldo,
+                            bool first, const float* alpha) {
   __m512 acc[NR][NV];
 #pragma GCC unroll 4
-  for (int r = 0; r < NR; ++r)
+  for (int r = 0; r < NR; ++r) {
+    const __m512 al = alpha != nullptr ? _mm512_set1_ps(alpha[r]) : _mm512_set1_ps(1.0f);
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j)
-      acc[r][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(o + r * ldo + d0 + j * 16);
+      acc[r][j] = first ? _mm512_setzero_ps() : _mm512_mul_ps(_mm512_loadu_ps(o + r * ldo + d0 + j * 16), al);
+  }
   for (int64_t t = 0; t < nt; ++t) {
     __m512 vr[NV];
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) {
-      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + t * ldv + d0 + j * 16));
-      vr[j] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
+    for (int j = 0; j < NV; ++j) vr[j] = vrow(t, d0 + j * 16);
 #pragma GCC unroll 4
     for (int r = 0; r < NR; ++r) {
       const __m512 pr = _mm512_set1_ps(p[t * 16 + r]);
@@ -63,31 +63,43 @@ OMNI_INLINE void ValueBlock(const uint16_t* v, int64_t ldv, int64_t nt, const fl
     for (int j = 0; j < NV; ++j) _mm512_storeu_ps(o + r * ldo + d0 + j * 16, acc[r][j]);
 }
 
-template <int NR>
-OMNI_INLINE void ValueRows(const uint16_t* v, int64_t ldv, int64_t nt, const float* p, int64_t Dv, float* o,
-                           bool first) {
+template <int NR, typename VRow>
+OMNI_INLINE void ValueRows(const VRow& vrow, int64_t nt, const float* p, int64_t Dv, float* o, bool first,
+                           const float* alpha) {
   int64_t d0 = 0;
-  for (; d0 + 64 <= Dv; d0 += 64) ValueBlock<NR, 4>(v, ldv, nt, p, d0, o, Dv, first);
+  for (; d0 + 64 <= Dv; d0 += 64) ValueBlock<NR, 4>(vrow, nt, p, d0, o, Dv, first, alpha);
   switch ((Dv - d0) / 16) {
-    case 3: ValueBlock<NR, 3>(v, ldv, nt, p, d0, o, Dv, first); break;
-    case 2: ValueBlock<NR, 2>(v, ldv, nt, p, d0, o, Dv, first); break;
-    case 1: ValueBlock<NR, 1>(v, ldv, nt, p, d0, o, Dv, first); break;
+    case 3: ValueBlock<NR, 3>(vrow, nt, p, d0, o, Dv, first, alpha); break;
+    case 2: ValueBlock<NR, 2>(vrow, nt, p, d0, o, Dv, first, alpha); break;
+    case 1: ValueBlock<NR, 1>(vrow, nt, p, d0, o, Dv, first, alpha); break;
     default: break;
   }
 }
 
-// G rows of o (row stride Dv) from one chunk: 4 rows at a time, then the rest.
-OMNI_INLINE void ValueChunk(const uint16_t* v, int64_t ldv, int64_t nt, const float* p, int64_t G, int64_t Dv,
-                            float* o, bool first) {
+// G rows of o (row stride Dv) from one chunk: 4 rows at a time, then the rest. alpha: nullptr, or G rescales.
+template <typename VRow>
+OMNI_INLINE void ValueChunk(const VRow& vrow, int64_t nt, const float* p, int64_t G, int64_t Dv, float* o, bool first,
+                            const float* alpha = nullptr) {
   int64_t r = 0;
-  for (; r + 4 <= G; r += 4) ValueRows<4>(v, ldv, nt, p + r, Dv, o + r * Dv, first);
+  auto al = [&](int64_t r0) { return alpha != nullptr ? alpha + r0 : nullptr; };
+  for (; r + 4 <= G; r += 4) ValueRows<4>(vrow, nt, p + r, Dv, o + r * Dv, first, al(r));
   switch (G - r) {
-    case 3: ValueRows<3>(v, ldv, nt, p + r, Dv, o + r * Dv, first); break;
-    case 2: ValueRows<2>(v, ldv, nt, p + r, Dv, o + r * Dv, first); break;
-    case 1: ValueRows<1>(v, ldv, nt, p + r, Dv, o + r * Dv, first); break;
+    case 3: ValueRows<3>(vrow, nt, p + r, Dv, o + r * Dv, first, al(r)); break;
+    case 2: ValueRows<2>(vrow, nt, p + r, Dv, o + r * Dv, first, al(r)); break;
+    case 1: ValueRows<1>(vrow, nt, p + r, Dv, o + r * Dv, first, al(r)); break;
     default: break;
   }
 }
+
+// V rows in bf16, `ldv` elements apart.
+struct Bf16Rows {
+  const uint16_t* v;
+  int64_t ldv;
+  OMNI_INLINE __m512 operator()(int64_t t, int64_t d) const {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + t * ldv + d));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+};
 
 #if !defined(OMNI_HAVE_AMX_TILES)
 // r[i] = the sum of v[i]'s 16 lanes, for all 16 vectors at once (a transposing tree: 45 shuffles and adds
@@ -262,7 +274,7 @@ inline void AmxSharedKeys(const Src* srcs, int64_t heads, int64_t G, int64_t lo,
     const int64_t c_lo = lo + c * 16, nk = std::min<int64_t>(16, hi - c_lo);
     const int64_t ldv = ChunkRows(srcs, heads, Dv, c_lo, nk, false, kv, rows);
     for (int64_t h = 0; h < heads; ++h)
-      ValueChunk(rows[h], ldv, nk, s + (h * chunks + c) * 256, G, Dv, o + h * G * Dv, c == 0);
+      ValueChunk(Bf16Rows{rows[h], ldv}, nk, s + (h * chunks + c) * 256, G, Dv, o + h * G * Dv, c == 0);
   }
 }
 #else

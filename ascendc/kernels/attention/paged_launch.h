@@ -10,6 +10,7 @@
 
 #include "kernels/attention/amx_attention.h"
 #include "kernels/attention/amx_prefill.h"
+#include "kernels/attention/lane_decode.h"
 #include "kernels/attention/paged_attention.h"
 
 namespace omni_kernels {
@@ -65,6 +66,15 @@ bool UseAmxRows(const OmniPagedAttnArgs& a, int64_t rows) {
   return std::is_same_v<T, bfloat16_t> && AmxRowsFit(a, rows);
 }
 
+// Whether decode items of G fp32 rows per kv head go to the lanes path (lane_decode.h): AVX-512, no soft cap,
+// no mask.
+template <typename T>
+bool UseLaneRows(const OmniPagedAttnArgs& a, int64_t G) {
+  return kHaveLaneDecode && std::is_same_v<T, float> && a.soft_cap <= 0.0f &&
+         (a.mask == nullptr || a.mask_kind == OMNI_MASK_NONE) && a.kv_heads <= kMaxAmxHeads &&
+         LaneDecodeFits(G, a.head_dim, a.v_dim);
+}
+
 // kv heads per AMX item: as many as leave at least two items per core (units = items per kv head).
 inline int64_t HeadsPerItem(int64_t units, int64_t kv_heads, int64_t cores, int64_t max_heads = kMaxAmxHeads) {
   int64_t hpi = kv_heads;
@@ -85,14 +95,27 @@ void AmxItem(const OmniPagedAttnArgs& a, int64_t b, int64_t kvh, int64_t hpi, in
                 a.head_dim, a.v_dim, a.scale, o, m, l);
 }
 
+// One lanes item (fp32): kv heads [kvh, kvh + hpi) of sequence b over keys [lo, hi); q0 = query row kvh * G.
+template <typename T>
+void LaneItem(const OmniPagedAttnArgs& a, int64_t b, int64_t kvh, int64_t hpi, int64_t lo, int64_t hi, const T* q0,
+              float* o, float* m, float* l) {
+  if constexpr (std::is_same_v<T, float>) {
+    KeySource<T> srcs[kMaxAmxHeads];
+    for (int64_t h = 0; h < hpi; ++h) srcs[h] = MakeSource<T>(a, b, kvh + h);
+    LaneSharedKeys(srcs, hpi, a.q_heads / a.kv_heads, lo, hi, SharedKV(a), q0, a.q_head_stride, a.head_dim, a.v_dim,
+                   a.scale, o, m, l);
+  }
+}
+
 template <typename T>
 void Decode(const OmniPagedAttnArgs* ap, const OmniRuntime* rt) {
   const OmniPagedAttnArgs& a = *ap;
   const int64_t G = a.q_heads / a.kv_heads, S = a.num_splits, D = a.head_dim, Dv = a.v_dim;
   const bool shared = SharedKV(a);
-  const bool amx = UseAmxRows<T>(a, G);
-  // The AMX path takes several kv heads per item (their cache rows are adjacent: sequential reads).
-  const int64_t hpi = amx ? HeadsPerItem(a.batch * S, a.kv_heads, rt->num_cores) : 1, groups = a.kv_heads / hpi;
+  const bool amx = UseAmxRows<T>(a, G), lanes = !amx && UseLaneRows<T>(a, G);
+  // The AMX and lanes paths take several kv heads per item (their cache rows are adjacent: sequential reads).
+  const int64_t hpi = amx || lanes ? HeadsPerItem(a.batch * S, a.kv_heads, rt->num_cores) : 1;
+  const int64_t groups = a.kv_heads / hpi;
   const int64_t items = a.batch * groups * S;
   auto body = [&]() {
     KernelPagedAttention<T> k(a, shared, 0);
@@ -109,7 +132,7 @@ void Decode(const OmniPagedAttnArgs* ap, const OmniRuntime* rt) {
       float* l = a.workspace + total_rows * (D + Dv + 1) + row0;
       const T* qsrc = static_cast<const T*>(a.q) + b * a.q_token_stride + kvh * G * a.q_head_stride;
       for (int64_t g = 0; g < hpi * G; ++g) {
-        if (!amx) LoadQ(q + g * D, qsrc + g * a.q_head_stride, D, a.scale);
+        if (!amx && !lanes) LoadQ(q + g * D, qsrc + g * a.q_head_stride, D, a.scale);
         std::memset(o + g * Dv, 0, Dv * 4);
         m[g] = kNegInf;
         l[g] = 0.0f;
@@ -118,8 +141,9 @@ void Decode(const OmniPagedAttnArgs* ap, const OmniRuntime* rt) {
       int64_t lo = a.window > 0 ? std::max<int64_t>(0, n - a.window) : 0;
       lo = std::max(lo, s * a.split_len);
       const int64_t hi = std::min(n, (s + 1) * a.split_len);
-      if (amx) {
-        if (hi > lo) AmxItem(a, b, kvh, hpi, lo, hi, qsrc, o, m, l);
+      if (amx || lanes) {
+        if (hi > lo && amx) AmxItem(a, b, kvh, hpi, lo, hi, qsrc, o, m, l);
+        if (hi > lo && lanes) LaneItem(a, b, kvh, hpi, lo, hi, qsrc, o, m, l);
         continue;
       }
       k.Attend(MakeSource<T>(a, b, kvh), lo, hi, static_cast<int>(G), 1, n - 1, false, q, o, m, l,
