@@ -81,11 +81,11 @@ def _cpu_isas() -> list[str]:
 
 @pytest.mark.skipif(not _cpu_isas(), reason="omniops._C is not built: no CPU kernel library to run")
 @pytest.mark.parametrize("isa", _cpu_isas() or ["none"])
-@pytest.mark.parametrize("shape", ["mla16", "mla128", "gqa2x8", "gqa1x24", "gqa2x16win"])
+@pytest.mark.parametrize("shape", ["mla16", "mla128", "gqa2x4", "gqa2x8", "gqa1x24", "gqa2x16win"])
 def test_fp32_decode_heads_in_lanes(isa: str, shape: str) -> None:
-    """fp32 decode on every CPU library here (amx / avx512: the heads-in-lanes kernel of lane_decode.h for >= 8
-    query rows per kv head, avx2: the general kernel): lane groups past 16 rows, partial last chunks, empty
-    sequences, windows and a context long enough for key splits, against the reference with NaN outside."""
+    """fp32 decode on every CPU library here (amx / avx512: the heads-in-lanes kernel of lane_decode.h, avx2:
+    the general kernel): lane groups past 16 rows, partial last chunks, empty sequences, windows and a context
+    long enough for key splits, against the reference with NaN outside."""
     lens = [0, 1, 15, 17, 300, 2100]
     win = None
     if shape.startswith("mla"):
