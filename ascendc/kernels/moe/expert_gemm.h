@@ -84,7 +84,7 @@ OMNI_INLINE void AddSums(VecF (&acc)[MR][NR], const float (*tail)[NR], float* OM
 // C[r, c] += sum_k A[r, k] * W[c, k] for r < MR, c < kNR; A, W rows of `kcp` floats (multiple of kV,
 // kV-aligned), C row stride ldc.
 template <int MR>
-OMNI_INLINE void MicroKernel(const float* OMNI_RESTRICT A, const float* OMNI_RESTRICT W, int64_t kcp,
+OMNI_INLINE void MicroKernel(const float* const* a, const float* OMNI_RESTRICT W, int64_t kcp,
                              float* OMNI_RESTRICT C, int64_t ldc) {
   VecF acc[MR][kNR];
   for (int r = 0; r < MR; ++r)
@@ -93,8 +93,8 @@ OMNI_INLINE void MicroKernel(const float* OMNI_RESTRICT A, const float* OMNI_RES
     VecF w[kNR];
     for (int c = 0; c < kNR; ++c) w[c] = *reinterpret_cast<const VecF*>(W + c * kcp + k);
     for (int r = 0; r < MR; ++r) {
-      const VecF a = *reinterpret_cast<const VecF*>(A + r * kcp + k);
-      for (int c = 0; c < kNR; ++c) acc[r][c] += a * w[c];
+      const VecF av = *reinterpret_cast<const VecF*>(a[r] + k);
+      for (int c = 0; c < kNR; ++c) acc[r][c] += av * w[c];
     }
   }
   AddSums<MR, kNR>(acc, nullptr, C, ldc);
@@ -115,13 +115,13 @@ OMNI_INLINE VecF LoadF32(const bfloat16_t* p) {
 OMNI_INLINE VecF LoadF32(const half* p) { return __builtin_convertvector(*reinterpret_cast<const VecH*>(p), VecF); }
 
 // The same product with the weights read from their rows in global memory (no staging): kNR rows w[c] + k0,
-// kc elements (any count: a scalar tail finishes it). A is staged (fp32, row stride lda). Used when few
+// kc elements (any count: a scalar tail finishes it); token rows a[r] (fp32, staged or in place). Used when few
 // tokens share the tile (decode), where staging weights would be a second pass over every byte. With `pf`,
 // the same span of kNR more rows (the next group) is prefetched along the way: the first token rows of a
 // group otherwise wait on memory for every weight line while the core's FMAs idle.
 template <int MR, typename TW>
-OMNI_INLINE void MicroKernelDirect(const float* OMNI_RESTRICT A, int64_t lda, const TW* const* w, int64_t k0,
-                                   int64_t kc, float* OMNI_RESTRICT C, int64_t ldc, const TW* const* pf) {
+OMNI_INLINE void MicroKernelDirect(const float* const* a, const TW* const* w, int64_t k0, int64_t kc,
+                                   float* OMNI_RESTRICT C, int64_t ldc, const TW* const* pf) {
   VecF acc[MR][kNR];
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < kNR; ++c) acc[r][c] = VecF{};
@@ -140,8 +140,8 @@ OMNI_INLINE void MicroKernelDirect(const float* OMNI_RESTRICT A, int64_t lda, co
         const VecU32 ev = word << 16, od = word & 0xffff0000u;
         const VecF e = reinterpret_cast<const VecF&>(ev), o = reinterpret_cast<const VecF&>(od);
         for (int r = 0; r < MR; ++r) {
-          acc[r][c] += *reinterpret_cast<const VecF*>(A + r * lda + k) * e;
-          acc[r][c] += *reinterpret_cast<const VecF*>(A + r * lda + k + kV) * o;
+          acc[r][c] += *reinterpret_cast<const VecF*>(a[r] + k) * e;
+          acc[r][c] += *reinterpret_cast<const VecF*>(a[r] + k + kV) * o;
         }
       }
     }
@@ -149,18 +149,18 @@ OMNI_INLINE void MicroKernelDirect(const float* OMNI_RESTRICT A, int64_t lda, co
     for (; k + kV <= kc; k += kV) {
       if (pf != nullptr)
         for (int c = 0; c < kNR; ++c) __builtin_prefetch(pf[c] + k0 + k, 0, 2);
-      VecF a[MR];
-      for (int r = 0; r < MR; ++r) a[r] = *reinterpret_cast<const VecF*>(A + r * lda + k);
+      VecF av[MR];
+      for (int r = 0; r < MR; ++r) av[r] = LoadF32(a[r] + k);
       for (int c = 0; c < kNR; ++c) {
         const VecF wv = LoadF32(wr[c] + k);
-        for (int r = 0; r < MR; ++r) acc[r][c] += a[r] * wv;
+        for (int r = 0; r < MR; ++r) acc[r][c] += av[r] * wv;
       }
     }
   }
   float tail[MR][kNR] = {};
   for (; k < kc; ++k)
     for (int r = 0; r < MR; ++r)
-      for (int c = 0; c < kNR; ++c) tail[r][c] += A[r * lda + k] * ToFloat(wr[c][k]);
+      for (int c = 0; c < kNR; ++c) tail[r][c] += a[r][k] * ToFloat(wr[c][k]);
   AddSums<MR, kNR>(acc, tail, C, ldc);
 }
 
@@ -195,6 +195,7 @@ OMNI_INLINE void PackRow(float* OMNI_RESTRICT dst, const T* OMNI_RESTRICT src, i
 // Token rows up to which 16-bit weights are read directly rather than staged: staging converts a weight once
 // per tile instead of once per kMR tokens, which pays off only once many tokens share the tile.
 constexpr int64_t kDirectMaxRows = 12;
+constexpr int64_t kDirectKC = 1024;  // K chunk of in-place fp32 activations
 
 // One work item's UB: staged operands and the fp32 result tile.
 template <typename TA, typename TW>
@@ -214,9 +215,12 @@ class ExpertTile {
     // fp32 weights need no conversion, so they are never staged; 16-bit ones only for many tokens.
     const bool direct = std::is_same_v<TW, float> || mb <= kDirectMaxRows;
     if (direct) {
-      // Whole K per pass when the staged activations fit: every weight row is then one sequential stream.
+      // 16-bit activations are staged (as fp32), whole K per pass when they fit: every weight row is then one
+      // sequential stream. fp32 ones are read in place, K in even chunks of <= kDirectKC, so that a group's
+      // weight rows and a micro-kernel's token rows stay in L1 together.
+      constexpr bool kStageA = !std::is_same_v<TA, float>;
       const int64_t fit = (kMB * kKC) / mb / kV * kV;
-      const int64_t kmax = fit > kKC ? fit : kKC;
+      const int64_t kmax = kStageA ? (fit > kKC ? fit : kKC) : AlignUp(CeilDiv(K, CeilDiv(K, kDirectKC)), kV);
       const TW* w_fixed[kNT];
       for (int64_t n = 0; n < kNT; ++n) {
         const int64_t g = n / kNR * kNR;
@@ -226,17 +230,23 @@ class ExpertTile {
         const int64_t kc = K - k0 < kmax ? K - k0 : kmax;
         const int64_t kcp = AlignUp(kc, kV);
         float* Ap = abuf_.Get<float>().GetPhyAddr();
+        const float* ap[kMB];
         for (int64_t m = 0; m < mb; ++m) {
-          if constexpr (std::is_same_v<TW, bfloat16_t>) {
-            PackRowEvenOdd(Ap + m * kcp, a_rows[m] + k0, kc, kcp);
+          if constexpr (!kStageA) {
+            ap[m] = a_rows[m] + k0;
           } else {
-            PackRow(Ap + m * kcp, a_rows[m] + k0, kc, kcp);
+            ap[m] = Ap + m * kcp;
+            if constexpr (std::is_same_v<TW, bfloat16_t>) {
+              PackRowEvenOdd(Ap + m * kcp, a_rows[m] + k0, kc, kcp);
+            } else {
+              PackRow(Ap + m * kcp, a_rows[m] + k0, kc, kcp);
+            }
           }
         }
         for (int64_t n0 = 0; n0 < kNT; n0 += kNR) {
           if (w_rows[n0] == nullptr) continue;
           const bool next = n0 + kNR < kNT && w_rows[n0 + kNR] != nullptr;
-          RowGroups<true>(Ap, kcp, w_fixed + n0, nullptr, k0, kc, mb, C + n0, next ? w_fixed + n0 + kNR : nullptr);
+          RowGroups<true>(ap, w_fixed + n0, nullptr, 0, k0, kc, mb, C + n0, next ? w_fixed + n0 + kNR : nullptr);
         }
       }
       return C;
@@ -253,42 +263,44 @@ class ExpertTile {
           std::memset(Wp + n * kcp, 0, static_cast<size_t>(kcp) * sizeof(float));
         }
       }
-      for (int64_t m = 0; m < mb; ++m) PackRow(Ap + m * kcp, a_rows[m] + k0, kc, kcp);
+      const float* ap[kMB];
+      for (int64_t m = 0; m < mb; ++m) {
+        PackRow(Ap + m * kcp, a_rows[m] + k0, kc, kcp);
+        ap[m] = Ap + m * kcp;
+      }
       for (int64_t n0 = 0; n0 < kNT; n0 += kNR) {
         if (w_rows[n0] == nullptr) continue;
-        RowGroups<false>(Ap, kcp, nullptr, Wp + n0 * kcp, 0, kcp, mb, C + n0, nullptr);
+        RowGroups<false>(ap, nullptr, Wp + n0 * kcp, kcp, 0, kcp, mb, C + n0, nullptr);
       }
     }
     return C;
   }
 
  private:
-  // All token rows against one group of kNR weight rows, kMR rows at a time, then the remainder.
-  // All token rows against one group of kNR weight rows, kMR rows at a time, then the remainder; the first
-  // rows prefetch the group `pf` (direct only).
+  // All token rows a[0..mb) against one group of kNR weight rows (in place: w; staged: Wp, row stride kcp),
+  // kMR rows at a time, then the remainder; the first rows prefetch the group `pf` (direct only).
   template <bool kDirect>
-  OMNI_INLINE void RowGroups(const float* Ap, int64_t kcp, const TW* const* w, const float* Wp, int64_t k0,
+  OMNI_INLINE void RowGroups(const float* const* a, const TW* const* w, const float* Wp, int64_t kcp, int64_t k0,
                              int64_t kc, int64_t mb, float* C, const TW* const* pf) {
     int64_t m0 = 0;
-    for (; m0 + kMR <= mb; m0 += kMR, pf = nullptr)
-      Micro<kMR, kDirect>(Ap + m0 * kcp, kcp, w, Wp, k0, kc, C + m0 * kNT, pf);
+    for (; m0 + kMR <= mb; m0 += kMR, pf = nullptr) Micro<kMR, kDirect>(a + m0, w, Wp, kcp, k0, kc, C + m0 * kNT, pf);
     const int64_t rest = mb - m0;
-    if (rest == 1) Micro<1, kDirect>(Ap + m0 * kcp, kcp, w, Wp, k0, kc, C + m0 * kNT, pf);
+    if (rest == 1) Micro<1, kDirect>(a + m0, w, Wp, kcp, k0, kc, C + m0 * kNT, pf);
     if constexpr (kMR > 2) {
-      if (rest == 2) Micro<2, kDirect>(Ap + m0 * kcp, kcp, w, Wp, k0, kc, C + m0 * kNT, pf);
+      if (rest == 2) Micro<2, kDirect>(a + m0, w, Wp, kcp, k0, kc, C + m0 * kNT, pf);
     }
     if constexpr (kMR > 3) {
-      if (rest == 3) Micro<3, kDirect>(Ap + m0 * kcp, kcp, w, Wp, k0, kc, C + m0 * kNT, pf);
+      if (rest == 3) Micro<3, kDirect>(a + m0, w, Wp, kcp, k0, kc, C + m0 * kNT, pf);
     }
     static_assert(kMR <= 4, "remainder rows");
   }
   template <int MR, bool kDirect>
-  OMNI_INLINE void Micro(const float* A, int64_t lda, const TW* const* w, const float* Wp, int64_t k0, int64_t kc,
-                         float* C, const TW* const* pf) {
+  OMNI_INLINE void Micro(const float* const* a, const TW* const* w, const float* Wp, int64_t kcp, int64_t k0,
+                         int64_t kc, float* C, const TW* const* pf) {
     if constexpr (kDirect) {
-      MicroKernelDirect<MR>(A, lda, w, k0, kc, C, kNT, pf);
+      MicroKernelDirect<MR>(a, w, k0, kc, C, kNT, pf);
     } else {
-      MicroKernel<MR>(A, Wp, lda, C, kNT);
+      MicroKernel<MR>(a, Wp, kcp, C, kNT);
     }
   }
 
