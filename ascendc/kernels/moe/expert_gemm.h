@@ -53,32 +53,38 @@ OMNI_INLINE VecF Fold(VecF x, VecF y, std::integer_sequence<int, I...>) {
   constexpr VecI lo = {FoldLane(S, I, false)...}, hi = {FoldLane(S, I, true)...};
   return __builtin_shuffle(x, y, lo) + __builtin_shuffle(x, y, hi);
 }
-// v[0..n) -> v[0..n/2): one level of the tree (segments of S lanes become S / 2).
-template <int S>
+// v[0..n) -> v[0..n/2): one level of the tree (segments of S lanes become S / 2); only v[0..live) are nonzero.
+template <int S, int live>
 OMNI_INLINE void FoldLevel(VecF* v, int n) {
   if constexpr (S > 1) {
-    for (int i = 0; i < n / 2; ++i) v[i] = Fold<S>(v[2 * i], v[2 * i + 1], std::make_integer_sequence<int, kV>{});
-    FoldLevel<S / 2>(v, n / 2);
+    constexpr int next = (live + 1) / 2;
+    for (int i = 0; i < next; ++i) v[i] = Fold<S>(v[2 * i], v[2 * i + 1], std::make_integer_sequence<int, kV>{});
+    for (int i = next; i < n / 2; ++i) v[i] = VecF{};
+    FoldLevel<S / 2, next>(v, n / 2);
   }
 }
 
-// C[r * ldc + c] += sum of acc[r][c]'s lanes (+ tail[r][c]): kV accumulators at a time through a transposing
+// C[r * ldc + c] += sum of acc[r][c]'s lanes + tail[r][c]: kV accumulators at a time through a transposing
 // tree (log2 kV levels of two shuffles and an add), lane j of the result being the j-th accumulator's sum;
 // one horizontal sum per output cost ~10x as much and, at K ~ 1k, as much as the products themselves.
 template <int MR, int NR>
-OMNI_INLINE void AddSums(VecF (&acc)[MR][NR], const float (*tail)[NR], float* OMNI_RESTRICT C, int64_t ldc) {
-  constexpr int n = MR * NR;
-  for (int g = 0; g < n; g += kV) {
+OMNI_INLINE void AddSums(VecF (&acc)[MR][NR], const float (&tail)[MR][NR], float* OMNI_RESTRICT C, int64_t ldc) {
+  constexpr int n = MR * NR, groups = (n + kV - 1) / kV;
+  float s[groups * kV];
+  for (int g = 0; g < groups; ++g) {
+    constexpr int full = n < kV ? n : kV;  // live vectors of every group but a short last one
     VecF v[kV];
-    for (int j = 0; j < kV; ++j) v[j] = g + j < n ? acc[(g + j) / NR][(g + j) % NR] : VecF{};
-    FoldLevel<kV>(v, kV);
-    float s[kV];
-    std::memcpy(s, &v[0], sizeof(s));
-    for (int j = 0; j < kV && g + j < n; ++j) {
-      const int r = (g + j) / NR, c = (g + j) % NR;
-      C[r * ldc + c] += s[j] + (tail != nullptr ? tail[r][c] : 0.0f);
+    for (int j = 0; j < kV; ++j) v[j] = g * kV + j < n ? acc[(g * kV + j) / NR][(g * kV + j) % NR] : VecF{};
+    if (g * kV + kV <= n || n < kV) {
+      FoldLevel<kV, full>(v, kV);
+    } else {
+      FoldLevel<kV, n % kV>(v, kV);
     }
+    std::memcpy(s + g * kV, &v[0], sizeof(VecF));
   }
+  // Rows of NR contiguous outputs: vector adds once inlined.
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) C[r * ldc + c] += s[r * NR + c] + tail[r][c];
 }
 
 // C[r, c] += sum_k A[r, k] * W[c, k] for r < MR, c < kNR; A, W rows of `kcp` floats (multiple of kV,
@@ -97,7 +103,8 @@ OMNI_INLINE void MicroKernel(const float* const* a, const float* OMNI_RESTRICT W
       for (int c = 0; c < kNR; ++c) acc[r][c] += av * w[c];
     }
   }
-  AddSums<MR, kNR>(acc, nullptr, C, ldc);
+  constexpr float kNoTail[MR][kNR] = {};
+  AddSums<MR, kNR>(acc, kNoTail, C, ldc);
 }
 
 // Unaligned vector loads of weights straight from global memory, converted to fp32 in registers.
@@ -119,7 +126,7 @@ OMNI_INLINE VecF LoadF32(const half* p) { return __builtin_convertvector(*reinte
 // tokens share the tile (decode), where staging weights would be a second pass over every byte. With `pf`,
 // the same span of kNR more rows (the next group) is prefetched along the way: the first token rows of a
 // group otherwise wait on memory for every weight line while the core's FMAs idle.
-template <int MR, typename TW>
+template <int MR, bool kPrefetch, typename TW>
 OMNI_INLINE void MicroKernelDirect(const float* const* a, const TW* const* w, int64_t k0, int64_t kc,
                                    float* OMNI_RESTRICT C, int64_t ldc, const TW* const* pf) {
   VecF acc[MR][kNR];
@@ -133,7 +140,7 @@ OMNI_INLINE void MicroKernelDirect(const float* const* a, const TW* const* w, in
     // and word & 0xffff0000, two integer ops per 2*kV weights. A is staged with each 2*kV block split into
     // its even then its odd elements (PackRowEvenOdd) to match.
     for (; k + 2 * kV <= kc; k += 2 * kV) {
-      if (pf != nullptr)
+      if constexpr (kPrefetch)  // a template flag: a run-time test in the loop cost ~1/3 of its speed
         for (int c = 0; c < kNR; ++c) __builtin_prefetch(pf[c] + k0 + k, 0, 2);
       for (int c = 0; c < kNR; ++c) {
         const VecU32 word = *reinterpret_cast<const VecU32u*>(wr[c] + k);
@@ -147,7 +154,7 @@ OMNI_INLINE void MicroKernelDirect(const float* const* a, const TW* const* w, in
     }
   } else {
     for (; k + kV <= kc; k += kV) {
-      if (pf != nullptr)
+      if constexpr (kPrefetch)  // a template flag: a run-time test in the loop cost ~1/3 of its speed
         for (int c = 0; c < kNR; ++c) __builtin_prefetch(pf[c] + k0 + k, 0, 2);
       VecF av[MR];
       for (int r = 0; r < MR; ++r) av[r] = LoadF32(a[r] + k);
@@ -284,6 +291,7 @@ class ExpertTile {
                              int64_t kc, int64_t mb, float* C, const TW* const* pf) {
     int64_t m0 = 0;
     for (; m0 + kMR <= mb; m0 += kMR, pf = nullptr) Micro<kMR, kDirect>(a + m0, w, Wp, kcp, k0, kc, C + m0 * kNT, pf);
+    static_assert(kMR <= 4, "remainder rows");
     const int64_t rest = mb - m0;
     if (rest == 1) Micro<1, kDirect>(a + m0, w, Wp, kcp, k0, kc, C + m0 * kNT, pf);
     if constexpr (kMR > 2) {
@@ -292,13 +300,16 @@ class ExpertTile {
     if constexpr (kMR > 3) {
       if (rest == 3) Micro<3, kDirect>(a + m0, w, Wp, kcp, k0, kc, C + m0 * kNT, pf);
     }
-    static_assert(kMR <= 4, "remainder rows");
   }
   template <int MR, bool kDirect>
   OMNI_INLINE void Micro(const float* const* a, const TW* const* w, const float* Wp, int64_t kcp, int64_t k0,
                          int64_t kc, float* C, const TW* const* pf) {
     if constexpr (kDirect) {
-      MicroKernelDirect<MR>(a, w, k0, kc, C, kNT, pf);
+      if (pf != nullptr) {
+        MicroKernelDirect<MR, true>(a, w, k0, kc, C, kNT, pf);
+      } else {
+        MicroKernelDirect<MR, false>(a, w, k0, kc, C, kNT, pf);
+      }
     } else {
       MicroKernel<MR>(a, Wp, kcp, C, kNT);
     }
