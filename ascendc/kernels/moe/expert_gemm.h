@@ -71,14 +71,14 @@ template <int MR, int NR>
 OMNI_INLINE void AddSums(VecF (&acc)[MR][NR], const float (&tail)[MR][NR], float* OMNI_RESTRICT C, int64_t ldc) {
   constexpr int n = MR * NR, groups = (n + kV - 1) / kV;
   float s[groups * kV];
+  constexpr int last = n - (groups - 1) * kV;  // live accumulators of the last group (all kV before it)
   for (int g = 0; g < groups; ++g) {
-    constexpr int full = n < kV ? n : kV;  // live vectors of every group but a short last one
     VecF v[kV];
     for (int j = 0; j < kV; ++j) v[j] = g * kV + j < n ? acc[(g * kV + j) / NR][(g * kV + j) % NR] : VecF{};
-    if (g * kV + kV <= n || n < kV) {
-      FoldLevel<kV, full>(v, kV);
+    if (g + 1 < groups) {
+      FoldLevel<kV, kV>(v, kV);
     } else {
-      FoldLevel<kV, n % kV>(v, kV);
+      FoldLevel<kV, last>(v, kV);
     }
     std::memcpy(s + g * kV, &v[0], sizeof(VecF));
   }
