@@ -11,20 +11,33 @@ constexpr int64_t kMaxExperts = 16384;
 
 const OmniMoeKernels* K() { return Kernels<OmniMoeKernels>("omni_moe_kernels"); }
 
-// Weights prepacked for AMX (OMNI_W_TILES_BF16) of B matrices [N, K]: [B, ceil(N/16), ceil(K/32), 512] bf16.
-void CheckTiles(const at::Tensor& t, const char* name, int64_t B, int64_t N, int64_t K) {
-  CheckDtype(t, at::kBFloat16, name);
-  CheckContig(t, name, {B, DivUp(N, 16), DivUp(K, 32), 512});
+// Prepacked weights of B matrices [N, K] (omni/ops/moe.h): bf16 tiles for AMX / vdpbf16ps (OMNI_W_TILES_BF16,
+// [B, ceil(N/16), ceil(K/32), 512]) or fp32 panels (OMNI_W_PANELS_F32, [B, ceil(N/cols), K, 32] with `cols` = 32
+// weight rows per panel, 16 for w13's gate/up pairs). The layout follows the activations' dtype.
+void CheckPacked(const at::Tensor& t, const char* name, int32_t layout, int64_t B, int64_t N, int64_t K,
+                 int64_t cols = 32) {
+  if (layout == OMNI_W_PANELS_F32) {
+    CheckDtype(t, at::kFloat, name);
+    CheckContig(t, name, {B, DivUp(N, cols), K, 32});
+  } else {
+    CheckDtype(t, at::kBFloat16, name);
+    CheckContig(t, name, {B, DivUp(N, 16), DivUp(K, 32), 512});
+  }
 }
 
-// Tiled weights `arg` for `op` on the activations x (named x_name): the active library takes them (amx with
-// AMX tiles, avx512 with vdpbf16ps), and x is bfloat16 like them.
-void CheckTilesUsable(const char* op, const char* arg, const at::Tensor& x, const char* x_name) {
-  if ((K()->weight_layouts & (1u << OMNI_W_TILES_BF16)) == 0)
-    ValueError(std::string(op) + ": tiled weights need the amx or avx512 kernel library, the active one is '" +
-               ActiveIsaName() + "'");
-  if (x.scalar_type() != at::kBFloat16)
-    TypeError(std::string(arg) + ": tiled weights are bfloat16; " + x_name + " is " + DtypeName(x.scalar_type()));
+// The layout of the prepacked weights `arg` for `op` on the activations x (named x_name): bf16 tiles for bf16
+// x, fp32 panels for fp32 x; the active library must take it (tiles: amx with AMX, avx512 with vdpbf16ps;
+// panels: both).
+int32_t PackedLayout(const char* op, const char* arg, const at::Tensor& x, const char* x_name) {
+  const bool f32 = x.scalar_type() == at::kFloat;
+  if (!f32 && x.scalar_type() != at::kBFloat16)
+    TypeError(std::string(arg) + ": prepacked weights are bfloat16 tiles or float32 panels; " + x_name + " is " +
+              DtypeName(x.scalar_type()));
+  const int32_t layout = f32 ? OMNI_W_PANELS_F32 : OMNI_W_TILES_BF16;
+  if ((K()->weight_layouts & (1u << layout)) == 0)
+    ValueError(std::string(op) + ": " + (f32 ? "fp32 panels" : "tiled weights") +
+               " need the amx or avx512 kernel library, the active one is '" + ActiveIsaName() + "'");
+  return layout;
 }
 
 // The token rows of dispatch and the fused block (fields named alike): hidden [T, H] and its row stride, top_k.
@@ -171,10 +184,9 @@ void GroupedGemm(at::Tensor out, const at::Tensor& x, const at::Tensor& w, const
   }
   OmniGroupedGemmArgs a{x.data_ptr(), w.data_ptr(), o, out.data_ptr(), x.stride(0), out.stride(0), M, Kd, N, E, dt};
   if (w_tiles.has_value()) {
-    CheckTilesUsable("grouped_gemm", "w_tiles", x, "x_sorted");
-    CheckTiles(*w_tiles, "w_tiles", E, N, Kd);
+    a.w_layout = PackedLayout("grouped_gemm", "w_tiles", x, "x_sorted");
+    CheckPacked(*w_tiles, "w_tiles", a.w_layout, E, N, Kd);
     a.w = w_tiles->data_ptr();
-    a.w_layout = OMNI_W_TILES_BF16;
     SetWorkspace(a, K()->grouped_gemm_workspace(&a));
   }
   OmniRuntime rt = Runtime();
@@ -266,12 +278,15 @@ void FusedMoe(at::Tensor out, const at::Tensor& hidden, const at::Tensor& w13, c
   a.w_dtype = dt;
   a.activation = OMNI_MOE_SILU;
   if (w13_tiles.has_value()) {
-    CheckTilesUsable("fused_moe", "w13_tiles", hidden, "hidden");
-    CheckTiles(*w13_tiles, "w13_tiles", 2 * E, I, H);
-    CheckTiles(*w2_tiles, "w2_tiles", E, H, I);
+    a.w_layout = PackedLayout("fused_moe", "w13_tiles", hidden, "hidden");
+    if (a.w_layout == OMNI_W_PANELS_F32) {
+      CheckPacked(*w13_tiles, "w13_tiles", a.w_layout, E, I, H, 16);
+    } else {
+      CheckPacked(*w13_tiles, "w13_tiles", a.w_layout, 2 * E, I, H);
+    }
+    CheckPacked(*w2_tiles, "w2_tiles", a.w_layout, E, H, I);
     a.w13 = w13_tiles->data_ptr();
     a.w2 = w2_tiles->data_ptr();
-    a.w_layout = OMNI_W_TILES_BF16;
   }
   SetWorkspace(a, K()->fused_moe_workspace(&a));
   OmniRuntime rt = Runtime();
@@ -289,13 +304,14 @@ void Register(py::module_& m) {
       py::arg("sorted_token_ids"), py::arg("expert_offsets"), py::arg("expert_counts"), py::arg("inverse_index"),
       py::arg("hidden"), py::arg("topk_ids"), py::arg("num_experts"), py::arg("block_size") = 1);
   Def(m, "grouped_gemm", &GroupedGemm,
-      "out[r] = x_sorted[r] @ w[e].T for rows of expert e (w_tiles: w prepacked for AMX, amx library only)",
+      "out[r] = x_sorted[r] @ w[e].T for rows of expert e (w_tiles: w prepacked, bf16 tiles or fp32 panels, on the "
+      "amx / avx512 libraries)",
       py::arg("out"), py::arg("x_sorted"), py::arg("w"), py::arg("expert_offsets"), py::arg("w_tiles") = py::none());
   Def(m, "moe_combine", &MoeCombine, "out[t] = sum_j topk_weights[t, j] * expert_out[inverse_index[t, j]]",
       py::arg("out"), py::arg("expert_out"), py::arg("topk_weights"), py::arg("inverse_index"));
   Def(m, "fused_moe", &FusedMoe,
       "the whole MoE block (gate/up, silu_and_mul, down, weighted combine); w13_tiles / w2_tiles: the weights "
-      "prepacked for AMX (bf16, amx library only), w13 / w2 then only give the shapes",
+      "prepacked (bf16 tiles or fp32 panels, amx / avx512 libraries), w13 / w2 then only give the shapes",
       py::arg("out"), py::arg("hidden"), py::arg("w13"), py::arg("w2"), py::arg("topk_weights"), py::arg("topk_ids"),
       py::arg("activation") = "silu", py::arg("expert_map") = py::none(), py::arg("w13_tiles") = py::none(),
       py::arg("w2_tiles") = py::none());

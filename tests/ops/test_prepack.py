@@ -1,6 +1,6 @@
-"""Tiled weights: the prepacked weight layout, the prepack cache, the tile kernels (AMX in the amx library,
-vdpbf16ps / vpdpbusd in the avx512 one) vs the row-major ones, and the selection of the amx kernel library
-(cpuid + the OS's tile permission, OMNI_ISA)."""
+"""Prepacked weights: the bf16 tile and fp32 panel layouts, the prepack cache, the tile kernels (AMX in the amx
+library, vdpbf16ps / vpdpbusd in the avx512 one) and the fp32 panel kernels vs the row-major ones, and the
+selection of the amx kernel library (cpuid + the OS's tile permission, OMNI_ISA)."""
 
 from __future__ import annotations
 
@@ -83,9 +83,29 @@ def test_prepack_cache_hits_fresh_tensors_without_a_base(monkeypatch) -> None:
     assert not prepack._cache  # and it still dies with the weight
 
 
-def test_prepack_rejects_fp32() -> None:
-    with pytest.raises(ValueError, match="bfloat16"):
-        omniops.prepack_moe_weights(torch.randn(2, 8, 4), torch.randn(2, 4, 4))
+def test_panel_layouts_are_the_documented_ones() -> None:
+    B, N, K = 2, 37, 70  # N not a multiple of the panel
+    w = torch.randn(B, N, K)
+    p = prepack.pack_f32_panels(w)
+    assert p.shape == (B, 2, K, 32)
+    for b, n, k in [(0, 0, 0), (1, 36, 69), (0, 17, 33), (1, 32, 5)]:
+        assert p[b, n // 32, k, n % 32] == w[b, n, k]
+    assert p[:, 1, :, 5:].abs().sum() == 0  # padding columns n >= 37
+    E, inter, H = 3, 21, 40  # I not a multiple of 16
+    w13 = torch.randn(E, 2 * inter, H)
+    g = prepack.pack_f32_gate_up_panels(w13)
+    assert g.shape == (E, 2, H, 32)
+    for e, i, h in [(0, 0, 0), (2, 20, 39), (1, 16, 7), (1, 15, 11)]:
+        assert g[e, i // 16, h, i % 16] == w13[e, i, h]  # gate row i
+        assert g[e, i // 16, h, 16 + i % 16] == w13[e, inter + i, h]  # up row i
+    assert g[:, 1, :, 5:16].abs().sum() == 0 and g[:, 1, :, 21:].abs().sum() == 0  # padding rows i >= 21
+
+
+def test_prepack_rejects_other_dtypes() -> None:
+    with pytest.raises(ValueError, match="bfloat16.*float32"):
+        omniops.prepack_moe_weights(torch.randn(2, 8, 4).half(), torch.randn(2, 4, 4).half())
+    with pytest.raises(ValueError, match="float32"):
+        prepack.pack_f32_panels(torch.randn(2, 8, 4).bfloat16())
 
 
 def _tile_isas() -> list[str]:
@@ -127,12 +147,40 @@ def test_tiles_match_rows_kernels_and_reference(isa, T, H, inter, E, k, pattern)
 
 
 @tile_isa
-def test_grouped_gemm_tiles_rows_outside_experts_are_zero(isa) -> None:
-    x = torch.randn(50, 70).bfloat16()
-    w = torch.randn(3, 40, 70).bfloat16()
+@pytest.mark.parametrize(("T", "H", "inter", "E", "k", "pattern"), [
+    (1, 256, 192, 8, 2, "random"), (16, 100, 37, 5, 3, "random"),  # odd H, I not a multiple of 16
+    (200, 64, 48, 2, 2, "random"),  # 100-200 rows per expert: several items, row groups of 8 and a rest
+    (13, 600, 64, 2, 1, "one_expert"),  # K of 600: three K chunks of the panel
+])
+def test_fp32_panels_match_rows_kernels_and_reference(isa, T, H, inter, E, k, pattern) -> None:
+    x = torch.randn(T, H)
+    w13 = torch.randn(E, 2 * inter, H) / H**0.5
+    w2 = torch.randn(E, H, inter) / inter**0.5
+    ids = torch.zeros(T, k, dtype=torch.int32) if pattern == "one_expert" else \
+        torch.rand(T, E).argsort(dim=1)[:, :k].to(torch.int32)
+    weights = torch.softmax(torch.randn(T, k), dim=-1)
+    expected = ref.fused_moe(x, w13, w2, weights, ids)
+    with _cpu.force_isa(isa):
+        p13, p2 = omniops.prepack_moe_weights(w13, w2)
+        assert prepack.moe_tiles(w13, w2) == (p13, p2)  # fused_moe's lookup finds the panels
+        out = torch.empty_like(x)
+        _ext.cpp().fused_moe(out, x, w13, w2, weights, ids, "silu", None, p13, p2)
+        assert torch.equal(omniops.fused_moe(x, w13, w2, weights, ids), out)
+        rows = torch.empty_like(x)
+        _ext.cpp().fused_moe(rows, x, w13, w2, weights, ids, "silu", None, None, None)
+    assert_close(out, expected)
+    assert_close(out, rows)
+
+
+@tile_isa
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grouped_gemm_tiles_rows_outside_experts_are_zero(isa, dtype) -> None:
+    x = torch.randn(50, 300).to(dtype)  # fp32: K of 300, two panel chunks
+    w = torch.randn(3, 40, 300).to(dtype)
     offs = torch.tensor([4, 10, 10, 45])
     expected = ref.grouped_gemm(x, w, offs)
     with _cpu.force_isa(isa):
+        assert prepack.linear_tiles(w) is not None
         got = omniops.grouped_gemm(x, w, offs)
     assert_close(got, expected)
     assert got[:4].abs().sum() == 0 and got[45:].abs().sum() == 0
@@ -168,6 +216,18 @@ def test_tiles_need_a_tile_library() -> None:
     ids, weights = torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1)
     with _cpu.force_isa("avx2"), pytest.raises(ValueError, match="amx or avx512 kernel library"):
         _ext.cpp().fused_moe(torch.empty_like(x), x, w13, w2, weights, ids, "silu", None, t13, t2)
+    f13, f2 = w13.float(), w2.float()
+    p13, p2 = prepack.prepack_moe_weights(f13, f2)
+    with _cpu.force_isa("avx2"):
+        assert prepack.moe_tiles(f13, f2) is None
+        with pytest.raises(ValueError, match="fp32 panels need the amx or avx512"):
+            _ext.cpp().fused_moe(x.float(), x.float(), f13, f2, weights, ids, "silu", None, p13, p2)
+    for isa in _tile_isas():
+        with _cpu.force_isa(isa):
+            with pytest.raises(TypeError, match="w13_tiles: .*float32 panels"):
+                _ext.cpp().fused_moe(x.half(), x.half(), w13.half(), w2.half(), weights, ids, "silu", None, t13, t2)
+            with pytest.raises(TypeError, match="w13_tiles: expected dtype float32"):  # bf16 tiles, fp32 x
+                _ext.cpp().fused_moe(x.float(), x.float(), f13, f2, weights, ids, "silu", None, t13, t2)
     for isa in _tile_isas():
         with _cpu.force_isa(isa), pytest.raises(ValueError, match="w2_tiles"):
             _ext.cpp().fused_moe(torch.empty_like(x), x, w13, w2, weights, ids, "silu", None, t13, t13)

@@ -14,6 +14,7 @@
 
 #include "kernels/moe/combine.h"
 #include "kernels/moe/expert_gemm.h"
+#include "kernels/moe/panel_gemm.h"
 #include "omni/ops/moe.h"
 
 namespace omni_kernels {
@@ -121,6 +122,9 @@ void FusedMoeRun(const OmniFusedMoeArgs& a, const OmniRuntime* rt) {
   const T* x = static_cast<const T*>(a.hidden);
   const T* w13 = static_cast<const T*>(a.w13);
   const T* w2 = static_cast<const T*>(a.w2);
+  // fp32 weights prepacked into panels (OMNI_W_PANELS_F32): w13 as ceil(I / 16) panels [H][16 gate | 16 up] per
+  // expert, w2 as ceil(H / 32) panels [I][32]; the items and the C tiles are the same as on the rows.
+  const bool panels = a.w_layout == OMNI_W_PANELS_F32;
 
   // ---- 2. gate/up + silu_and_mul: the item's kNT weight rows are kNT / 2 gate rows, then the same up rows ----
   {
@@ -135,7 +139,9 @@ void FusedMoeRun(const OmniFusedMoeArgs& a, const OmniRuntime* rt) {
         return n < kNT / 2 ? MatrixRow(gate, i0 + n, I, H) : MatrixRow(up, i0 + n - kNT / 2, I, H);
       };
       ExpertTile<T, T> tile;
-      const float* C = ItemProduct(tile, r, x_row, w_row, H);
+      alignas(64) float panel_c[kMB * kNT];
+      const float* C = panels ? PanelItem(r, x_row, w13 + (r.e * CeilDiv(I, kNT / 2) + r.tile) * H * kNT, H, panel_c)
+                              : ItemProduct(tile, r, x_row, w_row, H);
       const int64_t ni = std::min<int64_t>(kNT / 2, I - i0);
       for (int64_t m = 0; m < r.mb; ++m) {
         const float* c = C + m * kNT;
@@ -159,7 +165,9 @@ void FusedMoeRun(const OmniFusedMoeArgs& a, const OmniRuntime* rt) {
       auto act_row = [&](int64_t row) { return p.act + row * I; };
       auto w_row = [&](int64_t n) { return MatrixRow(we, h0 + n, H, I); };
       ExpertTile<T, T> tile;
-      const float* C = ItemProduct(tile, r, act_row, w_row, I);
+      alignas(64) float panel_c[kMB * kNT];
+      const float* C = panels ? PanelItem(r, act_row, w2 + (r.e * CeilDiv(H, kNT) + r.tile) * I * kNT, I, panel_c)
+                              : ItemProduct(tile, r, act_row, w_row, I);
       const int64_t nh = std::min<int64_t>(kNT, H - h0);
       for (int64_t m = 0; m < r.mb; ++m) std::memcpy(p.ybuf + (r.r0 + m) * H + h0, C + m * kNT, nh * sizeof(float));
     };

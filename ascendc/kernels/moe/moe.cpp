@@ -1,5 +1,6 @@
-// Exports the MoE kernels of this ISA library. Tiled (AMX) weights are taken only by a library compiled with
-// the tile instructions; weight_layouts tells the bindings which layouts that is.
+// Exports the MoE kernels of this ISA library. Tiled (AMX) weights and fp32 panels are taken only by a library
+// compiled with the instructions they need; weight_layouts tells the bindings which layouts that is. Panels
+// run in the row-major entry points (fused_moe.h, moe_ops.h), which read w_layout themselves.
 #include "kernels/moe/fused_moe.h"
 #include "kernels/moe/moe_ops.h"
 #include "kernels/moe/moe_tiles.h"
@@ -34,7 +35,8 @@ int64_t GroupedGemmWorkspace(const OmniGroupedGemmArgs* a) {
   return 0;
 }
 
-constexpr uint32_t kLayouts = (1u << OMNI_W_ROWS) | (omni_kernels::amx::kHaveTiles ? 1u << OMNI_W_TILES_BF16 : 0u);
+constexpr uint32_t kLayouts = (1u << OMNI_W_ROWS) | (omni_kernels::amx::kHaveTiles ? 1u << OMNI_W_TILES_BF16 : 0u) |
+                              (m::kHavePanels ? 1u << OMNI_W_PANELS_F32 : 0u);
 }  // namespace
 
 extern "C" const OmniMoeKernels* omni_moe_kernels(void) {

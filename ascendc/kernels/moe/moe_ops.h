@@ -7,6 +7,7 @@
 
 #include "kernels/moe/combine.h"
 #include "kernels/moe/expert_gemm.h"
+#include "kernels/moe/panel_gemm.h"
 #include "omni/ops/moe.h"
 
 namespace omni_kernels {
@@ -166,6 +167,7 @@ void GroupedGemmRun(const OmniGroupedGemmArgs& a, const OmniRuntime* rt) {
   const T* x = static_cast<const T*>(a.x);
   const T* w = static_cast<const T*>(a.w);
   const ItemMap map{prefix, E};
+  const bool panels = a.w_layout == OMNI_W_PANELS_F32;  // fp32: w is [E, ceil(N / 32), K, 32]
   auto item = [&](int64_t it) {
     const RowItem r = SplitRowItem(map, off, it);
     const int64_t n0 = r.tile * kNT;
@@ -173,7 +175,9 @@ void GroupedGemmRun(const OmniGroupedGemmArgs& a, const OmniRuntime* rt) {
     auto x_row = [&](int64_t row) { return x + row * a.x_stride; };
     auto w_row = [&](int64_t n) { return MatrixRow(we, n0 + n, N, K); };
     ExpertTile<T, T> tile;
-    const float* C = ItemProduct(tile, r, x_row, w_row, K);
+    alignas(64) float panel_c[kMB * kNT];
+    const float* C = panels ? PanelItem(r, x_row, w + (r.e * CeilDiv(N, kNT) + r.tile) * K * kNT, K, panel_c)
+                            : ItemProduct(tile, r, x_row, w_row, K);
     const int64_t nn = std::min<int64_t>(kNT, N - n0);
     for (int64_t m = 0; m < r.mb; ++m) {
       T* o = out + (r.r0 + m) * a.out_stride + n0;

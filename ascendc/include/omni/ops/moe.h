@@ -17,7 +17,11 @@ typedef enum { OMNI_MOE_SILU = 0 } OmniMoeActivation;
 //     (16 rows of 16 column pairs, the VNNI order tdpbf16ps reads) and a column block's tiles are contiguous
 //     along K, so a work item streams its weights sequentially. w13 [E, 2I, H] is packed as [2E, I, H]
 //     (matrix 2e = gate rows of expert e, 2e + 1 = up rows).
-typedef enum { OMNI_W_ROWS = 0, OMNI_W_TILES_BF16 = 1 } OmniWeightLayout;
+//   OMNI_W_PANELS_F32: fp32 in column panels for outer products, [B, ceil(N/32), K, 32] with element
+//     [b][nb][k][n] = W[b][32*nb + n][k], zero-padded in N: a panel is 32 weight rows transposed, one
+//     sequential stream per 32 output columns. w13 [E, 2I, H] is packed as [E, ceil(I/16), H, 32]: panel p of
+//     expert e holds gate rows 16p..16p+15 in columns 0-15 and the same up rows in 16-31 (I padded to 16).
+typedef enum { OMNI_W_ROWS = 0, OMNI_W_TILES_BF16 = 1, OMNI_W_PANELS_F32 = 2 } OmniWeightLayout;
 
 typedef struct {
   const void* logits;            // [tokens, num_experts], row stride logits_stride, unit inner stride
