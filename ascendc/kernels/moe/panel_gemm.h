@@ -28,45 +28,44 @@ constexpr int kPR = 8;            // token rows per micro-kernel: 16 zmm accumul
 constexpr int64_t kPanelKC = 256;  // K per chunk: a 32 KiB panel slice in L1
 static_assert(kMB % kPR == 0 && kNT == kPanelN, "panel tile sizes");
 
-// C[r][0:32] += sum_k a[r][k] * P[k][0:32] for r < MR, k < kc; C row stride kPanelN. With kPrefetch, the
-// same span of the next chunk (pf) is brought into L1 on the way: the first row group of a chunk otherwise
-// waits on memory for every panel line.
-template <int MR, bool kPrefetch>
-OMNI_INLINE void PanelKernel(const float* const* a, const float* OMNI_RESTRICT P, int64_t kc, float* OMNI_RESTRICT C,
-                             const float* pf) {
+// C[r][0:32] += sum_k a[r][k] * P[k][0:32] for r < MR, k < kc; C row stride kPanelN. The chunk is read as
+// kStreams interleaved streams (its quarters, 8 KiB apart): one sequential stream per core reached ~11 GB/s
+// from memory on Intel SPR, four ~16 GB/s (the hardware prefetcher runs a bounded depth per stream), and at
+// decode every panel line comes from memory once.
+constexpr int kStreams = 4;
+template <int MR>
+OMNI_INLINE void PanelKernel(const float* const* a, const float* OMNI_RESTRICT P, int64_t kc, float* OMNI_RESTRICT C) {
   __m512 acc[MR][2];
   for (int r = 0; r < MR; ++r) {
     acc[r][0] = _mm512_loadu_ps(C + r * kPanelN);
     acc[r][1] = _mm512_loadu_ps(C + r * kPanelN + 16);
   }
-  for (int64_t k = 0; k < kc; ++k) {
-    if constexpr (kPrefetch) {
-      _mm_prefetch(reinterpret_cast<const char*>(pf + k * kPanelN), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(pf + k * kPanelN + 16), _MM_HINT_T0);
-    }
+  auto step = [&](int64_t k) {
     const __m512 w0 = _mm512_loadu_ps(P + k * kPanelN), w1 = _mm512_loadu_ps(P + k * kPanelN + 16);
     for (int r = 0; r < MR; ++r) {
       const __m512 x = _mm512_set1_ps(a[r][k]);  // folds into the FMAs as {1to16} broadcasts
       acc[r][0] = _mm512_fmadd_ps(x, w0, acc[r][0]);
       acc[r][1] = _mm512_fmadd_ps(x, w1, acc[r][1]);
     }
-  }
+  };
+  const int64_t q = kc / kStreams;
+  for (int64_t k = 0; k < q; ++k)
+    for (int s = 0; s < kStreams; ++s) step(s * q + k);
+  for (int64_t k = kStreams * q; k < kc; ++k) step(k);
   for (int r = 0; r < MR; ++r) {
     _mm512_storeu_ps(C + r * kPanelN, acc[r][0]);
     _mm512_storeu_ps(C + r * kPanelN + 16, acc[r][1]);
   }
 }
 
-// One group of `rows` (<= MR) token rows; pf: the next chunk's panel slice to prefetch, or null.
+// The last mb % kPR rows of a chunk.
 template <int MR>
-OMNI_INLINE void PanelRows(int rows, const float* const* a, const float* P, int64_t kc, float* C, const float* pf) {
+OMNI_INLINE void PanelRest(int rest, const float* const* a, const float* P, int64_t kc, float* C) {
   if constexpr (MR > 0) {
-    if (rows != MR) {
-      PanelRows<MR - 1>(rows, a, P, kc, C, pf);
-    } else if (pf != nullptr) {
-      PanelKernel<MR, true>(a, P, kc, C, pf);
+    if (rest == MR) {
+      PanelKernel<MR>(a, P, kc, C);
     } else {
-      PanelKernel<MR, false>(a, P, kc, C, pf);
+      PanelRest<MR - 1>(rest, a, P, kc, C);
     }
   }
 }
@@ -80,9 +79,9 @@ OMNI_INLINE void PanelProduct(const float* const* a_rows, int64_t mb, const floa
     const int64_t kc = K - k0 < kPanelKC ? K - k0 : kPanelKC;
     for (int64_t m = 0; m < mb; ++m) a[m] = a_rows[m] + k0;
     const float* P = panel + k0 * kPanelN;
-    const float* next = k0 + kc < K ? P + kc * kPanelN : nullptr;  // the first row group prefetches it
-    for (int64_t m0 = 0; m0 < mb; m0 += kPR, next = nullptr)
-      PanelRows<kPR>(static_cast<int>(mb - m0 < kPR ? mb - m0 : kPR), a + m0, P, kc, C + m0 * kPanelN, next);
+    int64_t m0 = 0;
+    for (; m0 + kPR <= mb; m0 += kPR) PanelKernel<kPR>(a + m0, P, kc, C + m0 * kPanelN);
+    PanelRest<kPR - 1>(static_cast<int>(mb - m0), a + m0, P, kc, C + m0 * kPanelN);
   }
 }
 #else
