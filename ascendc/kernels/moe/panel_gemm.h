@@ -31,16 +31,23 @@ static_assert(kMB % kPR == 0 && kNT == kPanelN, "panel tile sizes");
 // C[r][0:32] += sum_k a[r][k] * P[k][0:32] for r < MR, k < kc; C row stride kPanelN. The chunk is read as
 // kStreams interleaved streams (its quarters, 8 KiB apart): one sequential stream per core reached ~11 GB/s
 // from memory on Intel SPR, four ~16 GB/s (the hardware prefetcher runs a bounded depth per stream), and at
-// decode every panel line comes from memory once.
+// decode every panel line comes from memory once. With kPrefetch the same span of the next chunk (pf) is
+// pulled into L2 along the way: the second row group runs from L1, so the first group of the next chunk need
+// not wait on memory.
 constexpr int kStreams = 4;
-template <int MR>
-OMNI_INLINE void PanelKernel(const float* const* a, const float* OMNI_RESTRICT P, int64_t kc, float* OMNI_RESTRICT C) {
+template <int MR, bool kPrefetch = false>
+OMNI_INLINE void PanelKernel(const float* const* a, const float* OMNI_RESTRICT P, int64_t kc, float* OMNI_RESTRICT C,
+                             const float* pf = nullptr) {
   __m512 acc[MR][2];
   for (int r = 0; r < MR; ++r) {
     acc[r][0] = _mm512_loadu_ps(C + r * kPanelN);
     acc[r][1] = _mm512_loadu_ps(C + r * kPanelN + 16);
   }
   auto step = [&](int64_t k) {
+    if constexpr (kPrefetch) {
+      _mm_prefetch(reinterpret_cast<const char*>(pf + k * kPanelN), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(pf + k * kPanelN + 16), _MM_HINT_T1);
+    }
     const __m512 w0 = _mm512_loadu_ps(P + k * kPanelN), w1 = _mm512_loadu_ps(P + k * kPanelN + 16);
     for (int r = 0; r < MR; ++r) {
       const __m512 x = _mm512_set1_ps(a[r][k]);  // folds into the FMAs as {1to16} broadcasts
@@ -79,8 +86,15 @@ OMNI_INLINE void PanelProduct(const float* const* a_rows, int64_t mb, const floa
     const int64_t kc = K - k0 < kPanelKC ? K - k0 : kPanelKC;
     for (int64_t m = 0; m < mb; ++m) a[m] = a_rows[m] + k0;
     const float* P = panel + k0 * kPanelN;
+    const float* next = k0 + kc < K ? P + kc * kPanelN : nullptr;
     int64_t m0 = 0;
-    for (; m0 + kPR <= mb; m0 += kPR) PanelKernel<kPR>(a + m0, P, kc, C + m0 * kPanelN);
+    for (; m0 + kPR <= mb; m0 += kPR) {
+      if (m0 == kPR && next != nullptr && mb > 2 * kPR - 1) {  // a full second group prefetches the next chunk
+        PanelKernel<kPR, true>(a + m0, P, kc, C + m0 * kPanelN, next);
+      } else {
+        PanelKernel<kPR>(a + m0, P, kc, C + m0 * kPanelN);
+      }
+    }
     PanelRest<kPR - 1>(static_cast<int>(mb - m0), a + m0, P, kc, C + m0 * kPanelN);
   }
 }
