@@ -10,6 +10,7 @@
 // Only the AVX-512 libraries (avx512, amx) compile it; elsewhere the binding never passes panels (the
 // library's weight_layouts bit tells it).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -65,14 +66,16 @@ OMNI_INLINE void PanelKernel(const float* const* a, const float* OMNI_RESTRICT P
   }
 }
 
-// The last mb % kPR rows of a chunk.
+// One group of `rows` (<= MR) token rows; pf: the next chunk to prefetch, or null.
 template <int MR>
-OMNI_INLINE void PanelRest(int rest, const float* const* a, const float* P, int64_t kc, float* C) {
+OMNI_INLINE void PanelRows(int rows, const float* const* a, const float* P, int64_t kc, float* C, const float* pf) {
   if constexpr (MR > 0) {
-    if (rest == MR) {
-      PanelKernel<MR>(a, P, kc, C);
+    if (rows != MR) {
+      PanelRows<MR - 1>(rows, a, P, kc, C, pf);
+    } else if (pf != nullptr) {
+      PanelKernel<MR, true>(a, P, kc, C, pf);
     } else {
-      PanelRest<MR - 1>(rest, a, P, kc, C);
+      PanelKernel<MR>(a, P, kc, C);
     }
   }
 }
@@ -86,16 +89,11 @@ OMNI_INLINE void PanelProduct(const float* const* a_rows, int64_t mb, const floa
     const int64_t kc = K - k0 < kPanelKC ? K - k0 : kPanelKC;
     for (int64_t m = 0; m < mb; ++m) a[m] = a_rows[m] + k0;
     const float* P = panel + k0 * kPanelN;
+    // The first row group streams the chunk from memory, the second (full or not) prefetches the next one.
     const float* next = k0 + kc < K ? P + kc * kPanelN : nullptr;
-    int64_t m0 = 0;
-    for (; m0 + kPR <= mb; m0 += kPR) {
-      if (m0 == kPR && next != nullptr && mb > 2 * kPR - 1) {  // a full second group prefetches the next chunk
-        PanelKernel<kPR, true>(a + m0, P, kc, C + m0 * kPanelN, next);
-      } else {
-        PanelKernel<kPR>(a + m0, P, kc, C + m0 * kPanelN);
-      }
-    }
-    PanelRest<kPR - 1>(static_cast<int>(mb - m0), a + m0, P, kc, C + m0 * kPanelN);
+    for (int64_t m0 = 0; m0 < mb; m0 += kPR)
+      PanelRows<kPR>(static_cast<int>(std::min<int64_t>(kPR, mb - m0)), a + m0, P, kc, C + m0 * kPanelN,
+                     m0 == kPR ? next : nullptr);
   }
 }
 #else
