@@ -121,51 +121,37 @@ _NO_TILES = ("no kernel library with tiled weights runs on this CPU (needs AVX51
 tile_isa = pytest.mark.parametrize("isa", _tile_isas() or [pytest.param("none", marks=pytest.mark.skip(_NO_TILES))])
 
 
-@tile_isa
-@pytest.mark.parametrize(("T", "H", "inter", "E", "k", "pattern"), [
+_BF16_CASES = [
     (1, 256, 192, 8, 2, "random"), (16, 100, 37, 5, 3, "random"), (300, 64, 48, 4, 2, "random"),
     (600, 96, 40, 3, 1, "one_expert"),  # 600 rows of one expert: three row chunks
     (13, 2048, 64, 2, 1, "one_expert"),  # K of 64 tiles: several K passes with 13 rows (two row groups)
-])
-def test_tiles_match_rows_kernels_and_reference(isa, T, H, inter, E, k, pattern) -> None:
-    x = torch.randn(T, H).bfloat16()
-    w13 = (torch.randn(E, 2 * inter, H) / H**0.5).bfloat16()
-    w2 = (torch.randn(E, H, inter) / inter**0.5).bfloat16()
+]
+_FP32_CASES = [
+    (1, 256, 192, 8, 2, "random"), (16, 100, 37, 5, 3, "random"),  # odd H, I not a multiple of 16
+    (200, 64, 48, 2, 2, "random"),  # 100-200 rows per expert: several items, row groups of 8 and a rest
+    (13, 600, 64, 2, 1, "one_expert"),  # K of 600: three K chunks of the panel
+]
+
+
+@tile_isa
+@pytest.mark.parametrize(("dtype", "T", "H", "inter", "E", "k", "pattern"),
+                         [(torch.bfloat16, *c) for c in _BF16_CASES] + [(torch.float32, *c) for c in _FP32_CASES])
+def test_prepacked_match_rows_kernels_and_reference(isa, dtype, T, H, inter, E, k, pattern) -> None:
+    """bf16 tiles and fp32 panels against the row-major kernel and the reference."""
+    x = torch.randn(T, H).to(dtype)
+    w13 = (torch.randn(E, 2 * inter, H) / H**0.5).to(dtype)
+    w2 = (torch.randn(E, H, inter) / inter**0.5).to(dtype)
     ids = torch.zeros(T, k, dtype=torch.int32) if pattern == "one_expert" else \
         torch.rand(T, E).argsort(dim=1)[:, :k].to(torch.int32)
     weights = torch.softmax(torch.randn(T, k), dim=-1)
     expected = ref.fused_moe(x, w13, w2, weights, ids)
     with _cpu.force_isa(isa):
         t13, t2 = omniops.prepack_moe_weights(w13, w2)
+        found = prepack.moe_tiles(w13, w2)  # fused_moe's lookup finds the same copies
+        assert found is not None and found[0] is t13 and found[1] is t2
         out = torch.empty_like(x)
         _ext.cpp().fused_moe(out, x, w13, w2, weights, ids, "silu", None, t13, t2)
-        assert torch.equal(omniops.fused_moe(x, w13, w2, weights, ids), out)  # the cached tiles are used
-        rows = torch.empty_like(x)
-        _ext.cpp().fused_moe(rows, x, w13, w2, weights, ids, "silu", None, None, None)
-    assert_close(out, expected)
-    assert_close(out, rows)
-
-
-@tile_isa
-@pytest.mark.parametrize(("T", "H", "inter", "E", "k", "pattern"), [
-    (1, 256, 192, 8, 2, "random"), (16, 100, 37, 5, 3, "random"),  # odd H, I not a multiple of 16
-    (200, 64, 48, 2, 2, "random"),  # 100-200 rows per expert: several items, row groups of 8 and a rest
-    (13, 600, 64, 2, 1, "one_expert"),  # K of 600: three K chunks of the panel
-])
-def test_fp32_panels_match_rows_kernels_and_reference(isa, T, H, inter, E, k, pattern) -> None:
-    x = torch.randn(T, H)
-    w13 = torch.randn(E, 2 * inter, H) / H**0.5
-    w2 = torch.randn(E, H, inter) / inter**0.5
-    ids = torch.zeros(T, k, dtype=torch.int32) if pattern == "one_expert" else \
-        torch.rand(T, E).argsort(dim=1)[:, :k].to(torch.int32)
-    weights = torch.softmax(torch.randn(T, k), dim=-1)
-    expected = ref.fused_moe(x, w13, w2, weights, ids)
-    with _cpu.force_isa(isa):
-        p13, p2 = omniops.prepack_moe_weights(w13, w2)
-        assert prepack.moe_tiles(w13, w2) == (p13, p2)  # fused_moe's lookup finds the panels
-        out = torch.empty_like(x)
-        _ext.cpp().fused_moe(out, x, w13, w2, weights, ids, "silu", None, p13, p2)
-        assert torch.equal(omniops.fused_moe(x, w13, w2, weights, ids), out)
+        assert torch.equal(omniops.fused_moe(x, w13, w2, weights, ids), out)  # the cached copies are used
         rows = torch.empty_like(x)
         _ext.cpp().fused_moe(rows, x, w13, w2, weights, ids, "silu", None, None, None)
     assert_close(out, expected)
