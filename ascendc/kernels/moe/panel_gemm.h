@@ -26,11 +26,11 @@ namespace moe {
 constexpr bool kHavePanels = true;
 constexpr int64_t kPanelN = 32;   // weight rows (output columns) per panel
 constexpr int kPR = 8;            // token rows per micro-kernel: 16 zmm accumulators
-constexpr int64_t kPanelKC = 256;  // K per chunk: a 32 KiB panel slice in L1
+constexpr int64_t kPanelKC = 128;  // K per chunk: 16 KiB of panel + 48 rows x 512 B of A fit L1 together
 static_assert(kMB % kPR == 0 && kNT == kPanelN, "panel tile sizes");
 
 // C[r][0:32] += sum_k a[r][k] * P[k][0:32] for r < MR, k < kc; C row stride kPanelN. The chunk is read as
-// kStreams interleaved streams (its quarters, 8 KiB apart): one sequential stream per core reached ~11 GB/s
+// kStreams interleaved streams (its quarters, 4 KiB apart): one sequential stream per core reached ~11 GB/s
 // from memory on Intel SPR, four ~16 GB/s (the hardware prefetcher runs a bounded depth per stream), and at
 // decode every panel line comes from memory once. With kPrefetch the same span of the next chunk (pf) is
 // pulled into L2 along the way: the second row group runs from L1, so the first group of the next chunk need
