@@ -129,7 +129,7 @@ _BF16_CASES = [
 _FP32_CASES = [
     (1, 256, 192, 8, 2, "random"), (16, 100, 37, 5, 3, "random"),  # odd H, I not a multiple of 16
     (200, 64, 48, 2, 2, "random"),  # 100-200 rows per expert: several items, row groups of 8 and a rest
-    (13, 600, 64, 2, 1, "one_expert"),  # K of 600: three K chunks of the panel
+    (13, 600, 64, 2, 1, "one_expert"),  # K of 600: four 128-row K chunks of the panel and a short one
 ]
 
 
@@ -161,7 +161,7 @@ def test_prepacked_match_rows_kernels_and_reference(isa, dtype, T, H, inter, E, 
 @tile_isa
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_grouped_gemm_tiles_rows_outside_experts_are_zero(isa, dtype) -> None:
-    x = torch.randn(50, 300).to(dtype)  # fp32: K of 300, two panel chunks
+    x = torch.randn(50, 300).to(dtype)  # fp32: K of 300, three panel chunks
     w = (torch.randn(3, 40, 300) / 300**0.5).to(dtype)
     offs = torch.tensor([4, 10, 10, 45])
     expected = ref.grouped_gemm(x, w, offs)
