@@ -171,8 +171,11 @@ def prepack_linear_weight(w: Tensor) -> Tensor:
     return _cached(w, "w", lambda t: pack_bf16_tiles(t if t.dim() == 3 else t.unsqueeze(0)))
 
 
+_LAYOUT_BITS = {torch.bfloat16: _TILES_BF16, torch.float32: _PANELS_F32}  # weight dtype -> its packed layout
+
+
 def _layout_bit(w: Tensor) -> int | None:
-    return {torch.bfloat16: _TILES_BF16, torch.float32: _PANELS_F32}.get(w.dtype)
+    return _LAYOUT_BITS.get(w.dtype)
 
 
 def moe_tiles(w13: Tensor, w2: Tensor) -> tuple[Tensor, Tensor] | None:

@@ -140,7 +140,7 @@ void FusedMoeRun(const OmniFusedMoeArgs& a, const OmniRuntime* rt) {
       };
       ExpertTile<T, T> tile;
       alignas(64) float panel_c[kMB * kNT];
-      const float* C = panels ? PanelItem(r, x_row, w13 + (r.e * CeilDiv(I, kNT / 2) + r.tile) * H * kNT, H, panel_c)
+      const float* C = panels ? PanelItem(r, x_row, w13, CeilDiv(I, kNT / 2), H, panel_c)
                               : ItemProduct(tile, r, x_row, w_row, H);
       const int64_t ni = std::min<int64_t>(kNT / 2, I - i0);
       for (int64_t m = 0; m < r.mb; ++m) {
@@ -166,7 +166,7 @@ void FusedMoeRun(const OmniFusedMoeArgs& a, const OmniRuntime* rt) {
       auto w_row = [&](int64_t n) { return MatrixRow(we, h0 + n, H, I); };
       ExpertTile<T, T> tile;
       alignas(64) float panel_c[kMB * kNT];
-      const float* C = panels ? PanelItem(r, act_row, w2 + (r.e * CeilDiv(H, kNT) + r.tile) * I * kNT, I, panel_c)
+      const float* C = panels ? PanelItem(r, act_row, w2, CeilDiv(H, kNT), I, panel_c)
                               : ItemProduct(tile, r, act_row, w_row, I);
       const int64_t nh = std::min<int64_t>(kNT, H - h0);
       for (int64_t m = 0; m < r.mb; ++m) std::memcpy(p.ybuf + (r.r0 + m) * H + h0, C + m * kNT, nh * sizeof(float));

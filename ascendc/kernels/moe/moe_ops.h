@@ -176,7 +176,7 @@ void GroupedGemmRun(const OmniGroupedGemmArgs& a, const OmniRuntime* rt) {
     auto w_row = [&](int64_t n) { return MatrixRow(we, n0 + n, N, K); };
     ExpertTile<T, T> tile;
     alignas(64) float panel_c[kMB * kNT];
-    const float* C = panels ? PanelItem(r, x_row, w + (r.e * CeilDiv(N, kNT) + r.tile) * K * kNT, K, panel_c)
+    const float* C = panels ? PanelItem(r, x_row, w, CeilDiv(N, kNT), K, panel_c)
                             : ItemProduct(tile, r, x_row, w_row, K);
     const int64_t nn = std::min<int64_t>(kNT, N - n0);
     for (int64_t m = 0; m < r.mb; ++m) {

@@ -3,9 +3,8 @@
 //
 // A panel holds 32 weight rows transposed, [K][32]: one K step is two zmm loads of weights and, per token row,
 // one broadcast A element times both. The accumulators are C itself (kPR rows x 2 zmm), so there is no
-// horizontal reduction, and an item reads its weights as one sequential stream (the dot form reads 32 rows
-// in groups of 4 streams and folds 16 accumulators per 4 x 4 block). K runs in chunks whose panel slice stays
-// in L1 while every row group of the item passes over it.
+// horizontal reduction (the dot form folds 16 accumulators per 4 x 4 block). K runs in chunks whose panel slice
+// stays in L1 while every row group of the item passes over it; PanelKernel says how a chunk is read.
 //
 // Only the AVX-512 libraries (avx512, amx) compile it; elsewhere the binding never passes panels (the
 // library's weight_layouts bit tells it).
@@ -100,16 +99,18 @@ OMNI_INLINE void PanelProduct(const float* const* a_rows, int64_t mb, const floa
 constexpr bool kHavePanels = false;
 #endif
 
-// The item's C tile [it.mb, 32] into C (row stride 32) from the panel (K rows) for the rows a_row(r): fp32 on an
-// AVX-512 library; never called otherwise (the bindings pass panels only there). Returns C.
+// The item's C tile [it.mb, 32] into C (row stride 32) for the rows a_row(r), from its panel in `panels`
+// (`tiles` panels of K rows per expert): fp32 on an AVX-512 library; never called otherwise (the bindings pass
+// panels only there). Returns C.
 template <typename T, typename ARowFn>
-OMNI_INLINE const float* PanelItem(const RowItem& it, ARowFn a_row, const T* panel, int64_t K, float* C) {
+OMNI_INLINE const float* PanelItem(const RowItem& it, ARowFn a_row, const T* panels, int64_t tiles, int64_t K,
+                                   float* C) {
   if constexpr (std::is_same_v<T, float> && kHavePanels) {
     const float* a_rows[kMB];
     for (int64_t m = 0; m < it.mb; ++m) a_rows[m] = a_row(it.r0 + m);
-    PanelProduct(a_rows, it.mb, panel, K, C);
+    PanelProduct(a_rows, it.mb, panels + (it.e * tiles + it.tile) * K * kNT, K, C);
   } else {
-    (void)it, (void)a_row, (void)panel, (void)K;
+    (void)it, (void)a_row, (void)panels, (void)tiles, (void)K;
   }
   return C;
 }
