@@ -81,11 +81,13 @@ def _cpu_isas() -> list[str]:
 
 @pytest.mark.skipif(not _cpu_isas(), reason="omniops._C is not built: no CPU kernel library to run")
 @pytest.mark.parametrize("isa", _cpu_isas() or ["none"])
-@pytest.mark.parametrize("shape", ["mla16", "mla128", "gqa2x4", "gqa2x8", "gqa1x24", "gqa2x16win"])
+@pytest.mark.parametrize("shape", ["mla16", "mla128", "gqa2x4", "gqa2x8", "gqa1x24", "gqa2x16win", "gqa4x1bs24",
+                                   "gqa2x2", "gqa2x3bs24win", "gqa1x6bs8"])
 def test_fp32_decode_heads_in_lanes(isa: str, shape: str) -> None:
-    """fp32 decode on every CPU library here (amx / avx512: the heads-in-lanes kernel of lane_decode.h, avx2:
-    the general kernel): lane groups past 16 rows, partial last chunks, empty sequences, windows and a context
-    long enough for key splits, against the reference with NaN outside."""
+    """fp32 decode on every CPU library here (amx / avx512: the heads-in-lanes kernel of lane_decode.h for more
+    than 8 rows per kv head, the dot form of dot_decode.h for 1-8 (padded to 1, 2, 4, 8); avx2: the general
+    kernel): lane groups past 16 rows, partial last chunks, empty sequences, windows, chunks across cache blocks
+    (block sizes 8 and 24) and a context long enough for key splits, against the reference with NaN outside."""
     lens = [0, 1, 15, 17, 300, 2100]
     win = None
     if shape.startswith("mla"):
@@ -96,9 +98,11 @@ def test_fp32_decode_heads_in_lanes(isa: str, shape: str) -> None:
         with _cpu.force_isa(isa):
             got = omniops.mla_decode(q, kv, table, sl, 192**-0.5)
     else:
-        hkv, g = (int(x) for x in shape[3:].removesuffix("win").split("x"))
+        dims, _, rest = shape[3:].partition("bs")
+        hkv, g = (int(x) for x in dims.removesuffix("win").split("x"))
+        bs = int(rest.removesuffix("win") or 16)
         win = 40 if shape.endswith("win") else None
-        (kc, vc), table, sl = make_paged(lens, 16, ((hkv, 64), (hkv, 64)), torch.float32)
+        (kc, vc), table, sl = make_paged(lens, bs, ((hkv, 64), (hkv, 64)), torch.float32)
         q = torch.randn(len(lens), hkv * g, 64)
         expected = ref.gqa_decode(q, kc, vc, table, sl, 0.125, None, win)
         with _cpu.force_isa(isa):

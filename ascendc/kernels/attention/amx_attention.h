@@ -33,11 +33,11 @@ OMNI_INLINE bool AmxAttentionFits(int64_t G, int64_t D, int64_t Dv) {
   return G >= 1 && G <= 16 && D % 32 == 0 && Dv % 16 == 0;
 }
 
-// o[r, d0 : d0 + 16 NV] = init + sum_t p[t * 16 + r] * V[t, d0 : ...] for r < NR, t < nt, where init is 0
+// o[r, d0 : d0 + 16 NV] = init + sum_t p[t * ps + r] * V[t, d0 : ...] for r < NR, t < nt, where init is 0
 // (first), o[r] * alpha[r] (alpha given: an online-softmax rescale) or o[r]; vrow(t, d) loads V[t, d : d + 16].
 template <int NR, int NV, typename VRow>
 OMNI_INLINE void ValueBlock(const VRow& vrow, int64_t nt, const float* p, int64_t d0, float* o, int64_t ldo,
-                            bool first, const float* alpha) {
+                            bool first, const float* alpha, int64_t ps) {
   __m512 acc[NR][NV];
 #pragma GCC unroll 4
   for (int r = 0; r < NR; ++r) {
@@ -52,7 +52,7 @@ OMNI_INLINE void ValueBlock(const VRow& vrow, int64_t nt, const float* p, int64_
     for (int j = 0; j < NV; ++j) vr[j] = vrow(t, d0 + j * 16);
 #pragma GCC unroll 4
     for (int r = 0; r < NR; ++r) {
-      const __m512 pr = _mm512_set1_ps(p[t * 16 + r]);
+      const __m512 pr = _mm512_set1_ps(p[t * ps + r]);
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_fmadd_ps(pr, vr[j], acc[r][j]);
     }
@@ -65,28 +65,29 @@ OMNI_INLINE void ValueBlock(const VRow& vrow, int64_t nt, const float* p, int64_
 
 template <int NR, typename VRow>
 OMNI_INLINE void ValueRows(const VRow& vrow, int64_t nt, const float* p, int64_t Dv, float* o, bool first,
-                           const float* alpha) {
+                           const float* alpha, int64_t ps) {
   int64_t d0 = 0;
-  for (; d0 + 64 <= Dv; d0 += 64) ValueBlock<NR, 4>(vrow, nt, p, d0, o, Dv, first, alpha);
+  for (; d0 + 64 <= Dv; d0 += 64) ValueBlock<NR, 4>(vrow, nt, p, d0, o, Dv, first, alpha, ps);
   switch ((Dv - d0) / 16) {
-    case 3: ValueBlock<NR, 3>(vrow, nt, p, d0, o, Dv, first, alpha); break;
-    case 2: ValueBlock<NR, 2>(vrow, nt, p, d0, o, Dv, first, alpha); break;
-    case 1: ValueBlock<NR, 1>(vrow, nt, p, d0, o, Dv, first, alpha); break;
+    case 3: ValueBlock<NR, 3>(vrow, nt, p, d0, o, Dv, first, alpha, ps); break;
+    case 2: ValueBlock<NR, 2>(vrow, nt, p, d0, o, Dv, first, alpha, ps); break;
+    case 1: ValueBlock<NR, 1>(vrow, nt, p, d0, o, Dv, first, alpha, ps); break;
     default: break;
   }
 }
 
-// G rows of o (row stride Dv) from one chunk: 4 rows at a time, then the rest. alpha: nullptr, or G rescales.
+// G rows of o (row stride Dv) from one chunk: 4 rows at a time, then the rest. alpha: nullptr, or G rescales;
+// p[t * ps + r]: key t's weight for row r.
 template <typename VRow>
 OMNI_INLINE void ValueChunk(const VRow& vrow, int64_t nt, const float* p, int64_t G, int64_t Dv, float* o, bool first,
-                            const float* alpha = nullptr) {
+                            const float* alpha = nullptr, int64_t ps = 16) {
   int64_t r = 0;
   auto al = [&](int64_t r0) { return alpha != nullptr ? alpha + r0 : nullptr; };
-  for (; r + 4 <= G; r += 4) ValueRows<4>(vrow, nt, p + r, Dv, o + r * Dv, first, al(r));
+  for (; r + 4 <= G; r += 4) ValueRows<4>(vrow, nt, p + r, Dv, o + r * Dv, first, al(r), ps);
   switch (G - r) {
-    case 3: ValueRows<3>(vrow, nt, p + r, Dv, o + r * Dv, first, al(r)); break;
-    case 2: ValueRows<2>(vrow, nt, p + r, Dv, o + r * Dv, first, al(r)); break;
-    case 1: ValueRows<1>(vrow, nt, p + r, Dv, o + r * Dv, first, al(r)); break;
+    case 3: ValueRows<3>(vrow, nt, p + r, Dv, o + r * Dv, first, al(r), ps); break;
+    case 2: ValueRows<2>(vrow, nt, p + r, Dv, o + r * Dv, first, al(r), ps); break;
+    case 1: ValueRows<1>(vrow, nt, p + r, Dv, o + r * Dv, first, al(r), ps); break;
     default: break;
   }
 }
@@ -101,9 +102,9 @@ struct Bf16Rows {
   }
 };
 
-#if !defined(OMNI_HAVE_AMX_TILES)
 // r[i] = the sum of v[i]'s 16 lanes, for all 16 vectors at once (a transposing tree: 45 shuffles and adds
-// instead of 16 separate reductions).
+// instead of 16 separate reductions). Ends the dot-form scores: the bf16 ones below, the fp32 ones of
+// dot_decode.h.
 OMNI_INLINE __m512 HSum16x16(const __m512 (&v)[16]) {
   __m512 w[8], u[4];
 #pragma GCC unroll 8
@@ -119,6 +120,7 @@ OMNI_INLINE __m512 HSum16x16(const __m512 (&v)[16]) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(c01, c23, 0x88), _mm512_shuffle_f32x4(c01, c23, 0xDD));
 }
 
+#if !defined(OMNI_HAVE_AMX_TILES)
 // S[t][g] = s[t * 16 + g] (lanes g >= G zero) for a chunk's 16 keys (bf16 rows `ldk` bytes apart) against the G
 // query rows q (bf16, q_stride apart), D dims: vdpbf16ps dot products, 4 keys x G heads of accumulators, one
 // transposing reduction per 4 keys. The outer-product form (amx::TileProduct16) fills only G of its 16 lanes;

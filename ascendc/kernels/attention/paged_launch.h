@@ -10,6 +10,7 @@
 
 #include "kernels/attention/amx_attention.h"
 #include "kernels/attention/amx_prefill.h"
+#include "kernels/attention/dot_decode.h"
 #include "kernels/attention/lane_decode.h"
 #include "kernels/attention/paged_attention.h"
 
@@ -95,15 +96,17 @@ void AmxItem(const OmniPagedAttnArgs& a, int64_t b, int64_t kvh, int64_t hpi, in
                 a.head_dim, a.v_dim, a.scale, o, m, l);
 }
 
-// One lanes item (fp32): kv heads [kvh, kvh + hpi) of sequence b over keys [lo, hi); q0 = query row kvh * G.
+// One lanes or dot item (fp32): kv heads [kvh, kvh + hpi) of sequence b over keys [lo, hi); q0 = query row kvh * G.
 template <typename T>
 void LaneItem(const OmniPagedAttnArgs& a, int64_t b, int64_t kvh, int64_t hpi, int64_t lo, int64_t hi, const T* q0,
               float* o, float* m, float* l) {
   if constexpr (std::is_same_v<T, float>) {
     KeySource<T> srcs[kMaxAmxHeads];
     for (int64_t h = 0; h < hpi; ++h) srcs[h] = MakeSource<T>(a, b, kvh + h);
-    LaneSharedKeys(srcs, hpi, a.q_heads / a.kv_heads, lo, hi, SharedKV(a), q0, a.q_head_stride, a.head_dim, a.v_dim,
-                   a.scale, o, m, l);
+    const int64_t G = a.q_heads / a.kv_heads;
+    // few rows per kv head: the dot form (dot_decode.h); more: one row per lane
+    const auto item = DotDecodeFits(G, a.head_dim, a.v_dim) ? DotSharedKeys<KeySource<T>> : LaneSharedKeys<KeySource<T>>;
+    item(srcs, hpi, G, lo, hi, SharedKV(a), q0, a.q_head_stride, a.head_dim, a.v_dim, a.scale, o, m, l);
   }
 }
 
