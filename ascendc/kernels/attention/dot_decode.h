@@ -29,39 +29,6 @@ OMNI_INLINE bool DotDecodeFits(int64_t G, int64_t D, int64_t Dv) {
   return G <= kMaxDotRows && LaneDecodeFits(G, D, Dv);
 }
 
-// rows[t] = src.K(pos + t) (keys) or src.V(pos + t) for t < n, `zero` for n <= t < 16: one block-table lookup per
-// cache block, not per row (a lookup divides by the block size: at G = 1 that cost more than the row's FMAs).
-template <typename Src>
-OMNI_INLINE void ChunkRowPointers(const Src& src, int64_t pos, int64_t n, bool keys, const float* zero,
-                                  const float** rows) {
-  const int64_t stride = keys ? src.kts : src.vts;
-  int64_t left = 0;  // rows left in the current cache block
-  const float* r = nullptr;
-  for (int64_t t = 0; t < 16; ++t) {
-    const int64_t p = pos + t;
-    if (t >= n) {
-      rows[t] = zero;
-    } else if (p >= src.ctx) {  // a new token of this step: no table
-      rows[t] = keys ? src.K(p) : src.V(p);
-    } else {
-      if (left == 0) {
-        r = keys ? src.K(p) : src.V(p);
-        left = src.bs - p % src.bs;
-      } else {
-        r += stride;
-      }
-      rows[t] = r;
-      --left;
-    }
-  }
-}
-
-// The rows of one unit (a 16-key chunk of one kv head).
-struct UnitRows {
-  const float* k[16];
-  const float* v[16];
-};
-
 // V rows by pointer.
 struct RowPointers {
   const float* const* r;

@@ -44,16 +44,47 @@ OMNI_INLINE void StageBlocks(float* dst, int64_t n, int64_t nk, const RowFn& row
   }
 }
 
+// rows[t] = src.K(pos + t) (keys) or src.V(pos + t) for t < n, `zero` for n <= t < 16: one block-table lookup per
+// cache block, not per row (a lookup divides by the block size: at G = 1 that cost more than the row's FMAs).
+template <typename Src>
+OMNI_INLINE void ChunkRowPointers(const Src& src, int64_t pos, int64_t n, bool keys, const float* zero,
+                                  const float** rows) {
+  const int64_t stride = keys ? src.kts : src.vts;
+  int64_t left = 0;  // rows left in the current cache block
+  const float* r = nullptr;
+  for (int64_t t = 0; t < 16; ++t) {
+    const int64_t p = pos + t;
+    if (t >= n) {
+      rows[t] = zero;
+    } else if (p >= src.ctx) {  // a new token of this step: no table
+      rows[t] = keys ? src.K(p) : src.V(p);
+    } else {
+      if (left == 0) {
+        r = keys ? src.K(p) : src.V(p);
+        left = src.bs - p % src.bs;
+      } else {
+        r += stride;
+      }
+      rows[t] = r;
+      --left;
+    }
+  }
+}
+
+// The rows of one unit (a 16-key chunk of one kv head).
+struct UnitRows {
+  const float* k[16];
+  const float* v[16];
+};
+
 // The chunk pipeline of LaneScores: while it computes unit u (a 16-key chunk of one kv head) it copies unit u + 1's
 // rows (from L2) into the other staging buffer and pulls unit u + 2's rows into L2, one cache line per row and
 // 16 FMAs each. The cache blocks lie anywhere, so the hardware prefetchers restart at every block: staging
 // from memory in a loop of its own stalled on those loads (40 % of the time), and a burst of 16 prefetches
 // filled the line fill buffers. Rows past a unit's keys point at a zero row (copied as zeros).
 struct ChunkPipe {
-  const float* copy_k[16];
-  const float* copy_v[16];
-  const float* fetch_k[16];
-  const float* fetch_v[16];
+  const UnitRows* copy = nullptr;   // unit u + 1
+  const UnitRows* fetch = nullptr;  // unit u + 2
   float* dst_k = nullptr;  // staging buffers of unit u + 1
   float* dst_v = nullptr;
   int64_t v_lines = 0;  // 64-byte lines per V row; 0 = V is not staged separately
@@ -72,12 +103,12 @@ OMNI_INLINE void LaneScores(const float* kb, const float* qt, int64_t D, const C
     for (int dd = 0; dd < 16; ++dd) {
       const __m512 qv = _mm512_load_ps(q + dd * 16);
       if (pipe != nullptr) {
-        _mm512_store_ps(pipe->dst_k + db * 256 + dd * 16, _mm512_loadu_ps(pipe->copy_k[dd] + db * 16));
-        _mm_prefetch(reinterpret_cast<const char*>(pipe->fetch_k[dd] + db * 16), _MM_HINT_T1);
+        _mm512_store_ps(pipe->dst_k + db * 256 + dd * 16, _mm512_loadu_ps(pipe->copy->k[dd] + db * 16));
+        _mm_prefetch(reinterpret_cast<const char*>(pipe->fetch->k[dd] + db * 16), _MM_HINT_T1);
       }
       if (with_v) {
-        _mm512_store_ps(pipe->dst_v + db * 256 + dd * 16, _mm512_loadu_ps(pipe->copy_v[dd] + db * 16));
-        _mm_prefetch(reinterpret_cast<const char*>(pipe->fetch_v[dd] + db * 16), _MM_HINT_T1);
+        _mm512_store_ps(pipe->dst_v + db * 256 + dd * 16, _mm512_loadu_ps(pipe->copy->v[dd] + db * 16));
+        _mm_prefetch(reinterpret_cast<const char*>(pipe->fetch->v[dd] + db * 16), _MM_HINT_T1);
       }
 #pragma GCC unroll 16
       for (int t = 0; t < 16; ++t) s[t] = _mm512_fmadd_ps(_mm512_set1_ps(k[t * 16 + dd]), qv, s[t]);
@@ -140,29 +171,33 @@ inline void LaneSharedKeys(const Src* srcs, int64_t heads, int64_t G, int64_t lo
     }
   std::fill(ms, ms + st_n, -__builtin_inff());
 
-  // unit u = (chunk u / heads, kv head u % heads); rows(u, t, keys) = its row t (zero_row past its keys)
+  // unit u = (chunk u / heads, kv head u % heads); its rows (zero_row past its keys, every row past the units)
   const int64_t units = (hi - lo + 15) / 16 * heads;
-  auto row = [&](int64_t u, int64_t t, bool keys) -> const float* {
-    const int64_t pos = lo + u / heads * 16 + t;
-    if (u >= units || pos >= hi) return zero_row;
-    return keys ? srcs[u % heads].K(pos) : srcs[u % heads].V(pos);
+  auto fill = [&](int64_t u, UnitRows& r) {
+    const int64_t pos = lo + u / heads * 16, n = u < units ? std::min<int64_t>(16, hi - pos) : 0;
+    ChunkRowPointers(srcs[u % heads], pos, n, true, zero_row, r.k);
+    if (shared) {
+      std::fill(r.v, r.v + 16, zero_row);
+    } else {
+      ChunkRowPointers(srcs[u % heads], pos, n, false, zero_row, r.v);
+    }
   };
+  UnitRows unit_rows[3];  // units u, u + 1, u + 2 (mod 3)
+  fill(0, unit_rows[0]);
+  fill(1, unit_rows[1]);
   ChunkPipe pipe;
   pipe.v_lines = shared ? 0 : Dv / 16;
   auto kbuf = [&](int64_t u) { return stage + (u % 2) * stage_n; };
-  StageBlocks(kbuf(0), D, 16, [&](int64_t t) { return row(0, t, true); });
-  if (!shared) StageBlocks(kbuf(0) + D * 16, Dv, 16, [&](int64_t t) { return row(0, t, false); });
+  StageBlocks(kbuf(0), D, 16, [&](int64_t t) { return unit_rows[0].k[t]; });
+  if (!shared) StageBlocks(kbuf(0) + D * 16, Dv, 16, [&](int64_t t) { return unit_rows[0].v[t]; });
   for (int64_t u = 0; u < units; ++u) {
     const int64_t h = u % heads, c_lo = lo + u / heads * 16, nk = std::min<int64_t>(16, hi - c_lo);
     float* kb = kbuf(u);
     pipe.dst_k = kbuf(u + 1);
     pipe.dst_v = pipe.dst_k + D * 16;
-    for (int64_t t = 0; t < 16; ++t) {
-      pipe.copy_k[t] = row(u + 1, t, true);
-      pipe.fetch_k[t] = row(u + 2, t, true);
-      pipe.copy_v[t] = shared ? zero_row : row(u + 1, t, false);
-      pipe.fetch_v[t] = shared ? zero_row : row(u + 2, t, false);
-    }
+    fill(u + 2, unit_rows[(u + 2) % 3]);
+    pipe.copy = &unit_rows[(u + 1) % 3];
+    pipe.fetch = &unit_rows[(u + 2) % 3];
     const StagedRows vrows{shared ? kb : kb + D * 16};
     for (int64_t gi = 0; gi < ng; ++gi) {
       const int64_t lg = h * ng + gi, rows = std::min<int64_t>(16, G - gi * 16);
