@@ -18,6 +18,9 @@ from omniops.vllm.threads import ENV, wanted_threads
 def test_wanted_threads_parses_auto_counts_and_rejects_the_rest():
     assert wanted_threads(None, 2) == wanted_threads("auto", 2) == wanted_threads(" AUTO ", 2) == 2
     assert wanted_threads("auto", 0) == 1
+    # vLLM already computes on every CPU: no pool beside its threads; on fewer, one thread per CPU
+    assert wanted_threads("auto", 2, compute_threads=2) == 1 and wanted_threads("auto", 4, compute_threads=3) == 4
+    assert wanted_threads("3", 2, compute_threads=2) == 3
     assert wanted_threads("1", 8) == 1 and wanted_threads("3", 2) == 3
     for bad in ("two", "0", "-1", "1.5"):
         with pytest.raises(ValueError, match=ENV):

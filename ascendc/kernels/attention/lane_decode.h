@@ -1,8 +1,6 @@
 // fp32 decode-shaped attention on AVX-512 with the query heads in zmm lanes (the avx512 and amx libraries):
-// MLA decode (all H heads share one latent row per key) and GQA decode. With G < 16 rows per kv head the score
-// products fill G of 16 lanes (G = 4: 4x the FMAs of the general kernel's), which the saved transposes, the
-// vector softmax and the chunk pipeline more than repay: GQA 32/8 x 128 fp32 went 0.44 -> 0.78x vLLM at B=1,
-// 0.73 -> 1.13x at B=16 (Intel SPR).
+// MLA decode (all H heads share one latent row per key) and GQA decode with more than 8 query rows per kv head
+// (fewer go to the dot form of dot_decode.h: with G rows the score products here fill G of 16 lanes).
 //
 // The general kernel (paged_attention.h) transposes every 16-key chunk of K (576 dims for MLA: 144 8x8
 // shuffling transposes per chunk, on the port the FMAs need) and runs its online softmax one row and one
